@@ -1,0 +1,247 @@
+"""Plain, frozen configuration records shared by the model, training and the sweep.
+
+Every knob a sweep may search or fix is a field of one of these dataclasses.
+The sweep addresses them by their bare field name (``lr``, ``patch_size``,
+``scaling``), so field names are unique across the three records.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+GELU_FORMS = ("tanh", "erf")
+SCHEDULERS = ("constant", "cosine", "cosine_warm_restarts", "sharp_cosine")
+OPTIMIZERS = ("adam", "adamw")
+SCALINGS = ("global", "standard", "log_standard")
+DATA_SOURCES = ("synthetic", "csv")
+DTYPES = ("float32", "float64")
+
+
+def divisors(n: int) -> list[int]:
+    """The patch sizes that cut ``n`` features into whole tokens."""
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+@dataclass(frozen=True)
+class MixerConfig:
+    """The architecture of one Mixer for rows of ``n_features`` tabular values."""
+
+    n_features: int = 42
+    patch_size: int = 3
+    dim: int = 198
+    depth: int = 10
+    token_expansion: float = 4.0
+    channel_expansion: float = 0.5
+    dropout: float = 0.0
+    stochastic_depth: float = 0.0
+    gelu: str = "tanh"
+    pos_weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.n_features < 1:
+            raise ValueError(f"n_features must be >= 1, got n_features={self.n_features}")
+        if self.patch_size < 1 or self.n_features % self.patch_size:
+            raise ValueError(
+                f"patch_size must divide n_features={self.n_features} "
+                f"(valid: {', '.join(map(str, divisors(self.n_features)))}), "
+                f"got patch_size={self.patch_size}"
+            )
+        for name in ("dim", "depth"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {name}={getattr(self, name)}")
+        for name in ("dropout", "stochastic_depth"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {name}={getattr(self, name)}")
+        if self.gelu not in GELU_FORMS:
+            raise ValueError(f"gelu must be one of {GELU_FORMS}, got gelu={self.gelu!r}")
+        if self.pos_weight <= 0:
+            raise ValueError(f"pos_weight must be > 0, got pos_weight={self.pos_weight}")
+        if self.token_hidden < 1 or self.channel_hidden < 1:
+            raise ValueError(
+                "token_expansion and channel_expansion must leave hidden sizes >= 1, got "
+                f"token_hidden={self.token_hidden}, channel_hidden={self.channel_hidden}"
+            )
+
+    @property
+    def n_tokens(self) -> int:
+        return self.n_features // self.patch_size
+
+    @property
+    def token_hidden(self) -> int:
+        return max(1, int(round(self.n_tokens * self.token_expansion)))
+
+    @property
+    def channel_hidden(self) -> int:
+        return max(1, int(round(self.dim * self.channel_expansion)))
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the rows come from and how they are prepared.
+
+    ``source="synthetic"`` generates ``n_rows`` rows from ``seed`` with the
+    UNSW-NB15 schema; ``source="csv"`` reads ``train_csv`` (split into train
+    and validation by ``val_fraction``, stratified, seeded by ``seed``) and,
+    if given, ``test_csv``.
+    """
+
+    source: str = "synthetic"
+    n_rows: int = 6000
+    seed: int = 0
+    train_csv: str | None = None
+    test_csv: str | None = None
+    val_fraction: float = 0.2
+    scaling: str = "log_standard"
+
+    def __post_init__(self) -> None:
+        if self.source not in DATA_SOURCES:
+            raise ValueError(f"source must be one of {DATA_SOURCES}, got source={self.source!r}")
+        if self.source == "csv" and not self.train_csv:
+            raise ValueError("source='csv' needs train_csv")
+        if not 0.0 < self.val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in (0, 1), got val_fraction={self.val_fraction}")
+        if self.scaling not in SCALINGS:
+            raise ValueError(f"scaling must be one of {SCALINGS}, got scaling={self.scaling!r}")
+        if self.n_rows < 10:
+            raise ValueError(f"n_rows must be >= 10, got n_rows={self.n_rows}")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything ``mixer.train.fit`` needs besides the data and the seed."""
+
+    model: MixerConfig = field(default_factory=MixerConfig)
+    epochs: int = 20
+    batch_size: int = 32
+    dtype: str = "float32"
+    # Optimiser: Adam, or AdamW (decoupled weight decay); clip_norm 0 = off.
+    optimizer: str = "adam"
+    lr: float = 1e-3
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    clip_norm: float = 0.0
+    # Gaussian noise added to each update, std = grad_noise / (1 + step) ** grad_noise_decay.
+    grad_noise: float = 0.0
+    grad_noise_decay: float = 0.55
+    # Learning-rate schedule, stepped per epoch (see mixer.schedules).
+    scheduler: str = "constant"
+    eta_min: float = 0.0
+    warmup_epochs: int = 0
+    t_max: int = 0  # 0 = the epochs left after warmup
+    t_0: int = 10
+    t_mult: int = 1
+    sharp_fraction: float = 0.15
+    # Curvature probe every k epochs (0 = never) on a fixed batch of the training split.
+    curvature_every: int = 0
+    curvature_batch: int = 256
+    curvature_iters: int = 20
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {name}={getattr(self, name)}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {DTYPES}, got dtype={self.dtype!r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got optimizer={self.optimizer!r}")
+        if self.scheduler not in SCHEDULERS:
+            raise ValueError(f"scheduler must be one of {SCHEDULERS}, got scheduler={self.scheduler!r}")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be > 0, got lr={self.lr}")
+        if not 0 <= self.eta_min <= self.lr:
+            raise ValueError(f"eta_min must be in [0, lr={self.lr}], got eta_min={self.eta_min}")
+        for name in ("weight_decay", "clip_norm", "grad_noise", "warmup_epochs", "t_max",
+                     "curvature_every"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {name}={getattr(self, name)}")
+        if self.t_0 < 1 or self.t_mult < 1:
+            raise ValueError(f"t_0 and t_mult must be >= 1, got t_0={self.t_0}, t_mult={self.t_mult}")
+        if not 0 < self.sharp_fraction <= 1:
+            raise ValueError(f"sharp_fraction must be in (0, 1], got sharp_fraction={self.sharp_fraction}")
+
+    # The sweep and the YAML files see one flat namespace of knobs.
+    def to_flat(self) -> dict[str, Any]:
+        """Model and training fields in one flat dict (for YAML, MLflow params)."""
+        flat = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "model"}
+        flat.update(dataclasses.asdict(self.model))
+        return flat
+
+    @classmethod
+    def from_flat(cls, values: dict[str, Any]) -> TrainConfig:
+        """Build from a flat dict of model and training fields; unknown keys raise KeyError."""
+        unknown = sorted(set(values) - set(MODEL_FIELDS) - set(TRAIN_FIELDS))
+        if unknown:
+            raise KeyError(f"unknown setting(s): {', '.join(unknown)}")
+        model = MixerConfig(**{k: v for k, v in values.items() if k in MODEL_FIELDS})
+        return cls(model=model, **{k: v for k, v in values.items() if k in TRAIN_FIELDS})
+
+
+MODEL_FIELDS = tuple(f.name for f in dataclasses.fields(MixerConfig))
+TRAIN_FIELDS = tuple(f.name for f in dataclasses.fields(TrainConfig) if f.name != "model")
+DATA_FIELDS = tuple(f.name for f in dataclasses.fields(DataConfig))
+assert not set(MODEL_FIELDS) & set(TRAIN_FIELDS) and not set(DATA_FIELDS) & (
+    set(MODEL_FIELDS) | set(TRAIN_FIELDS)
+), "knob names must be unique across the config records"
+
+
+class ConfigError(ValueError):
+    """A configuration file is wrong; the message names the file and the key."""
+
+
+def load_run_config(path: str | Path) -> tuple[DataConfig, TrainConfig, int]:
+    """Read a single-run YAML (``data:``, ``train:``, ``seed:``), as ``python -m mixer.train`` takes.
+
+    Raises:
+        ConfigError: naming the file and the key, for anything missing, unknown or out of range.
+    """
+    import yaml
+
+    path = Path(path)
+    try:
+        doc = yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(doc, dict):
+        raise ConfigError(f"{path}: expected a mapping with keys data, train, seed")
+    unknown = sorted(set(doc) - {"data", "train", "seed"})
+    if unknown:
+        raise ConfigError(f"{path}: unknown key {unknown[0]!r} (allowed: data, train, seed)")
+    data_doc = doc.get("data") or {}
+    train_doc = doc.get("train") or {}
+    for key, section, allowed in (("data", data_doc, DATA_FIELDS),
+                                  ("train", train_doc, MODEL_FIELDS + TRAIN_FIELDS)):
+        if not isinstance(section, dict):
+            raise ConfigError(f"{path}: {key} must be a mapping")
+        for name in section:
+            if name not in allowed:
+                raise ConfigError(f"{path}: unknown key {key}.{name}")
+    seed = doc.get("seed", 0)
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise ConfigError(f"{path}: seed must be an integer, got {seed!r}")
+    if data_doc.get("source") == "csv":
+        # Relative CSV paths are relative to the config file, so configs travel with their data.
+        for key in ("train_csv", "test_csv"):
+            if data_doc.get(key):
+                data_doc[key] = str((path.parent / data_doc[key]).resolve()
+                                    if not Path(data_doc[key]).is_absolute() else data_doc[key])
+    try:
+        data = DataConfig(**data_doc)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{path}: data: {exc}") from None
+    try:
+        train = TrainConfig.from_flat(train_doc)
+    except (TypeError, ValueError, KeyError) as exc:
+        raise ConfigError(f"{path}: train: {exc}") from None
+    return data, train, seed
+
+
+def dump_run_config(data: DataConfig, train: TrainConfig, seed: int) -> dict[str, Any]:
+    """The YAML-ready mapping that ``load_run_config`` reads back to the same records."""
+    return {"data": dataclasses.asdict(data), "train": train.to_flat(), "seed": int(seed)}

@@ -1,0 +1,147 @@
+"""Shared fixtures: a real `mlflow server`, the machine's PostgreSQL, the real data sample.
+
+In CI (``REQUIRE_SERVICES=1``, set by ``.ci/run``) a missing PostgreSQL or real-data
+file fails the tests that need them; elsewhere they skip with the reason.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+REAL_CSV = ROOT.parent / "shared" / "data" / "unsw-nb15" / "UNSWNB15_training_coursework.csv"
+PG_ADMIN_URL = os.environ.get("MIXER_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
+REQUIRE_SERVICES = os.environ.get("REQUIRE_SERVICES") == "1"
+
+
+def _missing(reason: str) -> None:
+    """Skip on a user's machine, fail in CI where every service must be there."""
+    if REQUIRE_SERVICES:
+        pytest.fail(f"{reason} (REQUIRE_SERVICES=1: CI must run this test)")
+    pytest.skip(reason)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url: str, *, timeout: float, proc: subprocess.Popen | None = None) -> None:
+    """Wait until ``url`` answers 200, or raise naming the URL (and the process's exit)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process serving {url} exited with {proc.returncode}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as resp:
+                if resp.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.25)
+    raise TimeoutError(f"{url} did not answer within {timeout:.0f} s")
+
+
+class MlflowServer:
+    """A real ``mlflow server`` on a loopback port, with a SQLite backend in ``root``."""
+
+    def __init__(self, root: Path, port: int | None = None):
+        self.root = root
+        self.port = port or free_port()
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 90) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        log = open(self.root / "server.log", "ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port),
+             "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",
+             "--artifacts-destination", str(self.root / "artifacts"), "--serve-artifacts",
+             "--workers", "1"],
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+        wait_http(f"{self.uri}/health", timeout=timeout, proc=self.proc)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, 15)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, 9)
+                self.proc.wait()
+        self.proc = None
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory) -> MlflowServer:
+    """One real MLflow tracking server for the whole test session (starting one takes ~10 s)."""
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow-server"))
+    server.start()
+    yield server
+    server.stop()
+
+
+def _pg_connect(url: str):
+    try:
+        import psycopg2
+    except ImportError:
+        _missing("psycopg2 is not installed")
+    try:
+        conn = psycopg2.connect(url, connect_timeout=3)
+    except Exception as exc:  # noqa: BLE001 - any connection failure means "no server"
+        _missing(f"PostgreSQL is not reachable at {url}: {exc}".strip())
+    conn.autocommit = True
+    return conn
+
+
+@pytest.fixture
+def postgres_url() -> str:
+    """A fresh, empty PostgreSQL database for one test, dropped afterwards."""
+    name = f"mixer_test_{uuid.uuid4().hex[:12]}"
+    admin = _pg_connect(PG_ADMIN_URL)
+    with admin.cursor() as cur:
+        cur.execute(f'CREATE DATABASE "{name}"')
+    base = PG_ADMIN_URL.rsplit("/", 1)[0]
+    yield f"{base}/{name}"
+    with admin.cursor() as cur:
+        cur.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (name,)
+        )
+        cur.execute(f'DROP DATABASE IF EXISTS "{name}"')
+    admin.close()
+
+
+@pytest.fixture(scope="session")
+def real_csv() -> Path:
+    """The 20,000-row UNSW-NB15 sample that lives beside the project, never inside it."""
+    if not REAL_CSV.is_file():
+        _missing(f"real data sample not found at {REAL_CSV}")
+    return REAL_CSV
+
+
+@pytest.fixture
+def in_tmp(tmp_path, monkeypatch) -> Path:
+    """Run the test inside an empty folder (the local MLflow store and outputs land there)."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    return tmp_path
+
+
+def which_or_skip(cmd: str) -> str:
+    path = shutil.which(cmd)
+    if path is None:
+        _missing(f"{cmd} not on PATH")
+    return path
