@@ -7,8 +7,9 @@ receives each epoch's ``EpochMetrics`` and returns True to ask the run to stop.
 from __future__ import annotations
 
 import dataclasses
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 
@@ -73,6 +74,191 @@ class FitResult:
 OnEpoch = Callable[[EpochMetrics], "bool | None"]
 
 
+def _bce_with_logits(logits: np.ndarray, y: np.ndarray, pos_weight: float) -> float:
+    """Mean binary cross-entropy from logits, stable for any logit (softplus via logaddexp)."""
+    z = logits.astype(np.float64, copy=False)
+    loss = pos_weight * y * np.logaddexp(0.0, -z) + (1.0 - y) * np.logaddexp(0.0, z)
+    return float(loss.mean())
+
+
+def classification_metrics(logits: np.ndarray, y: np.ndarray) -> dict[str, float]:
+    """Accuracy, precision, recall and F1 of ``logits > 0`` against labels ``y`` in {0, 1}."""
+    pred = logits > 0
+    truth = y > 0.5
+    tp = float(np.count_nonzero(pred & truth))
+    fp = float(np.count_nonzero(pred & ~truth))
+    fn = float(np.count_nonzero(~pred & truth))
+    precision = tp / (tp + fp) if tp + fp else 0.0
+    recall = tp / (tp + fn) if tp + fn else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return {"accuracy": float(np.mean(pred == truth)) if len(y) else 0.0,
+            "precision": precision, "recall": recall, "f1": f1}
+
+
 def fit(config: TrainConfig, data: Dataset, *, seed: int, on_epoch: OnEpoch | None = None) -> FitResult:
-    """Train one Mixer. Same seed and inputs give a bit-identical history."""
-    raise NotImplementedError
+    """Train one Mixer. Same seed and inputs give a bit-identical history.
+
+    Args:
+        config: model, optimiser, schedule and curvature settings.
+        data: the prepared arrays; ``data.n_features`` must equal ``config.model.n_features``.
+        seed: every random draw (init, shuffling, dropout, gradient noise, probe batch) derives from it.
+        on_epoch: called after each epoch with its metrics; returning True stops the run.
+
+    Returns:
+        The history, how the run ended, and the best-epoch and final parameters.
+    """
+    from mixer.model import init_params, loss_and_grads, predict_logits
+    from mixer.optim import Adam
+    from mixer.schedules import learning_rate
+
+    model = config.model
+    if data.n_features != model.n_features:
+        raise ValueError(
+            f"the data has {data.n_features} features but the model expects n_features={model.n_features}"
+        )
+    dtype = np.dtype(config.dtype)
+    # Independent streams, so that e.g. turning dropout on does not change the shuffling order.
+    init_ss, shuffle_ss, dropout_ss, noise_ss, probe_ss = np.random.SeedSequence(seed).spawn(5)
+    shuffle_rng = np.random.default_rng(shuffle_ss)
+    dropout_rng = np.random.default_rng(dropout_ss)
+    params = init_params(model, int(init_ss.generate_state(1)[0]), dtype=dtype)
+    optimizer = Adam.from_config(config, params, rng=np.random.default_rng(noise_ss))
+
+    x_train = np.ascontiguousarray(data.x_train, dtype=dtype)
+    y_train = np.ascontiguousarray(data.y_train, dtype=dtype)
+    x_val = np.ascontiguousarray(data.x_val, dtype=dtype)
+    y_val = np.asarray(data.y_val, dtype=np.float64)
+    n, batch = len(x_train), config.batch_size
+    probe = None
+    if config.curvature_every:
+        rows = np.random.default_rng(probe_ss).choice(n, size=min(config.curvature_batch, n), replace=False)
+        probe = (x_train[rows], y_train[rows])
+
+    history: list[EpochMetrics] = []
+    best_epoch, best_loss, best_params = 0, np.inf, {k: v.copy() for k, v in params.items()}
+    status, reason = "completed", None
+    for epoch in range(1, config.epochs + 1):
+        started = time.perf_counter()
+        lr = learning_rate(config, epoch - 1)
+        order = shuffle_rng.permutation(n)
+        loss_sum, norm_sum, norm_max, ratio_sum, steps = 0.0, 0.0, 0.0, 0.0, 0
+        for start in range(0, n, batch):
+            rows = order[start:start + batch]
+            loss, grads = loss_and_grads(params, x_train[rows], y_train[rows], model,
+                                         train=True, rng=dropout_rng)
+            if not np.isfinite(loss):
+                status, reason = "diverged", f"training loss is {loss} at epoch {epoch}, step {steps + 1}"
+                break
+            stats = optimizer.step(params, grads, lr=lr)
+            if not np.isfinite(stats.grad_norm):
+                status, reason = "diverged", f"gradient norm is {stats.grad_norm} at epoch {epoch}"
+                break
+            loss_sum += loss * len(rows)
+            norm_sum += stats.grad_norm
+            norm_max = max(norm_max, stats.grad_norm)
+            ratio_sum += stats.update_ratio
+            steps += 1
+        if status == "diverged":
+            break
+        logits = predict_logits(params, x_val, model)
+        val_loss = _bce_with_logits(logits, y_val, model.pos_weight)
+        if not np.isfinite(val_loss):
+            status, reason = "diverged", f"validation loss is {val_loss} at epoch {epoch}"
+            break
+        scores = classification_metrics(logits, y_val)
+        seconds = time.perf_counter() - started
+        curvature = {}
+        if probe is not None and epoch % config.curvature_every == 0:
+            from mixer.curvature import extreme_eigenvalues
+
+            probe_started = time.perf_counter()
+            c = extreme_eigenvalues(params, probe[0], probe[1], model,
+                                    iters=config.curvature_iters, seed=seed)
+            curvature = {"hessian_max_eig": float(c.lambda_max), "hessian_min_eig": float(c.lambda_min),
+                         "neg_curvature_ratio": float(c.neg_ratio),
+                         "curvature_seconds": time.perf_counter() - probe_started}
+        metrics = EpochMetrics(
+            epoch=epoch, train_loss=loss_sum / n, val_loss=val_loss,
+            val_accuracy=scores["accuracy"], val_precision=scores["precision"],
+            val_recall=scores["recall"], val_f1=scores["f1"], lr=float(lr),
+            grad_norm_mean=norm_sum / steps, grad_norm_max=norm_max,
+            update_ratio=ratio_sum / steps, epoch_seconds=seconds, **curvature,
+        )
+        history.append(metrics)
+        if val_loss < best_loss:
+            best_epoch, best_loss = epoch, val_loss
+            best_params = {k: v.copy() for k, v in params.items()}
+        if on_epoch is not None and on_epoch(metrics):
+            status, reason = "stopped", f"stopped after epoch {epoch} of {config.epochs}"
+            break
+    return FitResult(history=history, status=status, reason=reason, best_epoch=best_epoch,
+                     best_params=best_params, params=params)
+
+
+def format_epoch(m: EpochMetrics, epochs: int) -> str:
+    """One human-readable line for an epoch, as ``python -m mixer.train`` prints it."""
+    line = (f"epoch {m.epoch:>{len(str(epochs))}}/{epochs}  train_loss {m.train_loss:.4f}  "
+            f"val_loss {m.val_loss:.4f}  val_acc {m.val_accuracy:.4f}  val_f1 {m.val_f1:.4f}  "
+            f"lr {m.lr:.2e}  grad {m.grad_norm_mean:.3f}/{m.grad_norm_max:.3f}  {m.epoch_seconds:.1f}s")
+    if m.hessian_min_eig is not None:
+        line += f"  eig [{m.hessian_min_eig:.3g}, {m.hessian_max_eig:.3g}]"
+    return line
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m mixer.train CONFIG.yaml``: train one configuration, a line per epoch."""
+    import argparse
+    import dataclasses as dc
+    import sys
+
+    from mixer.config import ConfigError, load_run_config
+    from mixer.data import DataError, load
+
+    parser = argparse.ArgumentParser(
+        prog="python -m mixer.train",
+        description="Train one Mixer configuration and print a line per epoch: the way to "
+                    "reproduce one trial of a sweep (its best_config.yaml) without the sweep.",
+    )
+    parser.add_argument("config", help="run config YAML with keys data, train, seed "
+                        "(e.g. configs/notebook_headline.yaml or a sweep's best_config.yaml)")
+    parser.add_argument("--epochs", type=int, help="override train.epochs")
+    parser.add_argument("--seed", type=int, help="override the file's seed")
+    parser.add_argument("--save", metavar="PATH",
+                        help="write the best epoch's model (parameters + config + data pipeline) here")
+    args = parser.parse_args(argv)
+
+    try:
+        data_config, config, seed = load_run_config(args.config)
+        if args.epochs is not None:
+            config = dc.replace(config, epochs=args.epochs)
+        data = load(data_config)
+        if data.n_features != config.model.n_features:
+            config = dc.replace(config, model=dc.replace(config.model, n_features=data.n_features))
+    except (ConfigError, DataError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    seed = args.seed if args.seed is not None else seed
+    print(f"training on {len(data.x_train):,} rows, validating on {len(data.x_val):,} "
+          f"({data.n_features} features, {config.model.n_tokens} tokens), seed {seed}", flush=True)
+    try:
+        result = fit(config, data, seed=seed,
+                     on_epoch=lambda m: print(format_epoch(m, config.epochs), flush=True))
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    if result.status == "diverged":
+        print(f"diverged: {result.reason}", file=sys.stderr)
+        return 1
+    best = result.history[result.best_epoch - 1]
+    print(f"best epoch {best.epoch}: val_loss {best.val_loss:.4f}  val_acc {best.val_accuracy:.4f}  "
+          f"val_f1 {best.val_f1:.4f}")
+    if args.save:
+        from mixer.bundle import ModelBundle
+
+        path = ModelBundle(result.best_params, config.model, data.pipeline).save(args.save)
+        print(f"saved the best epoch's model to {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

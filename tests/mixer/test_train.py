@@ -1,0 +1,122 @@
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import yaml
+
+import mixer.model
+from mixer.config import DataConfig, MixerConfig, TrainConfig, dump_run_config
+from mixer.data import load
+from mixer.train import classification_metrics, fit, main
+
+TINY = TrainConfig(model=MixerConfig(n_features=42, patch_size=6, dim=16, depth=2, dropout=0.1,
+                                     stochastic_depth=0.1),
+                   epochs=3, batch_size=32, lr=3e-3)
+
+
+@pytest.fixture(scope="module")
+def data():
+    return load(DataConfig(n_rows=800, seed=0))
+
+
+def _curves(result):
+    return [{k: v for k, v in m.as_dict().items() if not k.endswith("seconds")} for m in result.history]
+
+
+def test_same_seed_gives_a_bit_identical_history(data):
+    assert _curves(fit(TINY, data, seed=5)) == _curves(fit(TINY, data, seed=5))
+
+
+def test_other_seed_gives_another_history(data):
+    assert _curves(fit(TINY, data, seed=5)) != _curves(fit(TINY, data, seed=6))
+
+
+def test_history_has_every_metric_per_epoch(data):
+    result = fit(TINY, data, seed=0)
+    assert result.status == "completed" and result.reason is None
+    assert [m.epoch for m in result.history] == [1, 2, 3]
+    for m in result.history:
+        assert 0 <= m.val_accuracy <= 1 and 0 <= m.val_f1 <= 1
+        assert m.grad_norm_max >= m.grad_norm_mean > 0
+        assert m.update_ratio > 0 and m.epoch_seconds > 0
+        assert m.hessian_min_eig is None  # no probe unless curvature_every > 0
+
+
+def test_best_params_are_those_of_the_best_epoch(data):
+    result = fit(TINY, data, seed=1)
+    best = min(result.history, key=lambda m: m.val_loss)
+    assert result.best_epoch == best.epoch
+    logits = mixer.model.predict_logits(result.best_params, data.x_val, TINY.model)
+    y = data.y_val
+    loss = np.mean(y * np.logaddexp(0, -logits.astype(np.float64))
+                   + (1 - y) * np.logaddexp(0, logits.astype(np.float64)))
+    assert loss == pytest.approx(best.val_loss, rel=1e-6)
+
+
+def test_callback_can_stop_the_run(data):
+    seen = []
+    result = fit(TINY, data, seed=0, on_epoch=lambda m: seen.append(m.epoch) or m.epoch == 2)
+    assert seen == [1, 2] and result.status == "stopped" and len(result.history) == 2
+    assert "epoch 2" in result.reason
+
+
+def test_non_finite_loss_ends_as_diverged_not_a_traceback(data, monkeypatch):
+    real = mixer.model.loss_and_grads
+    calls = {"n": 0}
+
+    def poisoned(*args, **kwargs):
+        calls["n"] += 1
+        loss, grads = real(*args, **kwargs)
+        return (float("nan") if calls["n"] > 30 else loss), grads
+
+    monkeypatch.setattr(mixer.model, "loss_and_grads", poisoned)
+    result = fit(TINY, data, seed=0)
+    assert result.status == "diverged" and "nan" in result.reason
+    assert len(result.history) == 1  # 640 rows / 32 = 20 steps per epoch: step 31 is in epoch 2
+
+
+def test_learning_rate_follows_the_schedule(data):
+    config = dataclasses.replace(TINY, scheduler="cosine", warmup_epochs=1, epochs=3, eta_min=1e-4)
+    lrs = [m.lr for m in fit(config, data, seed=0).history]
+    assert lrs[0] == pytest.approx(3e-3) and lrs[2] == pytest.approx(1e-4)
+
+
+def test_learns_the_synthetic_data(data):
+    config = dataclasses.replace(TINY, epochs=8, model=dataclasses.replace(TINY.model, dropout=0.0,
+                                                                          stochastic_depth=0.0))
+    history = fit(config, data, seed=0).history
+    assert history[-1].train_loss < 0.8 * history[0].train_loss
+    assert max(m.val_accuracy for m in history) > 0.75
+
+
+def test_curvature_probe_runs_every_k_epochs_and_is_timed_apart(data):
+    config = dataclasses.replace(TINY, curvature_every=2, curvature_batch=64, curvature_iters=5)
+    history = fit(config, data, seed=0).history
+    assert [m.hessian_max_eig is not None for m in history] == [False, True, False]
+    probed = history[1]
+    assert probed.hessian_max_eig >= probed.hessian_min_eig and probed.curvature_seconds > 0
+
+
+def test_classification_metrics_by_hand():
+    logits = np.array([2.0, -1.0, 0.5, -3.0])
+    y = np.array([1.0, 1.0, 0.0, 0.0])
+    m = classification_metrics(logits, y)
+    assert m == {"accuracy": 0.5, "precision": 0.5, "recall": 0.5, "f1": 0.5}
+
+
+def test_cli_trains_a_config_and_prints_a_line_per_epoch(tmp_path, capsys):
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(dump_run_config(DataConfig(n_rows=300), TINY, 0)))
+    assert main([str(path), "--epochs", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "epoch 1/2" in out and "epoch 2/2" in out and "best epoch" in out
+
+
+def test_cli_bad_config_exits_2_naming_the_key(tmp_path, capsys):
+    path = tmp_path / "run.yaml"
+    path.write_text("train: {patch_size: 5}\n")
+    assert main([str(path)]) == 2
+    err = capsys.readouterr().err
+    assert str(path) in err and "patch_size" in err
