@@ -78,9 +78,10 @@ def test_non_finite_loss_ends_as_diverged_not_a_traceback(data, monkeypatch):
 
 
 def test_learning_rate_follows_the_schedule(data):
-    config = dataclasses.replace(TINY, scheduler="cosine", warmup_epochs=1, epochs=3, eta_min=1e-4)
+    # warmup epoch 1 reaches lr; then cosine over t_max=2 epochs: lr, midpoint; then the floor.
+    config = dataclasses.replace(TINY, scheduler="cosine", warmup_epochs=1, t_max=2, epochs=4, eta_min=1e-4)
     lrs = [m.lr for m in fit(config, data, seed=0).history]
-    assert lrs[0] == pytest.approx(3e-3) and lrs[2] == pytest.approx(1e-4)
+    assert lrs == pytest.approx([3e-3, 3e-3, (3e-3 + 1e-4) / 2, 1e-4])
 
 
 def test_learns_the_synthetic_data(data):
