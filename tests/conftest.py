@@ -76,9 +76,10 @@ class MlflowServer:
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
+            # gunicorn/uvicorn workers can linger after SIGTERM; nothing here needs a graceful exit.
             os.killpg(self.proc.pid, 15)
             try:
-                self.proc.wait(timeout=20)
+                self.proc.wait(timeout=3)
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, 9)
                 self.proc.wait()

@@ -1,0 +1,161 @@
+"""A trained model that travels with its preprocessing: one ``.npz`` file in, probabilities out.
+
+A bundle holds the Mixer's parameters, its ``MixerConfig`` and the fitted data ``Pipeline``
+(category codes, scaling statistics, column order), so raw UNSW-NB15 rows of either layout
+(with or without ``id``, ``label``, ``attack_cat``) can be scored without the training data.
+
+File layout (``np.savez``, never pickled): one array per parameter under ``param/<key>`` and a
+JSON string under ``__bundle__`` holding ``format``, ``config`` (MixerConfig fields),
+``pipeline`` (``Pipeline.to_dict()``), the parameter keys and a free-form ``info`` dict
+(provenance: study, trial, seed, epoch).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from mixer.checkpoint import CheckpointError, atomic_savez, check_param_shapes
+from mixer.config import MixerConfig
+from mixer.data import Pipeline
+
+FORMAT = "mixer-bundle/1"
+_PARAM, _META = "param/", "__bundle__"
+
+# Rows scored per forward pass: bounds the (tokens, batch, dim) activations to a few tens of MB
+# for the headline model, whatever the input size.
+PREDICT_BATCH = 4096
+
+
+class BundleError(ValueError):
+    """A model bundle is unreadable or its parts disagree; the message names the file and the part."""
+
+
+def sigmoid(logits: np.ndarray) -> np.ndarray:
+    """Numerically stable logistic function (no overflow warning for large |logit|)."""
+    logits = np.asarray(logits, dtype=np.float64)
+    out = np.empty_like(logits)
+    pos = logits >= 0
+    out[pos] = 1.0 / (1.0 + np.exp(-logits[pos]))
+    exp = np.exp(logits[~pos])
+    out[~pos] = exp / (1.0 + exp)
+    return out
+
+
+@dataclass
+class ModelBundle:
+    """Parameters + architecture + fitted preprocessing of one trained Mixer.
+
+    Attributes:
+        params: flat parameter dict as ``mixer.model.init_params`` lays it out.
+        config: the architecture the parameters belong to.
+        pipeline: the preprocessing fitted on the training split.
+        info: JSON-serialisable provenance (study, trial number, seed, best epoch, ...).
+    """
+
+    params: dict[str, np.ndarray]
+    config: MixerConfig
+    pipeline: Pipeline
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def check(self, *, source: str = "bundle") -> None:
+        """Raise BundleError if the config, pipeline and parameters do not belong together."""
+        from mixer.model import init_params
+
+        n_pipeline = len(self.pipeline.feature_names)
+        if self.config.n_features != n_pipeline:
+            raise BundleError(
+                f"{source}: config has n_features={self.config.n_features} but the pipeline "
+                f"produces {n_pipeline} features"
+            )
+        expected = {k: v.shape for k, v in init_params(self.config, 0).items()}
+        try:
+            check_param_shapes(self.params, expected, source=source)
+        except CheckpointError as exc:
+            raise BundleError(str(exc)) from None
+
+    def save(self, path: str | Path) -> Path:
+        """Write the bundle to ``path`` atomically (temporary file, then rename)."""
+        self.check(source=str(path))
+        meta = {
+            "format": FORMAT,
+            "config": dataclasses.asdict(self.config),
+            "pipeline": self.pipeline.to_dict(),
+            "params": list(self.params),
+            "info": self.info,
+        }
+        try:
+            blob = json.dumps(meta)
+        except TypeError as exc:
+            raise BundleError(f"{path}: bundle metadata is not JSON-serialisable: {exc}") from None
+        arrays = {_META: np.array(blob)}
+        arrays.update({_PARAM + k: np.asarray(v) for k, v in self.params.items()})
+        return atomic_savez(path, arrays)
+
+    @classmethod
+    def load(cls, path: str | Path) -> ModelBundle:
+        """Read a bundle written by ``save``, checking config, pipeline and parameters against each other.
+
+        Raises:
+            BundleError: naming the file and the first part that is missing or does not match.
+        """
+        path = Path(path)
+        if not path.is_file():
+            raise BundleError(f"{path}: model file not found")
+        try:
+            archive = np.load(path, allow_pickle=False)
+        except (OSError, ValueError, EOFError) as exc:
+            raise BundleError(f"{path}: not a model bundle (.npz): {exc}") from None
+        if not isinstance(archive, np.lib.npyio.NpzFile):
+            raise BundleError(f"{path}: not a model bundle (.npz archive expected)")
+        with archive:
+            if _META not in archive.files:
+                raise BundleError(f"{path}: not a model bundle (no {_META} entry)")
+            try:
+                meta = json.loads(str(archive[_META]))
+            except ValueError as exc:
+                raise BundleError(f"{path}: {_META} is not valid JSON: {exc}") from None
+            if meta.get("format") != FORMAT:
+                raise BundleError(f"{path}: format {meta.get('format')!r}, expected {FORMAT!r}")
+            params = {k[len(_PARAM):]: archive[k] for k in archive.files if k.startswith(_PARAM)}
+        try:
+            config = MixerConfig(**meta["config"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise BundleError(f"{path}: bad config: {exc}") from None
+        try:
+            pipeline = Pipeline.from_dict(meta["pipeline"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise BundleError(f"{path}: bad pipeline: {exc}") from None
+        # Keep the writer's order: iteration then matches a freshly initialised dict.
+        order = [k for k in meta.get("params", []) if k in params]
+        params = {k: params[k] for k in order + [k for k in params if k not in order]}
+        bundle = cls(params=params, config=config, pipeline=pipeline, info=meta.get("info") or {})
+        bundle.check(source=str(path))
+        return bundle
+
+    def predict_proba(self, frame: pd.DataFrame, *, source: str) -> np.ndarray:
+        """P(label = 1) for each raw row of ``frame``, float64 of shape (rows,).
+
+        Args:
+            frame: raw UNSW-NB15 rows, either layout; ``id``, ``label`` and ``attack_cat`` are ignored.
+            source: what the rows are (a file name), used in error messages.
+
+        Raises:
+            mixer.data.DataError: naming ``source``, the column and the row of a bad value.
+        """
+        from mixer.model import predict_logits
+
+        x = self.pipeline.transform(frame, source=source)
+        dtype = next(iter(self.params.values())).dtype
+        x = np.asarray(x, dtype=dtype)
+        logits = np.empty(len(x), dtype=np.float64)
+        for start in range(0, len(x), PREDICT_BATCH):
+            stop = start + PREDICT_BATCH
+            logits[start:stop] = predict_logits(self.params, x[start:stop], self.config)
+        return sigmoid(logits)

@@ -1,0 +1,111 @@
+"""Score unlabelled rows: ``python -m mixer.predict MODEL INPUT.csv [--out FILE]``.
+
+Writes one CSV row per input row with columns ``id`` (the input's ``id`` column, or the
+1-based data row number when there is none), ``probability`` (P(label = 1), 7 significant
+digits) and ``prediction`` (1 iff probability >= ``--threshold``). A ``label`` column in the
+input is allowed and ignored.
+
+Output goes to stdout unless ``--out FILE`` is given (then written to a temporary file and
+renamed, so a failed run never leaves a half-written FILE). Nothing is written at all until
+every row has been scored: a bad value stops the run with exit 2 and a message naming the
+file, the row and the column, never a silently skipped row. A summary line (rows, predicted
+positives) goes to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from mixer.bundle import BundleError, ModelBundle
+from mixer.data import DataError, read_csv
+from mixer.evaluate import threshold_arg
+
+OUTPUT_COLUMNS = ("id", "probability", "prediction")
+# Seven significant digits: what a float32 model's probabilities carry (more would print noise).
+FLOAT_FORMAT = "%.7g"
+
+
+def predict_frame(bundle: ModelBundle, frame: pd.DataFrame, *, source: str,
+                  threshold: float = 0.5) -> pd.DataFrame:
+    """One output row per input row: ``id``, ``probability``, ``prediction`` (0/1).
+
+    Raises:
+        mixer.data.DataError: naming ``source``, the column and the row of a bad value.
+    """
+    if not 0.0 <= threshold <= 1.0:
+        raise ValueError(f"threshold must be in [0, 1], got threshold={threshold}")
+    proba = bundle.predict_proba(frame, source=source)
+    ids = frame["id"].to_numpy() if "id" in frame.columns else np.arange(1, len(frame) + 1)
+    return pd.DataFrame({"id": ids, "probability": proba,
+                         "prediction": (proba >= threshold).astype(np.int64)})
+
+
+def predict_csv(bundle: ModelBundle, path: str | Path, *, threshold: float = 0.5) -> pd.DataFrame:
+    """``predict_frame`` over the rows of the CSV at ``path`` (DataError if missing or bad)."""
+    if not Path(path).is_file():
+        raise DataError(f"{path}: file not found")
+    return predict_frame(bundle, read_csv(path), source=str(path), threshold=threshold)
+
+
+def write_csv_atomic(frame: pd.DataFrame, path: str | Path) -> Path:
+    """Write ``frame`` as CSV through a temporary file in the same folder, then rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", newline="") as fh:
+            frame.to_csv(fh, index=False, float_format=FLOAT_FORMAT)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m mixer.predict",
+        description="Score raw UNSW-NB15 rows (either layout, label optional) with a saved model bundle.",
+    )
+    parser.add_argument("model", help="model bundle (.npz) written by ModelBundle.save / sweep.publish")
+    parser.add_argument("data", help="CSV of raw rows to score")
+    parser.add_argument("--out", default="-",
+                        help="output CSV (id,probability,prediction); '-' (default) = stdout")
+    parser.add_argument("--threshold", type=threshold_arg, default=0.5,
+                        help="prediction is 1 when probability >= this (default 0.5)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        bundle = ModelBundle.load(args.model)
+        out = predict_csv(bundle, args.data, threshold=args.threshold)
+    except (BundleError, DataError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.out == "-":
+        out.to_csv(sys.stdout, index=False, float_format=FLOAT_FORMAT)
+        where = "stdout"
+    else:
+        try:
+            write_csv_atomic(out, args.out)
+        except OSError as exc:
+            print(f"error: {args.out}: cannot write: {exc.strerror or exc}", file=sys.stderr)
+            return 2
+        where = args.out
+    positives = int(out["prediction"].sum())
+    print(f"scored {len(out):,} rows from {args.data}: {positives:,} predicted 1 "
+          f"(threshold {args.threshold:g}) -> {where}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,427 @@
+"""Ship the winner of a study: retrain its best trial, save the bundle, log it as an MLflow model.
+
+Call it once at the end of a study (``sweep.run`` does)::
+
+    from sweep.publish import publish_best
+    result = publish_best(study, tracking_uri=uri, out_dir=study_dir, register_name=None)
+    print(result.summary())
+
+What it does:
+
+1. Takes ``study.best_trial`` and rebuilds its ``DataConfig`` and ``TrainConfig`` from the trial's
+   user attr ``config`` and its seed from user attr ``seed``.
+2. Retrains it with ``mixer.train.fit`` up to the trial's best epoch by the study's metric (user
+   attr ``metric``, default ``val_loss``, and the study's direction), which is the epoch that made
+   the trial best. Same seed, same config: a bit-identical history, so the parameters are the
+   trial's at that epoch; the new history is checked against the trial's ``history`` attr
+   (``PublishResult.reproduced``).
+3. Saves that epoch as a ``mixer.bundle.ModelBundle`` at ``<out_dir>/best_model.npz``.
+4. If the data names a ``test_csv``, scores the bundle on it (reported only, never used to select).
+5. Logs on the study's parent MLflow run (user attr ``mlflow_parent_run_id``): an MLflow ``pyfunc``
+   model under the name ``model`` (the bundle is its artifact; ``mixer`` ships in its
+   ``code_paths``), the test metrics as ``test_accuracy``, ``test_precision``, ``test_recall``,
+   ``test_f1``, ``test_roc_auc``, ``test_tn``/``fp``/``fn``/``tp``, and tags ``best_trial_number``,
+   ``best_model_uri``, ``best_model_seed``, ``best_model_epoch``. Optionally registers the model
+   in the model registry as ``register_name``.
+
+The pyfunc model takes a DataFrame of raw UNSW-NB15 rows (the 42 feature columns; ``id``,
+``label`` and ``attack_cat`` may be present and are dropped by the signature) and returns a
+DataFrame with ``probability`` (float, P(label = 1)) and ``prediction`` (0/1 at
+``params={"threshold": 0.5}``), one row per input row::
+
+    model = mlflow.pyfunc.load_model(result.model_uri)      # runs:/<parent run id>/model
+    model.predict(raw_rows)                                 # DataFrame[probability, prediction]
+    # mlflow models serve -m runs:/<id>/model --env-manager local
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import inspect
+import math
+import os
+import tempfile
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import numpy as np
+import pandas as pd
+
+BUNDLE_NAME = "best_model.npz"
+MODEL_NAME = "model"
+EXAMPLE_ROWS = 5
+TEST_METRICS = ("accuracy", "precision", "recall", "f1", "roc_auc", "tn", "fp", "fn", "tp")
+
+
+class PublishError(RuntimeError):
+    """The best trial cannot be rebuilt or published; the message names the study, trial and cause."""
+
+
+class MixerPyfunc(mlflow.pyfunc.PythonModel):
+    """MLflow pyfunc around a Mixer model bundle: raw rows in, probabilities out.
+
+    ``predict`` returns a DataFrame with ``probability`` (float64) and ``prediction`` (int64, 1 iff
+    probability >= the ``threshold`` param, default 0.5), aligned with the input rows.
+    """
+
+    def load_context(self, context):
+        from mixer.bundle import ModelBundle
+
+        self.bundle = ModelBundle.load(context.artifacts["bundle"])
+
+    def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
+        from mixer.predict import predict_frame
+
+        threshold = float((params or {}).get("threshold", 0.5))
+        frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
+        out = predict_frame(self.bundle, frame, source="model input", threshold=threshold)
+        return out[["probability", "prediction"]]
+
+
+# MLflow 3 refuses to unpickle a cloudpickled PythonModel by default, so the model is logged as
+# "models from code": this file is written next to the bundle and executed by MLflow on load.
+# It needs only mlflow, pandas and `mixer` (which travels in the model's code_paths).
+_MODEL_CODE = '''"""MLflow models-from-code entry point (written by sweep.publish): a Mixer bundle."""
+
+import mlflow
+import pandas as pd
+
+
+{source}
+
+mlflow.models.set_model(MixerPyfunc())
+'''
+
+
+@dataclass
+class PublishResult:
+    """What ``publish_best`` produced.
+
+    Attributes:
+        study_name, trial_number, seed: which trial was retrained, and with which seed.
+        epoch, metric, value: the epoch shipped, the study's metric and its value there (the
+            trial's best epoch by that metric).
+        reproduced: every retrained epoch's val_loss equals the one the trial recorded, bit for bit.
+        bundle_path: ``<out_dir>/best_model.npz``.
+        run_id: the MLflow run holding the model (the study's parent run), None if not logged.
+        model_uri: ``runs:/<run_id>/model``, None if not logged.
+        registered_version: the model registry version, if ``register_name`` was given.
+        test_metrics: ``test_accuracy``, ``test_f1``, ``test_roc_auc``, ... when the data has a test CSV.
+    """
+
+    study_name: str
+    trial_number: int
+    seed: int
+    epoch: int
+    metric: str
+    value: float
+    reproduced: bool
+    bundle_path: Path
+    run_id: str | None = None
+    model_uri: str | None = None
+    registered_version: str | None = None
+    test_metrics: dict[str, float] | None = None
+
+    def summary(self) -> str:
+        """Lines to print at the end of a study."""
+        lines = [f"best trial {self.trial_number} (seed {self.seed}) retrained to epoch {self.epoch}: "
+                 f"{self.metric} {self.value:.4f}"
+                 + ("" if self.reproduced else " (differs from the trial's recorded history!)"),
+                 f"model bundle: {self.bundle_path}"]
+        if self.model_uri:
+            lines.append(f"MLflow model: {self.model_uri}")
+        if self.registered_version:
+            lines.append(f"registered model version: {self.registered_version}")
+        if self.test_metrics:
+            shown = "  ".join(f"{k} {self.test_metrics[k]:.4f}" for k in
+                              ("test_accuracy", "test_precision", "test_recall", "test_f1", "test_roc_auc")
+                              if k in self.test_metrics)
+            lines.append(f"test set (reported only, never used for selection): {shown}")
+        return "\n".join(lines)
+
+
+def trial_configs(trial: Any) -> tuple[Any, Any, int]:
+    """Rebuild ``(DataConfig, TrainConfig, seed)`` from a trial's user attrs ``config`` and ``seed``."""
+    from mixer.config import DATA_FIELDS, DataConfig, TrainConfig
+
+    attrs = trial.user_attrs
+    for key in ("config", "seed"):
+        if key not in attrs:
+            raise PublishError(f"trial {trial.number} has no user attr {key!r}; cannot retrain it")
+    flat = dict(attrs["config"])
+    try:
+        data = DataConfig(**{k: v for k, v in flat.items() if k in DATA_FIELDS})
+        train = TrainConfig.from_flat({k: v for k, v in flat.items() if k not in DATA_FIELDS})
+    except (KeyError, TypeError, ValueError) as exc:
+        raise PublishError(f"trial {trial.number}: its config attr does not rebuild: {exc}") from None
+    return data, train, int(attrs["seed"])
+
+
+def best_epoch_of(history: list[dict[str, Any]], metric: str, *, maximize: bool) -> int:
+    """The 1-based epoch of the best finite ``metric`` in a recorded history (first on ties; 0: none)."""
+    best, best_value = 0, math.nan
+    for row in history:
+        value = float(row.get(metric, math.nan))
+        if math.isfinite(value) and (best == 0 or (value > best_value if maximize else value < best_value)):
+            best, best_value = int(row["epoch"]), value
+    return best
+
+
+@dataclass
+class Retrained:
+    """The best trial trained again: its bundle, the new history and the epoch shipped."""
+
+    trial: Any
+    bundle: Any
+    history: list[Any]
+    epoch: int
+    metric: str
+    data_config: Any
+
+
+def retrain_best(study: Any) -> Retrained:
+    """Retrain ``study.best_trial`` up to the epoch the study scored it by, and bundle that epoch.
+
+    The epoch is the best one of the trial's recorded ``history`` by the study's ``metric`` user attr
+    (``val_loss`` if absent) and direction, the epoch whose value made the trial best. The run stops
+    there; same seed, same config, so its parameters are the trial's at that epoch. Without a
+    recorded history the whole run is retrained and ``fit``'s lowest-val_loss epoch is shipped.
+    """
+    from mixer.bundle import ModelBundle
+    from mixer.data import DataError, load
+    from mixer.train import fit
+
+    try:
+        trial = study.best_trial
+    except (ValueError, RuntimeError) as exc:
+        raise PublishError(f"study {study.study_name!r} has no best trial: {exc}") from None
+    data_config, config, seed = trial_configs(trial)
+    try:
+        data = load(data_config)
+    except DataError as exc:
+        raise PublishError(f"trial {trial.number}: cannot load its data: {exc}") from None
+    if data.n_features != config.model.n_features:
+        # The same adjustment the sweep made when the data decided the feature count.
+        config = dataclasses.replace(
+            config, model=dataclasses.replace(config.model, n_features=data.n_features))
+    metric = str(study.user_attrs.get("metric", "val_loss"))
+    maximize = study.direction.name == "MAXIMIZE"
+    target = best_epoch_of(trial.user_attrs.get("history") or [], metric, maximize=maximize)
+    if target:
+        result = fit(config, data, seed=seed, on_epoch=lambda m: m.epoch >= target)
+        if result.status == "diverged" or len(result.history) < target:
+            raise PublishError(f"trial {trial.number}: retraining stopped before epoch {target}: "
+                               f"{result.reason}")
+        params = result.params
+    else:
+        result = fit(config, data, seed=seed)
+        if result.best_epoch == 0:
+            raise PublishError(f"trial {trial.number}: retraining did not produce a model: {result.reason}")
+        target, metric, params = result.best_epoch, "val_loss", result.best_params
+    shipped = result.history[target - 1]
+    info = {"study_name": study.study_name, "trial_number": trial.number, "seed": seed, "epoch": target,
+            "metric": metric, "value": float(getattr(shipped, metric)), "val_loss": shipped.val_loss,
+            "train_config": config.to_flat(), "data_config": dataclasses.asdict(data_config)}
+    bundle = ModelBundle(params, config.model, data.pipeline, info=info)
+    return Retrained(trial=trial, bundle=bundle, history=result.history[:target], epoch=target,
+                     metric=metric, data_config=data_config)
+
+
+def _history_matches(recorded: list[dict[str, Any]], history: list[Any]) -> bool:
+    """True if every retrained epoch's val_loss equals the trial's recorded one, bit for bit."""
+    if not history or len(recorded) < len(history):
+        return False
+    return all(float(r.get("val_loss", math.nan)) == m.val_loss and int(r.get("epoch", -1)) == m.epoch
+               for r, m in zip(recorded, history, strict=False))
+
+
+def publish_best(study: Any, *, tracking_uri: str | None = None, out_dir: str | Path,
+                 register_name: str | None = None, log_model: bool = True) -> PublishResult:
+    """Retrain the study's best trial, save it as a bundle and log it as an MLflow pyfunc model.
+
+    Args:
+        study: an ``optuna.Study`` whose trials carry the user attrs ``config``, ``seed`` and
+            ``history`` (set by ``sweep.objective``), and whose user attr ``mlflow_parent_run_id``
+            names the parent run (set by ``sweep.tracking``).
+        tracking_uri: the MLflow tracking URI the study logged to (None: resolved as
+            ``sweep.tracking.Tracker`` does: ``MLFLOW_TRACKING_URI``, else the local store
+            ``mlflow ui`` opens in the working folder).
+        out_dir: where ``best_model.npz`` is written (created if missing).
+        register_name: if given, also register the model in the MLflow model registry under this name.
+        log_model: False skips MLflow entirely (bundle and test metrics only).
+
+    Returns:
+        PublishResult (``.summary()`` gives the lines to print).
+
+    Raises:
+        PublishError: no completed trial, a trial without ``config``/``seed``, data that will not
+            load, or a retraining that diverges.
+    """
+    from mixer.evaluate import evaluate_csv
+
+    retrained = retrain_best(study)
+    trial, bundle = retrained.trial, retrained.bundle
+    reproduced = _history_matches(trial.user_attrs.get("history") or [], retrained.history)
+    if trial.user_attrs.get("history") and not reproduced:
+        warnings.warn(f"study {study.study_name!r}: retraining trial {trial.number} did not reproduce "
+                      "its recorded val_loss history; publishing the retrained model anyway",
+                      RuntimeWarning, stacklevel=2)
+    bundle_path = bundle.save(Path(out_dir) / BUNDLE_NAME)
+    publish = PublishResult(
+        study_name=study.study_name, trial_number=trial.number, seed=bundle.info["seed"],
+        epoch=retrained.epoch, metric=retrained.metric, value=bundle.info["value"],
+        reproduced=reproduced, bundle_path=bundle_path,
+    )
+    test_csv = retrained.data_config.test_csv
+    if test_csv:
+        metrics = evaluate_csv(bundle, test_csv).as_dict()
+        publish.test_metrics = {f"test_{k}": float(metrics[k]) for k in TEST_METRICS
+                                if metrics[k] is not None}
+    if log_model:
+        _log_to_mlflow(study, publish, retrained.data_config, tracking_uri=tracking_uri,
+                       register_name=register_name)
+    return publish
+
+
+@contextlib.contextmanager
+def _tracking_uri(uri: str | None) -> Iterator[None]:
+    """Use ``uri`` (None: as ``sweep.tracking.Tracker`` resolves it) for MLflow's fluent API inside the
+    block, then restore exactly what was set before.
+
+    ``mlflow.set_tracking_uri(None)`` also unsets the environment variable, so both are restored by hand.
+    """
+    from mlflow.tracking._tracking_service import utils as tracking_utils
+
+    from sweep.tracking import default_tracking_uri
+
+    # The same resolution as sweep.tracking.Tracker, so that None finds the study's parent run.
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
+
+    saved_uri = tracking_utils._tracking_uri
+    saved_env = os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(saved_uri)
+        if saved_env is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = saved_env
+
+
+@contextlib.contextmanager
+def _on_run(run_id: str | None, *, study_name: str) -> Iterator[str]:
+    """Make ``run_id`` the active run and afterwards give it back the status it had.
+
+    Resuming a run and ending it would mark a FAILED or still RUNNING parent FINISHED; the parent's
+    status belongs to the tracker, so it is restored.
+    """
+    client = mlflow.MlflowClient()
+    active = mlflow.active_run()
+    if run_id is not None and active is not None and active.info.run_id == run_id:
+        yield run_id
+        return
+    if run_id is None:
+        warnings.warn(f"study {study_name!r} has no user attr 'mlflow_parent_run_id'; logging the best "
+                      f"model on a new run in experiment {study_name!r}", RuntimeWarning, stacklevel=3)
+        experiment = client.get_experiment_by_name(study_name)
+        experiment_id = experiment.experiment_id if experiment else client.create_experiment(study_name)
+        with mlflow.start_run(experiment_id=experiment_id, run_name=f"{study_name}-best-model",
+                              nested=active is not None) as run:
+            yield run.info.run_id
+        return
+    status = client.get_run(run_id).info.status
+    try:
+        with mlflow.start_run(run_id=run_id, nested=active is not None):
+            yield run_id
+    finally:
+        if status != "FINISHED":
+            client.update_run(run_id, status=status)
+
+
+def _example_frame(data_config: Any) -> pd.DataFrame:
+    """A few raw rows (the feature columns, as read) for the model's input example."""
+    from mixer.data import read_csv, synthetic_frame
+
+    if data_config.source == "csv":
+        frame = read_csv(data_config.train_csv).head(EXAMPLE_ROWS)
+    else:
+        frame = synthetic_frame(EXAMPLE_ROWS, data_config.seed)
+    frame = frame.drop(columns=[c for c in ("id", "label", "attack_cat") if c in frame.columns])
+    return frame.reset_index(drop=True)
+
+
+def model_signature(example: pd.DataFrame, output: pd.DataFrame) -> Any:
+    """``infer_signature`` of the example rows, with the numeric feature columns typed ``Any``.
+
+    MLflow's schema enforcement refuses int64 where the schema says double and float where it says
+    long, so an inferred numeric type would reject e.g. a ``dur`` column that happens to hold only
+    whole numbers. ``Any`` passes values through to ``Pipeline.transform``, which checks every value
+    and names the column and row of a bad one. Categorical columns stay ``string``; every feature
+    column stays required, and columns outside the signature (``id``, ``label``) are dropped.
+    """
+    from mlflow.types.schema import AnyType, ColSpec, Schema
+
+    from mixer.data import CATEGORICAL
+
+    with warnings.catch_warnings():
+        # Its hint about integer columns and missing values does not apply: they become Any below.
+        warnings.filterwarnings("ignore", message="Hint: Inferred schema contains integer")
+        inferred = mlflow.models.infer_signature(example, output, params={"threshold": 0.5})
+    inputs = Schema([spec if spec.name in CATEGORICAL else ColSpec(AnyType(), spec.name)
+                     for spec in inferred.inputs.inputs])
+    return mlflow.models.ModelSignature(inputs=inputs, outputs=inferred.outputs, params=inferred.params)
+
+
+def _pip_requirements() -> list[str]:
+    """Pinned, explicit requirements: MLflow's inference would load the model in a subprocess (slow).
+
+    ``mixer`` itself travels in the model's code_paths and needs only numpy and pandas at predict time.
+    """
+    return [f"mlflow=={mlflow.__version__}", f"numpy=={np.__version__}", f"pandas=={pd.__version__}"]
+
+
+def log_bundle_model(bundle_path: Path, example: pd.DataFrame, *, name: str = MODEL_NAME) -> Any:
+    """Log the bundle at ``bundle_path`` as a pyfunc model on the active run; returns MLflow's ModelInfo."""
+    import mixer
+    from mixer.bundle import ModelBundle
+
+    bundle = ModelBundle.load(bundle_path)
+    proba = bundle.predict_proba(example, source="input example")
+    output = pd.DataFrame({"probability": proba, "prediction": (proba >= 0.5).astype(np.int64)})
+    signature = model_signature(example, output)
+    with tempfile.TemporaryDirectory(prefix="mixer-pyfunc-") as tmp:
+        code = Path(tmp) / "mixer_pyfunc.py"
+        code.write_text(_MODEL_CODE.format(source=inspect.getsource(MixerPyfunc)))
+        return mlflow.pyfunc.log_model(
+            name=name,
+            python_model=str(code),
+            artifacts={"bundle": str(bundle_path)},
+            code_paths=[str(Path(mixer.__file__).parent)],
+            signature=signature,
+            input_example=example,
+            pip_requirements=_pip_requirements(),
+        )
+
+
+def _log_to_mlflow(study: Any, publish: PublishResult, data_config: Any, *,
+                   tracking_uri: str | None, register_name: str | None) -> None:
+    example = _example_frame(data_config)
+    parent = study.user_attrs.get("mlflow_parent_run_id")
+    with _tracking_uri(tracking_uri), _on_run(parent, study_name=study.study_name) as run_id:
+        log_bundle_model(publish.bundle_path, example)
+        publish.run_id = run_id
+        publish.model_uri = f"runs:/{run_id}/{MODEL_NAME}"
+        if publish.test_metrics:
+            mlflow.log_metrics(publish.test_metrics)
+        mlflow.set_tags({"best_trial_number": publish.trial_number, "best_model_uri": publish.model_uri,
+                         "best_model_seed": publish.seed, "best_model_epoch": publish.epoch})
+        if register_name:
+            version = mlflow.register_model(publish.model_uri, register_name)
+            publish.registered_version = str(version.version)

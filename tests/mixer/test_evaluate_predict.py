@@ -1,0 +1,196 @@
+"""`python -m mixer.evaluate` and `python -m mixer.predict` on rows of the real UNSW-NB15 sample."""
+
+from __future__ import annotations
+
+import io
+import json
+from itertools import product
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from mixer import evaluate, predict
+from mixer.bundle import ModelBundle
+from mixer.config import DataConfig, MixerConfig, TrainConfig
+from mixer.data import load
+from mixer.evaluate import binary_metrics, roc_auc
+from mixer.train import fit
+
+TRAIN = TrainConfig(model=MixerConfig(patch_size=6, dim=16, depth=2), epochs=3, batch_size=64, lr=3e-3)
+
+
+@pytest.fixture(scope="module")
+def trained(real_csv, tmp_path_factory) -> SimpleNamespace:
+    """A small model trained on 2,000 real rows, and 500 other real rows to score (built once)."""
+    root = tmp_path_factory.mktemp("evaluate-predict")
+    raw = pd.read_csv(real_csv)
+    raw.head(2000).to_csv(root / "train.csv", index=False)
+    test = raw.iloc[2000:2500].reset_index(drop=True)
+    test.to_csv(root / "test.csv", index=False)
+    data = load(DataConfig(source="csv", train_csv=str(root / "train.csv"), seed=0))
+    result = fit(TRAIN, data, seed=0)
+    bundle = ModelBundle(result.best_params, TRAIN.model, data.pipeline)
+    return SimpleNamespace(root=root, model=bundle.save(root / "model.npz"), bundle=bundle,
+                           test=test, test_csv=root / "test.csv")
+
+
+def _write(frame: pd.DataFrame, path: Path) -> Path:
+    frame.to_csv(path, index=False)
+    return path
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+def test_roc_auc_equals_the_pairwise_count_with_ties():
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 300)
+    scores = np.round(rng.random(300) + 0.3 * y, 1)  # coarse rounding: many ties
+    pos, neg = scores[y == 1], scores[y == 0]
+    pairs = [(1.0 if p > n else 0.5 if p == n else 0.0) for p, n in product(pos, neg)]
+    assert roc_auc(y, scores) == pytest.approx(np.mean(pairs), abs=1e-12)
+
+
+def test_roc_auc_is_one_for_a_perfect_ranking_and_nan_for_one_class():
+    y = np.array([0, 0, 1, 1])
+    assert roc_auc(y, np.array([0.1, 0.2, 0.3, 0.9])) == 1.0
+    assert roc_auc(y, np.array([0.9, 0.8, 0.3, 0.1])) == 0.0
+    assert np.isnan(roc_auc(np.ones(4), np.arange(4.0)))
+
+
+def test_binary_metrics_count_the_confusion_matrix_at_the_threshold():
+    y = np.array([1, 1, 1, 0, 0, 0, 0])
+    p = np.array([0.9, 0.6, 0.4, 0.7, 0.2, 0.1, 0.5])
+    m = binary_metrics(y, p, threshold=0.5)
+    assert (m.tp, m.fn, m.fp, m.tn) == (2, 1, 2, 2)
+    assert m.accuracy == pytest.approx(4 / 7)
+    assert m.precision == pytest.approx(0.5) and m.recall == pytest.approx(2 / 3)
+    assert m.f1 == pytest.approx(2 * 0.5 * (2 / 3) / (0.5 + 2 / 3))
+    assert binary_metrics(y, p, threshold=0.95).tp == 0
+
+
+# --------------------------------------------------------------------------- evaluate
+
+
+def test_evaluate_prints_metrics_and_confusion_matrix(trained, capsys):
+    assert evaluate.main([str(trained.model), str(trained.test_csv)]) == 0
+    out = capsys.readouterr().out
+    for name in ("accuracy", "precision", "recall", "f1", "roc_auc", "confusion matrix", "true 0", "pred 1"):
+        assert name in out
+    assert "500 rows" in out
+
+
+def test_evaluate_json_agrees_with_the_model_and_beats_chance(trained, capsys):
+    assert evaluate.main([str(trained.model), str(trained.test_csv), "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    y = trained.test["label"].to_numpy()
+    proba = trained.bundle.predict_proba(trained.test, source="test")
+    assert got["rows"] == 500 and got["tn"] + got["fp"] + got["fn"] + got["tp"] == 500
+    assert got["tp"] == int(np.sum((proba >= 0.5) & (y == 1)))
+    assert got["accuracy"] == pytest.approx(np.mean((proba >= 0.5) == y))
+    assert got["roc_auc"] == pytest.approx(roc_auc(y, proba))
+    assert got["roc_auc"] > 0.85  # three epochs on 2,000 real rows already separate the classes
+
+
+def test_evaluate_threshold_moves_the_confusion_matrix(trained, capsys):
+    evaluate.main([str(trained.model), str(trained.test_csv), "--json", "--threshold", "0.05"])
+    low = json.loads(capsys.readouterr().out)
+    evaluate.main([str(trained.model), str(trained.test_csv), "--json", "--threshold", "0.95"])
+    high = json.loads(capsys.readouterr().out)
+    assert low["tp"] + low["fp"] > high["tp"] + high["fp"]
+    assert low["roc_auc"] == high["roc_auc"]
+
+
+def test_evaluate_without_label_column_exits_2_naming_the_column(trained, tmp_path, capsys):
+    path = _write(trained.test.drop(columns=["label"]), tmp_path / "unlabelled.csv")
+    assert evaluate.main([str(trained.model), str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "unlabelled.csv" in err and "'label'" in err
+
+
+@pytest.mark.parametrize("which", ["model", "data"])
+def test_evaluate_missing_file_exits_2_naming_it(trained, tmp_path, capsys, which):
+    args = [str(trained.model), str(trained.test_csv)]
+    args[0 if which == "model" else 1] = str(tmp_path / "missing.file")
+    assert evaluate.main(args) == 2
+    assert "missing.file" in capsys.readouterr().err
+
+
+def test_evaluate_rejects_a_threshold_outside_0_1(trained):
+    with pytest.raises(SystemExit) as exc:
+        evaluate.main([str(trained.model), str(trained.test_csv), "--threshold", "1.5"])
+    assert exc.value.code == 2
+
+
+# --------------------------------------------------------------------------- predict
+
+
+def test_predict_writes_id_probability_prediction_for_every_row(trained, tmp_path, capsys):
+    out = tmp_path / "predictions.csv"
+    assert predict.main([str(trained.model), str(trained.test_csv), "--out", str(out)]) == 0
+    got = pd.read_csv(out)
+    assert list(got.columns) == ["id", "probability", "prediction"]
+    assert got["id"].tolist() == trained.test["id"].tolist()
+    expected = trained.bundle.predict_proba(trained.test, source="test")
+    np.testing.assert_allclose(got["probability"], expected, rtol=1e-6)
+    assert got["prediction"].tolist() == (expected >= 0.5).astype(int).tolist()
+    err = capsys.readouterr().err
+    assert "scored 500 rows" in err and f"{int((expected >= 0.5).sum())} predicted 1" in err
+
+
+def test_predict_without_label_or_id_numbers_rows_from_one_and_prints_csv(trained, tmp_path, capsys):
+    bare = trained.test.drop(columns=["id", "label"]).head(20)
+    path = _write(bare, tmp_path / "bare.csv")
+    assert predict.main([str(trained.model), str(path)]) == 0  # default: CSV on stdout
+    got = pd.read_csv(io.StringIO(capsys.readouterr().out))
+    assert got["id"].tolist() == list(range(1, 21))
+    np.testing.assert_allclose(got["probability"], trained.bundle.predict_proba(bare, source="b"),
+                               rtol=1e-6)
+
+
+def test_predict_scores_a_row_with_an_unseen_category(trained, tmp_path, capsys):
+    assert "RST" not in trained.bundle.pipeline.categories["state"]
+    rows = trained.test.head(10).copy()
+    rows.loc[3, "state"] = "RST"
+    path = _write(rows, tmp_path / "rst.csv")
+    assert predict.main([str(trained.model), str(path)]) == 0
+    got = pd.read_csv(io.StringIO(capsys.readouterr().out))
+    assert got["id"].tolist() == rows["id"].tolist()
+    assert 0.0 <= got.loc[3, "probability"] <= 1.0
+    # Every other row scores exactly as without the unseen category.
+    clean = trained.bundle.predict_proba(trained.test.head(10), source="clean")
+    others = [i for i in range(10) if i != 3]
+    np.testing.assert_allclose(got["probability"].to_numpy()[others], clean[others], rtol=1e-6)
+
+
+def test_predict_bad_row_exits_2_naming_row_and_column_and_writes_nothing(trained, tmp_path, capsys):
+    rows = trained.test.head(10).copy()
+    rows["sbytes"] = rows["sbytes"].astype(object)
+    rows.loc[6, "sbytes"] = "lots"  # data row 7, line 8 of the file
+    path = _write(rows, tmp_path / "bad.csv")
+    out = tmp_path / "predictions.csv"
+    assert predict.main([str(trained.model), str(path), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "bad.csv" in err and "'sbytes'" in err and "data row 7" in err and "'lots'" in err
+    assert list(tmp_path.iterdir()) == [path]  # no output, no temporary file
+
+
+def test_predict_failure_keeps_an_existing_output_file(trained, tmp_path, capsys):
+    out = tmp_path / "predictions.csv"
+    out.write_text("previous\n")
+    assert predict.main([str(trained.model), str(tmp_path / "absent.csv"), "--out", str(out)]) == 2
+    assert "absent.csv" in capsys.readouterr().err
+    assert out.read_text() == "previous\n"
+
+
+def test_predict_threshold_sets_the_predicted_label(trained, tmp_path):
+    out = tmp_path / "p.csv"
+    assert predict.main([str(trained.model), str(trained.test_csv), "--out", str(out),
+                         "--threshold", "0.9"]) == 0
+    got = pd.read_csv(out)
+    proba = trained.bundle.predict_proba(trained.test, source="test")
+    assert got["prediction"].tolist() == (proba >= 0.9).astype(int).tolist()
+    assert 0 < got["prediction"].sum() < (proba >= 0.5).sum()
