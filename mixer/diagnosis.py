@@ -1,0 +1,249 @@
+"""What a trial's curves say: healthy, plateau, saddle, oscillating or diverged — with the numbers.
+
+``diagnose(history)`` reads one run's per-epoch metrics (``mixer.train.EpochMetrics``, or the
+same as dicts, as stored in a trial's ``history`` user attribute) and measures:
+
+* **plateau** — the longest run of consecutive epochs none of which improved the train loss by
+  ``plateau_tol`` relative to the best loss before it, ``(min L[<t] - L[t]) / min L[<t] <
+  plateau_tol`` (no progress), and none rose ``plateau_band`` or more above it (a spike is not a
+  plateau). Against the best so far rather than the epoch before, so that mini-batch noise of a
+  few tenths of a percent does not cut one plateau into pieces. ``plateau_length`` counts those
+  epochs, ``plateau_start_epoch`` is the first of them. Over the plateau: the mean gradient norm
+  (``plateau_grad_norm``, from ``grad_norm_mean``), the same relative to the largest epoch-mean
+  gradient norm of the run (``plateau_grad_ratio``), the mean learning rate (``plateau_lr``: a
+  plateau at a learning rate near zero is the schedule freezing the run, not the loss surface),
+  the mean train loss (``plateau_loss``), and the Hessian extremes of the probe nearest the
+  plateau's middle among probes no more than ``probe_slack`` epochs outside it
+  (``plateau_min_eig``, ``plateau_max_eig``, ``plateau_neg_ratio``, ``plateau_probe_epoch``).
+* **wiggle** — ``val_wiggle = (Σ|ΔV| - |V_last - V_first|) / mean(V)`` over the validation loss
+  ``V``: the up-and-down travel that did not contribute to the net change, relative to the loss
+  level (0 for a monotone curve; it adds up over epochs).
+
+Rules, first match wins:
+
+1. ``diverged`` — fit reported divergence (``diverged=True``) or any train/val loss is NaN/inf.
+2. ``saddle`` — a plateau of at least ``min_plateau_epochs`` epochs where the gradient is small
+   (``plateau_grad_ratio <= small_grad_ratio``) and a probe shows clearly negative curvature
+   (``plateau_neg_ratio >= saddle_neg_ratio``): small gradient + a descent direction of the
+   curvature is what a saddle is; a plateau with a flat spectrum is not one.
+3. ``plateau`` — a plateau of at least ``min_plateau_epochs`` epochs (flat spectrum, large
+   gradient, or no curvature probe near it).
+4. ``oscillating`` — ``val_wiggle >= oscillation_wiggle``.
+5. ``healthy`` — none of the above.
+
+Thresholds (``Thresholds``, frozen; defaults):
+
+==================== ======= =================================================================
+name                 default meaning
+==================== ======= =================================================================
+plateau_tol          0.005   an epoch is flat if it beat the best train loss so far by < 0.5 %
+plateau_band         0.05    ... and did not rise 5 % or more above it
+min_plateau_epochs   4       flat epochs in a row needed to call a plateau
+small_grad_ratio     0.5     plateau grad norm <= this × the run's largest epoch-mean grad norm
+saddle_neg_ratio     0.05    |λ_min| / λ_max at the plateau for "clearly negative" curvature
+probe_slack          2       probes up to this many epochs outside the plateau still count
+oscillation_wiggle   0.25    val_wiggle at or above this is oscillating
+==================== ======= =================================================================
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["LABELS", "Diagnosis", "Thresholds", "diagnose", "plateau_run", "val_wiggle"]
+
+LABELS = ("healthy", "plateau", "saddle", "oscillating", "diverged")
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """The settings behind the rules; see the module docstring for their meaning."""
+
+    plateau_tol: float = 0.005
+    plateau_band: float = 0.05
+    min_plateau_epochs: int = 4
+    small_grad_ratio: float = 0.5
+    saddle_neg_ratio: float = 0.05
+    probe_slack: int = 2
+    oscillation_wiggle: float = 0.25
+
+    def __post_init__(self) -> None:
+        for name in ("plateau_tol", "plateau_band", "small_grad_ratio", "saddle_neg_ratio",
+                     "oscillation_wiggle"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {name}={getattr(self, name)}")
+        if self.min_plateau_epochs < 1:
+            raise ValueError(
+                f"min_plateau_epochs must be >= 1, got min_plateau_epochs={self.min_plateau_epochs}")
+        if self.probe_slack < 0:
+            raise ValueError(f"probe_slack must be >= 0, got probe_slack={self.probe_slack}")
+
+
+@dataclass(frozen=True)
+class Diagnosis:
+    """A label and the numbers behind it.
+
+    Attributes:
+        label: one of ``LABELS``.
+        metrics: numbers for MLflow metrics (only those that are known for this run).
+        tags: strings for MLflow tags: ``diagnosis``, ``plateau_start_epoch``, ``plateau_length``
+            (``"none"``/``"0"`` without a plateau) and ``diagnosis_reason`` (one readable line).
+    """
+
+    label: str
+    metrics: dict[str, float] = field(default_factory=dict)
+    tags: dict[str, str] = field(default_factory=dict)
+
+
+def _get(entry: Any, name: str) -> float | None:
+    value = entry.get(name) if isinstance(entry, Mapping) else getattr(entry, name, None)
+    return None if value is None else float(value)
+
+
+def plateau_run(losses: Sequence[float], *, tol: float, band: float = math.inf) -> tuple[int, int]:
+    """The longest run of epochs that brought no real improvement: ``(start index, length)``.
+
+    Epoch ``i`` (``i >= 1``) is flat when it neither beats the best loss before it by ``tol``
+    relative nor rises above it by ``band`` relative:
+    ``-band < (best - losses[i]) / |best| < tol`` with ``best = min(losses[:i])``. Comparing with
+    the best so far (not the previous epoch) keeps mini-batch noise from cutting a plateau in
+    pieces: a loss bouncing ±0.5 % around 0.52 is one plateau, not several short ones; a jump far
+    above the best (a restart's spike, a blow-up) is not flat. A non-finite loss ends a run.
+    ``(-1, 0)`` if no epoch is flat; ties go to the earliest run.
+    """
+    best_start, best_len = -1, 0
+    start, length = -1, 0
+    best = math.inf
+    for i, cur in enumerate(losses):
+        if i > 0:
+            flat = (math.isfinite(cur) and math.isfinite(best)
+                    and -band * abs(best) < best - cur < tol * abs(best))
+            if flat:
+                if length == 0:
+                    start = i
+                length += 1
+                if length > best_len:
+                    best_start, best_len = start, length
+            else:
+                length = 0
+        if math.isfinite(cur):
+            best = min(best, cur)
+    return best_start, best_len
+
+
+def val_wiggle(values: Sequence[float]) -> float:
+    """Total variation minus |net change|, relative to the mean (0 for fewer than 3 points)."""
+    if len(values) < 3:
+        return 0.0
+    travel = sum(abs(b - a) for a, b in zip(values, values[1:], strict=False))
+    net = abs(values[-1] - values[0])
+    mean = sum(values) / len(values)
+    if mean == 0:
+        return 0.0
+    return (travel - net) / abs(mean)
+
+
+def _fmt(value: float) -> str:
+    return f"{value:.3g}"
+
+
+def diagnose(history: Sequence[Any], *, diverged: bool = False,
+             thresholds: Thresholds = Thresholds()) -> Diagnosis:
+    """Label one run from its per-epoch metrics (see the module docstring for the rules).
+
+    Args:
+        history: ``EpochMetrics`` (or dicts with the same names and ``epoch``), in epoch order;
+            curvature fields may be None/absent on epochs without a probe.
+        diverged: fit stopped the run as diverged.
+        thresholds: the settings of the rules.
+    """
+    th = thresholds
+    epochs = [int(_get(e, "epoch") or i + 1) for i, e in enumerate(history)]
+    train = [_get(e, "train_loss") for e in history]
+    val = [_get(e, "val_loss") for e in history]
+    train_f = [math.nan if v is None else v for v in train]
+    val_f = [math.nan if v is None else v for v in val]
+
+    metrics: dict[str, float] = {"epochs_run": float(len(history))}
+    tags = {"plateau_start_epoch": "none", "plateau_length": "0"}
+
+    def done(label: str, reason: str) -> Diagnosis:
+        tags["diagnosis"] = label
+        tags["diagnosis_reason"] = reason
+        return Diagnosis(label=label, metrics=metrics, tags=tags)
+
+    bad = [ep for ep, t, v in zip(epochs, train_f, val_f, strict=True)
+           if not (math.isfinite(t) and math.isfinite(v))]
+    if bad:
+        metrics["diverged_epoch"] = float(bad[0])
+    if diverged or bad:
+        where = f"non-finite loss at epoch {bad[0]}" if bad else "fit reported divergence"
+        return done("diverged", where)
+    if not history:
+        return done("healthy", "no epochs to judge")
+
+    wiggle = val_wiggle(val_f)
+    metrics["val_wiggle"] = wiggle
+
+    start_idx, length = plateau_run(train_f, tol=th.plateau_tol, band=th.plateau_band)
+    metrics["plateau_length"] = float(length)
+    plateau_note = ""
+    saddle = False
+    if length:
+        idx = range(start_idx, start_idx + length)
+        first, last = epochs[start_idx], epochs[start_idx + length - 1]
+        tags["plateau_start_epoch"] = str(first)
+        tags["plateau_length"] = str(length)
+        metrics["plateau_start_epoch"] = float(first)
+        metrics["plateau_loss"] = sum(train_f[i] for i in idx) / length
+        lrs = [_get(history[i], "lr") for i in idx]
+        if all(v is not None for v in lrs):
+            metrics["plateau_lr"] = sum(lrs) / length
+        grads = [_get(history[i], "grad_norm_mean") for i in idx]
+        all_grads = [g for g in (_get(e, "grad_norm_mean") for e in history) if g is not None]
+        if all(g is not None for g in grads):
+            metrics["plateau_grad_norm"] = sum(grads) / length
+            peak = max(all_grads)
+            if peak > 0:
+                metrics["plateau_grad_ratio"] = metrics["plateau_grad_norm"] / peak
+        # The probe nearest the plateau's middle, among those close enough to speak for it.
+        middle = (first + last) / 2
+        probes = [(abs(ep - middle), ep, e) for ep, e in zip(epochs, history, strict=True)
+                  if _get(e, "hessian_min_eig") is not None and _get(e, "hessian_max_eig") is not None
+                  and first - th.probe_slack <= ep <= last + th.probe_slack]
+        if probes:
+            _, probe_epoch, probe = min(probes, key=lambda p: (p[0], p[1]))
+            lam_min, lam_max = _get(probe, "hessian_min_eig"), _get(probe, "hessian_max_eig")
+            ratio = _get(probe, "neg_curvature_ratio")
+            if ratio is None:
+                ratio = 0.0 if lam_min >= 0 else (abs(lam_min) / lam_max if lam_max > 0 else math.inf)
+            metrics.update(plateau_min_eig=lam_min, plateau_max_eig=lam_max,
+                           plateau_neg_ratio=ratio, plateau_probe_epoch=float(probe_epoch))
+        plateau_note = (f"train loss improved < {th.plateau_tol:.2%}/epoch for {length} epochs from "
+                        f"epoch {first} at {_fmt(metrics['plateau_loss'])}")
+        if "plateau_lr" in metrics:
+            plateau_note += f", lr {_fmt(metrics['plateau_lr'])}"
+        if "plateau_grad_ratio" in metrics:
+            plateau_note += (f", grad norm {_fmt(metrics['plateau_grad_norm'])} "
+                             f"({_fmt(metrics['plateau_grad_ratio'])} of peak)")
+        if "plateau_min_eig" in metrics:
+            plateau_note += (f", λ_min {_fmt(metrics['plateau_min_eig'])} / λ_max "
+                             f"{_fmt(metrics['plateau_max_eig'])} (ratio "
+                             f"{_fmt(metrics['plateau_neg_ratio'])}) at epoch {probe_epoch}")
+        else:
+            plateau_note += ", no curvature probe near it"
+        saddle = (length >= th.min_plateau_epochs
+                  and metrics.get("plateau_grad_ratio", math.inf) <= th.small_grad_ratio
+                  and metrics.get("plateau_neg_ratio", 0.0) >= th.saddle_neg_ratio)
+
+    if saddle:
+        return done("saddle", plateau_note)
+    if length >= th.min_plateau_epochs:
+        return done("plateau", plateau_note)
+    if wiggle >= th.oscillation_wiggle:
+        return done("oscillating", f"validation loss wiggle {_fmt(wiggle)} >= {th.oscillation_wiggle}")
+    note = f"longest flat stretch {length} epochs, validation loss wiggle {_fmt(wiggle)}"
+    return done("healthy", note)

@@ -1,0 +1,1 @@
+"""Optuna sweeps of the NumPy Mixer, tracked in MLflow."""
