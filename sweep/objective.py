@@ -1,0 +1,278 @@
+"""One trial: sample a config, train it, report every epoch, prune, record what happened.
+
+``Objective`` is an ordinary Optuna objective (``study.optimize(Objective(space, study_seed=0))``
+works). It returns the best epoch's metric, raises ``optuna.TrialPruned`` when the pruner stops the
+trial (never during the learning-rate warmup, nor at the last epoch), and raises ``TrialFailed``
+(with the reason) when training diverged or errored, so that ``study.optimize(...,
+catch=(TrialFailed,))`` records the trial as FAIL and the study goes on.
+
+Whatever the outcome, the trial ends with these user attributes: ``seed``, ``config`` (flat dict of
+every data and training knob actually used), ``history`` (a ``{"epoch": n, **EpochMetrics.as_dict()}``
+per epoch), ``status`` (completed, pruned, diverged, error, interrupted), ``reason``, ``diagnosis``
+(``mixer.diagnosis`` label), ``mlflow_run_id``, ``pruned_epoch`` and ``worker`` (host:pid).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import math
+import os
+import signal
+import socket
+import traceback
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import numpy as np
+
+from mixer.config import DataConfig, TrainConfig
+from sweep.space import Space, flat_config
+
+__all__ = ["Interrupts", "Objective", "TrialFailed", "load_data", "trial_seed"]
+
+log = logging.getLogger("sweep")
+
+# status user attribute -> does the trial count against the study's n_trials?
+# Trials cut short by Ctrl-C or a dead worker do not: their parameters are re-run.
+STATUS_COUNTS = {"completed": True, "pruned": True, "diverged": True, "error": True,
+                 "interrupted": False, "running": False, "lost": False}
+
+
+def trial_seed(study_seed: int, trial_number: int) -> int:
+    """The seed of trial ``trial_number`` in a study seeded ``study_seed`` (a 32-bit integer)."""
+    if study_seed < 0 or trial_number < 0:
+        raise ValueError(f"seeds and trial numbers must be >= 0, got {study_seed=}, {trial_number=}")
+    return int(np.random.SeedSequence([study_seed, trial_number]).generate_state(1)[0])
+
+
+class TrialFailed(Exception):
+    """The trial ran but produced no usable value (diverged, or an error); ``reason`` says why."""
+
+    def __init__(self, reason: str, *, status: str = "error"):
+        super().__init__(reason)
+        self.reason = reason
+        self.status = status
+
+
+@functools.lru_cache(maxsize=4)
+def load_data(config: DataConfig) -> Any:
+    """``mixer.data.load``, once per process per DataConfig (the records are frozen and hashable)."""
+    from mixer.data import load
+
+    return load(config)
+
+
+class Interrupts:
+    """Ctrl-C that never tears a storage write in half.
+
+    Inside ``compute()`` (training) SIGINT or SIGTERM raises KeyboardInterrupt at once; elsewhere (storage,
+    tracking, the epoch callback) it is remembered and raised at the next ``check()`` or at the
+    start of the next ``compute()``. A second SIGINT raises wherever the process is.
+    """
+
+    def __init__(self) -> None:
+        self.pending = False
+        self.count = 0
+        self._safe = False
+
+    def install(self) -> None:
+        """Handle SIGINT (Ctrl-C) and SIGTERM (``docker stop``, a cluster's kill) this way."""
+        signal.signal(signal.SIGINT, self._handler)
+        signal.signal(signal.SIGTERM, self._handler)
+
+    def _handler(self, signum: int, frame: Any) -> None:
+        self.count += 1
+        self.pending = True
+        if self._safe or self.count > 1:
+            self._safe = False
+            raise KeyboardInterrupt
+
+    def check(self) -> None:
+        if self.pending:
+            raise KeyboardInterrupt
+
+    @contextlib.contextmanager
+    def compute(self) -> Iterator[None]:
+        self.check()
+        self._safe = True
+        try:
+            yield
+        finally:
+            self._safe = False
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """A region inside ``compute()`` where SIGINT is deferred again (the epoch callback)."""
+        was, self._safe = self._safe, False
+        try:
+            yield
+        finally:
+            self._safe = was
+
+
+EpochHook = Callable[[int, Any, int], None]  # (trial number, EpochMetrics, epochs)
+
+
+class Objective:
+    """Train one trial of ``space``.
+
+    Args:
+        space: the validated search space.
+        study_seed: trial seeds derive from it and the trial number (a retried trial keeps its seed).
+        tracker: a ``sweep.tracking.Tracker`` (or None for no tracking).
+        interrupts: the process's Ctrl-C handling (None: a plain KeyboardInterrupt).
+        on_epoch: progress hook called after every epoch.
+    """
+
+    def __init__(self, space: Space, *, study_seed: int, tracker: Any | None = None,
+                 interrupts: Interrupts | None = None, on_epoch: EpochHook | None = None):
+        self.space = space
+        self.study_seed = study_seed
+        self.tracker = tracker
+        self.interrupts = interrupts or Interrupts()
+        self.on_epoch = on_epoch
+        self.worker = f"{socket.gethostname()}:{os.getpid()}"
+        self.tracking_errors = 0
+        self.current_trial: int | None = None
+        self.interrupted_trial: int | None = None
+
+    def __call__(self, trial: Any) -> float:
+        import optuna
+
+        self.current_trial = trial.number
+        # A retried trial (dead worker, Ctrl-C) inherits the user attrs of the one it repeats.
+        seed = int(trial.user_attrs.get("seed", trial_seed(self.study_seed, trial.number)))
+        trial.set_user_attr("worker", self.worker)
+        trial.set_user_attr("seed", seed)
+        trial.set_user_attr("status", "running")
+        history: list[Any] = []
+        state = {"status": "error", "reason": None, "pruned_epoch": None, "run": None}
+        try:
+            try:
+                data_config, config = self.space.suggest(trial)
+            except (TypeError, ValueError, KeyError) as exc:
+                raise TrialFailed(f"invalid configuration: {exc}") from None
+            trial.set_user_attr("config", flat_config(data_config, config))
+            log.info("trial %d started: seed %d, params %s", trial.number, seed, trial.params)
+            try:
+                data = load_data(data_config)
+            except (OSError, ValueError) as exc:
+                raise TrialFailed(f"data: {exc}") from None
+            if data.n_features != config.model.n_features:
+                import dataclasses
+
+                config = dataclasses.replace(config, model=dataclasses.replace(
+                    config.model, n_features=data.n_features))
+            state["run"] = self._start_run(trial, config, data_config, seed)
+            value = self._train(trial, config, data, seed, history, state)
+            state["status"] = "completed"
+            return value
+        except optuna.TrialPruned:
+            state["status"] = "pruned"
+            raise
+        except TrialFailed as exc:
+            state["status"], state["reason"] = exc.status, exc.reason
+            log.warning("trial %d failed (%s): %s", trial.number, exc.status, exc.reason)
+            raise
+        except KeyboardInterrupt:
+            state["status"], state["reason"] = "interrupted", "interrupted (Ctrl-C)"
+            self.interrupted_trial = trial.number
+            raise
+        except Exception as exc:  # noqa: BLE001 - one broken configuration must not end the study
+            state["status"], state["reason"] = "error", f"{type(exc).__name__}: {exc}"
+            log.error("trial %d raised:\n%s", trial.number, traceback.format_exc())
+            raise TrialFailed(state["reason"]) from exc
+        finally:
+            self._finish(trial, history, state)
+
+    # ---------------------------------------------------------------------------------------------
+    def _start_run(self, trial: Any, config: TrainConfig, data_config: DataConfig, seed: int) -> Any:
+        if self.tracker is None:
+            return None
+        try:
+            run = self.tracker.start_trial(trial, config, data_config, seed=seed)
+        except Exception as exc:  # noqa: BLE001 - train on; the run's exit code reports it
+            self.tracking_errors += 1
+            log.error("trial %d: could not start its MLflow run: %s", trial.number, exc)
+            return None
+        run_id = getattr(run, "run_id", None)
+        if run_id is not None:
+            trial.set_user_attr("mlflow_run_id", run_id)
+        return run
+
+    def _train(self, trial: Any, config: TrainConfig, data: Any, seed: int, history: list[Any],
+               state: dict[str, Any]) -> float:
+        import optuna
+
+        from mixer.train import fit
+
+        metric = self.space.metric
+        epochs = config.epochs
+        # No pruning while the learning rate warms up: the pruner would compare a run that has barely
+        # started with runs at full speed (measured: it pruned the best trial of the default study).
+        # Nor at the last epoch, where pruning saves nothing.
+        first, last = (config.warmup_epochs if config.scheduler != "constant" else 0) + 1, epochs - 1
+
+        def on_epoch(m: Any) -> bool:
+            with self.interrupts.paused():
+                history.append(m)
+                value = float(getattr(m, metric))
+                if math.isfinite(value):
+                    trial.report(value, m.epoch)
+                run = state["run"]
+                if run is not None:
+                    try:
+                        run.log_epoch(m)
+                    except Exception as exc:  # noqa: BLE001
+                        self.tracking_errors += 1
+                        log.error("trial %d: logging epoch %d failed: %s", trial.number, m.epoch, exc)
+                if self.on_epoch is not None:
+                    self.on_epoch(trial.number, m, epochs)
+                if self.interrupts.pending:
+                    return True
+                if first <= m.epoch <= last and trial.should_prune():
+                    state["pruned_epoch"] = m.epoch
+                    return True
+                return False
+
+        with self.interrupts.compute():
+            result = fit(config, data, seed=seed, on_epoch=on_epoch)
+        self.interrupts.check()
+        if result.status == "diverged":
+            raise TrialFailed(result.reason or "diverged", status="diverged")
+        if result.status == "stopped" and state["pruned_epoch"] is not None:
+            raise optuna.TrialPruned(f"pruned at epoch {state['pruned_epoch']}")
+        values = [float(getattr(m, metric)) for m in history]
+        values = [v for v in values if math.isfinite(v)]
+        if not values:
+            raise TrialFailed(f"no finite {metric} in {len(history)} epochs", status="diverged")
+        return min(values) if self.space.direction == "minimize" else max(values)
+
+    def _finish(self, trial: Any, history: list[Any], state: dict[str, Any]) -> None:
+        status, reason = state["status"], state["reason"]
+        rows = [{"epoch": m.epoch, **m.as_dict()} for m in history]
+        label = None
+        if history or status == "diverged":
+            try:
+                from mixer.diagnosis import diagnose
+
+                label = diagnose(history, diverged=status == "diverged").label
+            except Exception as exc:  # noqa: BLE001 - a diagnosis must not lose the trial
+                log.warning("trial %d: diagnosis failed: %s", trial.number, exc)
+        attrs = {"history": rows, "status": status, "reason": reason, "diagnosis": label,
+                 "pruned_epoch": state["pruned_epoch"]}
+        for key, value in attrs.items():
+            trial.set_user_attr(key, value)
+        run = state["run"]
+        if run is not None:
+            run_state = status if status in ("completed", "pruned", "diverged") else "failed"
+            try:
+                run.end(run_state, history=history, reason=reason, pruned_epoch=state["pruned_epoch"])
+            except Exception as exc:  # noqa: BLE001
+                self.tracking_errors += 1
+                log.error("trial %d: ending its MLflow run failed: %s", trial.number, exc)
+        log.info("trial %d %s%s after %d epochs", trial.number, status,
+                 f" ({reason})" if reason else "", len(history))
+        self.current_trial = None

@@ -1,0 +1,884 @@
+"""Search spaces: one YAML file says everything about a study, checked before anything runs.
+
+A space file (see ``search_spaces/default.yaml``)::
+
+    study: default                 # study name (default: the file's stem)
+    description: free text         # optional, ignored
+    seed: 0                        # study seed: trial seeds and the sampler's seed derive from it
+    data:                          # DataConfig fields, fixed for every trial
+      source: synthetic
+      n_rows: 3000
+    train:                         # fixed MixerConfig/TrainConfig knobs (flat names, as to_flat())
+      epochs: 8
+      dim: 32
+    metric: val_loss               # or train_loss, val_accuracy, val_precision, val_recall, val_f1
+    direction: minimize            # default: minimize for *_loss, maximize otherwise
+    sampler: {name: tpe, seed: 0, options: {n_startup_trials: 5}}
+    pruner: {name: median, options: {n_startup_trials: 3, n_warmup_steps: 2}}
+    budget: {n_trials: 20, timeout: 600}
+    experiment: mixer-default      # MLflow experiment name (default: the study name)
+    params:                        # the searched knobs
+      lr: {type: float, low: 1.0e-4, high: 0.1, log: true}
+      patch_size: {type: categorical, choices: [1, 3, 7, 14]}
+      t_0: {type: int, low: 2, high: 6, when: {scheduler: cosine_warm_restarts}}
+    enqueue:                       # optional trials to run first, with these parameter values
+      - {lr: 0.01, patch_size: 3}
+
+Any knob of ``TrainConfig.to_flat()`` (model, optimiser, schedule, curvature) or of ``DataConfig``
+(``scaling``, ``val_fraction``, ...) may be fixed or searched, but not both. ``n_features`` is not a
+knob: the data sets it (42 columns for both the CSV and the synthetic source). CSV paths in ``data``
+are relative to the YAML file's folder.
+
+``eta_min`` must not exceed ``lr``. Two ways to say so:
+
+* search (or fix) ``eta_min`` directly: a trial uses ``min(eta_min, lr)``. The Optuna parameter keeps
+  the sampled value, the trial's ``config`` user attribute holds the value actually trained with;
+* search (or fix) the virtual knob ``eta_min_ratio`` in [0, 1]: ``eta_min = eta_min_ratio * lr``.
+  It cannot be combined with ``eta_min``.
+
+A parameter with ``when: {knob: value}`` (or ``{knob: [v1, v2]}``) is sampled only in trials where
+every listed knob holds one of the values; ``knob`` may be another searched parameter or a fixed knob.
+Otherwise the knob keeps its fixed value or the config default.
+
+Every error raised here is a ``SpaceError`` whose message starts with the file and the key path,
+e.g. ``search_spaces/x.yaml: params.patch_size.choices[2]: 5 does not divide n_features=42 ...``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import inspect
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mixer.config import (
+    DATA_FIELDS,
+    MODEL_FIELDS,
+    TRAIN_FIELDS,
+    DataConfig,
+    MixerConfig,
+    TrainConfig,
+    divisors,
+)
+
+__all__ = [
+    "METRICS",
+    "N_FEATURES",
+    "PRUNERS",
+    "SAMPLERS",
+    "Param",
+    "PrunerSpec",
+    "SamplerSpec",
+    "Space",
+    "SpaceError",
+    "flat_config",
+    "load_space",
+    "load_yaml",
+    "parse_space",
+    "split_flat",
+]
+
+# Both UNSW-NB15 layouts and the synthetic generator give 42 feature columns (mixer.data).
+N_FEATURES = 42
+
+METRICS = ("val_loss", "train_loss", "val_accuracy", "val_precision", "val_recall", "val_f1")
+DIRECTIONS = ("minimize", "maximize")
+SAMPLERS = ("tpe", "random", "grid", "cmaes", "qmc", "gp")
+PRUNERS = ("median", "percentile", "successive_halving", "hyperband", "patient", "none")
+PARAM_TYPES = ("float", "int", "categorical")
+
+TOP_KEYS = ("study", "description", "seed", "data", "train", "metric", "direction", "sampler",
+            "pruner", "budget", "experiment", "params", "enqueue")
+
+# Knobs a space may not set: n_features comes from the data; CSV paths and the source are data
+# settings that make no sense to search (they may still be fixed under ``data``).
+_NOT_A_KNOB = {"n_features": "n_features is set by the data (42 columns), not by the space"}
+_NOT_SEARCHABLE = ("source", "train_csv", "test_csv")
+ETA_MIN_RATIO = "eta_min_ratio"
+
+# Sampler/pruner constructor arguments a YAML file cannot express (callables, objects) or that the
+# space sets itself (seed, the grid, the wrapped pruner).
+_HIDDEN_OPTIONS = {"seed", "search_space", "wrapped_pruner", "gamma", "weights", "constraints_func",
+                   "independent_sampler", "source_trials"}
+# Optional packages some samplers need (pyproject extra "samplers").
+_SAMPLER_NEEDS = {"cmaes": ("cmaes",), "gp": ("scipy", "torch")}
+
+
+class SpaceError(ValueError):
+    """A search-space file is wrong; the message names the file and the key path."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Knob table: name -> (record, kind), kind one of int, float, str, optional_str.
+
+
+def _kind(annotation: Any) -> str:
+    text = str(annotation).replace(" ", "")
+    return {"int": "int", "float": "float", "str": "str", "str|None": "optional_str",
+            "None|str": "optional_str"}.get(text, text)
+
+
+def _knob_table() -> dict[str, tuple[str, str]]:
+    table: dict[str, tuple[str, str]] = {}
+    for record, cls in (("model", MixerConfig), ("train", TrainConfig), ("data", DataConfig)):
+        for f in dataclasses.fields(cls):
+            if f.name == "model":
+                continue
+            table[f.name] = (record, _kind(f.type))
+    table[ETA_MIN_RATIO] = ("train", "float")
+    return table
+
+
+KNOBS = _knob_table()
+_DEFAULTS: dict[str, Any] = {
+    **{k: v for k, v in TrainConfig().to_flat().items()},
+    **dataclasses.asdict(DataConfig()),
+}
+
+
+def _type_ok(kind: str, value: Any) -> bool:
+    if isinstance(value, bool):
+        return False
+    if kind == "int":
+        return isinstance(value, int)
+    if kind == "float":
+        return isinstance(value, int | float)
+    if kind == "str":
+        return isinstance(value, str)
+    if kind == "optional_str":
+        return value is None or isinstance(value, str)
+    return True
+
+
+def _kind_name(kind: str) -> str:
+    return {"int": "an integer", "float": "a number", "str": "a string",
+            "optional_str": "a string or null"}.get(kind, kind)
+
+
+# --------------------------------------------------------------------------------------------------
+# Records
+
+
+@dataclass(frozen=True)
+class Param:
+    """One searched knob.
+
+    Attributes:
+        name: the knob (a TrainConfig.to_flat() key, a DataConfig field, or ``eta_min_ratio``).
+        type: float, int or categorical.
+        low, high, log, step: the range of a float or int parameter.
+        choices: the values of a categorical parameter.
+        when: knob -> allowed values; the parameter is sampled only where all hold.
+    """
+
+    name: str
+    type: str
+    low: float | int | None = None
+    high: float | int | None = None
+    log: bool = False
+    step: float | int | None = None
+    choices: tuple[Any, ...] = ()
+    when: dict[str, tuple[Any, ...]] = field(default_factory=dict)
+
+    def candidates(self) -> list[tuple[str, Any]]:
+        """(key path suffix, value) pairs that span the parameter: its bounds or its choices."""
+        if self.type == "categorical":
+            return [(f"choices[{i}]", v) for i, v in enumerate(self.choices)]
+        return [("low", self.low), ("high", self.high)]
+
+    def contains(self, value: Any) -> bool:
+        """Whether ``value`` is one this parameter can take."""
+        if self.type == "categorical":
+            return any(_same(value, c) for c in self.choices)
+        if not _num(value):
+            return False
+        if self.type == "int" and not isinstance(value, int):
+            return False
+        return self.low <= value <= self.high
+
+    def grid_values(self) -> list[Any] | None:
+        """The values the grid sampler walks through, or None if the range is continuous."""
+        if self.type == "categorical":
+            return list(self.choices)
+        if self.type == "int":
+            return list(range(int(self.low), int(self.high) + 1, int(self.step or 1)))
+        if self.step:
+            n = int(round((self.high - self.low) / self.step))
+            return [round(self.low + i * self.step, 12) for i in range(n + 1)]
+        return None
+
+    def suggest(self, trial: Any) -> Any:
+        if self.type == "float":
+            return trial.suggest_float(self.name, float(self.low), float(self.high), log=self.log,
+                                       step=None if self.step is None else float(self.step))
+        if self.type == "int":
+            return trial.suggest_int(self.name, int(self.low), int(self.high), log=self.log,
+                                     step=int(self.step or 1))
+        return trial.suggest_categorical(self.name, list(self.choices))
+
+
+def _num(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Equal, without YAML's ``true == 1`` or ``"1" == 1`` confusions."""
+    if _num(a) and _num(b):
+        return a == b
+    return type(a) is type(b) and a == b
+
+
+@dataclass(frozen=True)
+class SamplerSpec:
+    """Which Optuna sampler, its seed (None = derive from the study seed) and its keyword options."""
+
+    name: str = "tpe"
+    seed: int | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class PrunerSpec:
+    """Which Optuna pruner and its keyword options; ``patient`` wraps another one."""
+
+    name: str = "median"
+    options: dict[str, Any] = field(default_factory=dict)
+    wrapped: PrunerSpec | None = None
+
+
+@dataclass(frozen=True)
+class Space:
+    """A validated study description. Build with ``load_space(path)``.
+
+    Attributes:
+        path: the YAML file it came from.
+        study_name: the Optuna study name.
+        seed: the study seed (trial seeds derive from it and the trial number).
+        data: fixed DataConfig fields (CSV paths made absolute).
+        train: fixed flat training knobs (may include ``eta_min_ratio``).
+        params: the searched parameters, in the order they are suggested (conditions first).
+        metric, direction: what a trial reports each epoch and whether lower or higher is better.
+        sampler, pruner: the Optuna algorithms.
+        n_trials, timeout: the budget (either may be None).
+        experiment: the MLflow experiment name (None: the study name).
+        enqueue: parameter values of trials to run first.
+    """
+
+    path: Path
+    study_name: str
+    seed: int
+    data: dict[str, Any]
+    train: dict[str, Any]
+    params: dict[str, Param]
+    metric: str = "val_loss"
+    direction: str = "minimize"
+    sampler: SamplerSpec = field(default_factory=SamplerSpec)
+    pruner: PrunerSpec = field(default_factory=PrunerSpec)
+    n_trials: int | None = None
+    timeout: float | None = None
+    experiment: str | None = None
+    enqueue: tuple[dict[str, Any], ...] = ()
+
+    # ---------------------------------------------------------------------------------------------
+    def suggest(self, trial: Any) -> tuple[DataConfig, TrainConfig]:
+        """Sample this trial's parameters (respecting ``when``) and build its configs.
+
+        Raises:
+            ValueError: only if a sampled combination is invalid in a way validation cannot see.
+        """
+        values: dict[str, Any] = {}
+        for p in self.params.values():
+            if self._condition_holds(p, values):
+                values[p.name] = p.suggest(trial)
+        return self.build(values)
+
+    def build(self, sampled: Mapping[str, Any]) -> tuple[DataConfig, TrainConfig]:
+        """The configs for the fixed knobs plus ``sampled`` (eta_min resolved, see the module doc)."""
+        flat = {**self.data, **self.train, **sampled}
+        return _build_configs(flat)
+
+    def _condition_holds(self, p: Param, values: Mapping[str, Any]) -> bool:
+        for knob, allowed in p.when.items():
+            if knob in self.params:
+                if knob not in values:  # the parameter it depends on was not sampled either
+                    return False
+                value = values[knob]
+            else:
+                value = {**self.data, **self.train}[knob]
+            if value not in allowed:
+                return False
+        return True
+
+    def active(self, values: Mapping[str, Any]) -> list[str]:
+        """The parameters sampled in a trial whose known values are ``values``."""
+        seen: dict[str, Any] = {}
+        for p in self.params.values():
+            if self._condition_holds(p, seen):
+                seen[p.name] = values.get(p.name)
+        return list(seen)
+
+    # ---------------------------------------------------------------------------------------------
+    def build_sampler(self, *, seed: int | None = None) -> Any:
+        """The Optuna sampler, seeded with ``seed`` (default: the spec's seed, else the study seed)."""
+        return _make_sampler(self.sampler, self._grid(), self.sampler.seed if seed is None else seed)
+
+    def build_pruner(self) -> Any:
+        """The Optuna pruner."""
+        return _make_pruner(self.pruner)
+
+    def _grid(self) -> dict[str, list[Any]]:
+        return {name: p.grid_values() or [] for name, p in self.params.items()}
+
+
+def flat_config(data: DataConfig, train: TrainConfig) -> dict[str, Any]:
+    """Every knob of a trial in one flat dict (DataConfig fields + TrainConfig.to_flat())."""
+    return {**dataclasses.asdict(data), **train.to_flat()}
+
+
+def split_flat(flat: Mapping[str, Any]) -> tuple[DataConfig, TrainConfig]:
+    """Inverse of ``flat_config``: unknown keys are ignored."""
+    data = DataConfig(**{k: v for k, v in flat.items() if k in DATA_FIELDS})
+    train = TrainConfig.from_flat({k: v for k, v in flat.items() if k in MODEL_FIELDS + TRAIN_FIELDS})
+    return data, train
+
+
+def _build_configs(flat: Mapping[str, Any]) -> tuple[DataConfig, TrainConfig]:
+    flat = dict(flat)
+    ratio = flat.pop(ETA_MIN_RATIO, None)
+    lr = flat.get("lr", _DEFAULTS["lr"])
+    if ratio is not None:
+        if not 0.0 <= ratio <= 1.0:
+            raise ValueError(f"eta_min_ratio must be in [0, 1], got eta_min_ratio={ratio}")
+        flat["eta_min"] = ratio * lr
+    elif "eta_min" in flat and _num(flat["eta_min"]) and _num(lr) and flat["eta_min"] > lr:
+        # Documented rule: a sampled eta_min above the sampled lr is clipped to lr.
+        flat["eta_min"] = lr
+    data = DataConfig(**{k: v for k, v in flat.items() if k in DATA_FIELDS})
+    train = TrainConfig.from_flat({k: v for k, v in flat.items() if k in MODEL_FIELDS + TRAIN_FIELDS})
+    return data, train
+
+
+# --------------------------------------------------------------------------------------------------
+# YAML reading: PyYAML reads "1e-4" as a string (YAML 1.1 wants a dot); accept it as a float, and
+# refuse duplicate keys instead of silently keeping the last one.
+
+
+def _yaml_loader() -> type:
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.yaml_implicit_resolvers = {k: list(v) for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+    Loader.add_implicit_resolver(
+        "tag:yaml.org,2002:float",
+        re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+                    |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+                    |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+                    |[-+]?\.(?:inf|Inf|INF)
+                    |\.(?:nan|NaN|NAN))$""", re.X),
+        list("-+0123456789."),
+    )
+
+    def construct_mapping(loader: Any, node: Any, deep: bool = False) -> dict[Any, Any]:
+        loader.flatten_mapping(node)
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = loader.construct_object(key_node, deep=deep)
+            if key in seen:
+                line = key_node.start_mark.line + 1
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (line {line})", key_node.start_mark)
+            seen.add(key)
+        return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
+
+    Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, construct_mapping)
+    return Loader
+
+
+def load_yaml(path: str | Path) -> Any:
+    """Read a YAML file with the space's loader (``1e-4`` is a float; duplicate keys fail)."""
+    import yaml
+
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise SpaceError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    try:
+        return yaml.load(text, Loader=_yaml_loader())  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as exc:
+        raise SpaceError(f"{path}: not valid YAML: {exc}") from None
+
+
+def load_space(path: str | Path) -> Space:
+    """Read and validate a search-space file.
+
+    Raises:
+        SpaceError: naming the file and the key path of the first problem found.
+    """
+    path = Path(path)
+    return parse_space(load_yaml(path), path=path)
+
+
+# --------------------------------------------------------------------------------------------------
+# Validation
+
+
+class _Checker:
+    def __init__(self, path: Path):
+        self.path = path
+
+    def fail(self, key: str, message: str) -> SpaceError:
+        where = f"{key}: " if key else ""
+        return SpaceError(f"{self.path}: {where}{message}")
+
+    def mapping(self, value: Any, key: str, allowed: tuple[str, ...] | None = None) -> dict[str, Any]:
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            raise self.fail(key, f"expected a mapping, got {type(value).__name__} {value!r}")
+        for k in value:
+            if not isinstance(k, str):
+                raise self.fail(key, f"keys must be strings, got {k!r}")
+            if allowed is not None and k not in allowed:
+                raise self.fail(_join(key, k), f"unknown key {k!r} (allowed: {', '.join(allowed)})")
+        return value
+
+    def integer(self, value: Any, key: str, *, minimum: int | None = None) -> int:
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise self.fail(key, f"expected an integer, got {value!r}")
+        if minimum is not None and value < minimum:
+            raise self.fail(key, f"must be >= {minimum}, got {value}")
+        return value
+
+    def choice(self, value: Any, key: str, allowed: tuple[str, ...]) -> str:
+        if value not in allowed:
+            raise self.fail(key, f"expected one of {', '.join(allowed)}, got {value!r}")
+        return value
+
+
+def _join(key: str, sub: str | int) -> str:
+    if isinstance(sub, int):
+        return f"{key}[{sub}]"
+    return f"{key}.{sub}" if key else sub
+
+
+def _short(exc: BaseException) -> str:
+    return str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)
+
+
+def parse_space(doc: Any, *, path: str | Path = "<space>") -> Space:
+    """Validate an already-parsed space document (see the module doc). ``path`` names it in errors."""
+    path = Path(path)
+    c = _Checker(path)
+    if doc is None:
+        raise c.fail("", "the file is empty")
+    doc = c.mapping(doc, "", TOP_KEYS)
+
+    name = doc.get("study", path.stem)
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.\-]*", name):
+        raise c.fail("study", f"expected a name of letters, digits, '_', '-', '.', got {name!r}")
+    seed = c.integer(doc.get("seed", 0), "seed", minimum=0)
+    if "description" in doc and not isinstance(doc["description"], str):
+        raise c.fail("description", "expected text")
+
+    data = _check_fixed(c, c.mapping(doc.get("data"), "data"), "data", path)
+    train = _check_fixed(c, c.mapping(doc.get("train"), "train"), "train", path)
+    params = _check_params(c, c.mapping(doc.get("params"), "params"), data, train)
+
+    # eta_min: either directly (clipped to lr) or as a ratio of lr, not both.
+    given = {k for k in ("eta_min", ETA_MIN_RATIO) if k in train or k in params}
+    if len(given) == 2:
+        key = "params.eta_min_ratio" if ETA_MIN_RATIO in params else "train.eta_min_ratio"
+        raise c.fail(key, "give eta_min or eta_min_ratio, not both")
+
+    _check_ranges(c, data, train, params)
+    params = _order_conditions(c, params, data, train)
+
+    metric = c.choice(doc.get("metric", "val_loss"), "metric", METRICS)
+    default_direction = "minimize" if metric.endswith("_loss") else "maximize"
+    direction = c.choice(doc.get("direction", default_direction), "direction", DIRECTIONS)
+
+    sampler = _check_sampler(c, doc.get("sampler", "tpe"), params)
+    pruner = _check_pruner(c, doc.get("pruner", "median"), "pruner")
+
+    budget = c.mapping(doc.get("budget"), "budget", ("n_trials", "timeout"))
+    n_trials = budget.get("n_trials")
+    if n_trials is not None:
+        c.integer(n_trials, "budget.n_trials", minimum=1)
+    timeout = budget.get("timeout")
+    if timeout is not None and (not _num(timeout) or timeout <= 0):
+        raise c.fail("budget.timeout", f"expected seconds > 0, got {timeout!r}")
+
+    experiment = doc.get("experiment")
+    if experiment is not None and (not isinstance(experiment, str) or not experiment.strip()):
+        raise c.fail("experiment", f"expected a non-empty name, got {experiment!r}")
+
+    space = Space(path=path, study_name=name, seed=seed, data=data, train=train, params=params,
+                  metric=metric, direction=direction, sampler=sampler, pruner=pruner,
+                  n_trials=n_trials, timeout=None if timeout is None else float(timeout),
+                  experiment=experiment)
+    enqueue = _check_enqueue(c, doc.get("enqueue"), space)
+    space = dataclasses.replace(space, enqueue=enqueue)
+    # Build the sampler and pruner once now, so that a bad option value fails before the study.
+    try:
+        space.build_sampler(seed=seed)
+    except (TypeError, ValueError) as exc:
+        raise c.fail("sampler.options", f"{sampler.name}: {exc}") from None
+    try:
+        space.build_pruner()
+    except (TypeError, ValueError) as exc:
+        raise c.fail("pruner.options", f"{pruner.name}: {exc}") from None
+    return space
+
+
+def _check_fixed(c: _Checker, section: dict[str, Any], key: str, path: Path) -> dict[str, Any]:
+    """Fixed knobs: known names, in the right section, of the right type."""
+    out: dict[str, Any] = {}
+    for name, value in section.items():
+        k = _join(key, name)
+        if name in _NOT_A_KNOB:
+            raise c.fail(k, _NOT_A_KNOB[name])
+        if name not in KNOBS:
+            raise c.fail(k, f"unknown setting {name!r}")
+        record, kind = KNOBS[name]
+        if (record == "data") != (key == "data"):
+            other = "data" if record == "data" else "train"
+            raise c.fail(k, f"{name} is a {other} setting: put it under {other}:")
+        if not _type_ok(kind, value):
+            raise c.fail(k, f"expected {_kind_name(kind)}, got {value!r}")
+        if name in ("train_csv", "test_csv") and value:
+            p = Path(value)
+            if not p.is_absolute():
+                p = (path.parent / p).resolve()
+            if not p.is_file():
+                raise c.fail(k, f"file not found: {p}")
+            value = str(p)
+        out[name] = value
+    if key == "data":
+        if out.get("source", "synthetic") != "csv" and ("train_csv" in out or "test_csv" in out):
+            raise c.fail("data.source", "train_csv/test_csv need source: csv")
+        try:
+            DataConfig(**out)
+        except (TypeError, ValueError) as exc:
+            bad = next((f for f in out if re.search(rf"\b{f}\b", str(exc))), None)
+            raise c.fail(_join("data", bad) if bad else "data", str(exc)) from None
+    else:
+        for name, value in out.items():
+            try:
+                _build_configs({name: value})
+            except (TypeError, ValueError, KeyError) as exc:
+                raise c.fail(_join(key, name), _short(exc)) from None
+    return out
+
+
+def _check_params(c: _Checker, section: dict[str, Any], data: dict[str, Any],
+                  train: dict[str, Any]) -> dict[str, Param]:
+    raw: dict[str, Param] = {}
+    for name, spec in section.items():
+        k = _join("params", name)
+        if name in _NOT_A_KNOB:
+            raise c.fail(k, _NOT_A_KNOB[name])
+        if name not in KNOBS:
+            raise c.fail(k, f"unknown setting {name!r} (a TrainConfig.to_flat() key, a DataConfig "
+                            f"field or eta_min_ratio)")
+        if name in _NOT_SEARCHABLE:
+            raise c.fail(k, f"{name} cannot be searched (fix it under data:)")
+        if name in data or name in train:
+            where = "data" if name in data else "train"
+            raise c.fail(k, f"{name} is also fixed under {where}: fix it or search it, not both")
+        raw[name] = _check_param(c, name, spec, k)
+    return raw
+
+
+def _order_conditions(c: _Checker, raw: dict[str, Param], data: dict[str, Any],
+                      train: dict[str, Any]) -> dict[str, Param]:
+    """Conditions name known knobs and possible values, without cycles; returns suggestion order."""
+    fixed = {**data, **train}
+    for name, p in raw.items():
+        for knob, allowed in p.when.items():
+            k = _join(_join(_join("params", name), "when"), knob)
+            if knob == name:
+                raise c.fail(k, "a parameter cannot depend on itself")
+            if knob in raw:
+                target = raw[knob]
+                for i, v in enumerate(allowed):
+                    if not target.contains(v):
+                        kk = _join(k, i) if len(allowed) > 1 else k
+                        raise c.fail(kk, f"{v!r} is not a value params.{knob} can take "
+                                         f"({_describe(target)})")
+            elif knob in fixed:
+                kind = KNOBS[knob][1]
+                for i, v in enumerate(allowed):
+                    if not _type_ok(kind, v):
+                        kk = _join(k, i) if len(allowed) > 1 else k
+                        raise c.fail(kk, f"expected {_kind_name(kind)} for {knob}, got {v!r}")
+            else:
+                raise c.fail(k, f"unknown parameter {knob!r}: a condition must name a searched "
+                                f"parameter or a fixed setting")
+    ordered: dict[str, Param] = {}
+    visiting: set[str] = set()
+
+    def visit(name: str, trail: tuple[str, ...]) -> None:
+        if name in ordered:
+            return
+        if name in visiting:
+            raise c.fail(_join(_join("params", name), "when"),
+                         f"conditions form a cycle: {' -> '.join(trail + (name,))}")
+        visiting.add(name)
+        for knob in raw[name].when:
+            if knob in raw:
+                visit(knob, trail + (name,))
+        visiting.discard(name)
+        ordered[name] = raw[name]
+
+    for name in raw:
+        visit(name, ())
+    return ordered
+
+
+def _describe(p: Param) -> str:
+    if p.type == "categorical":
+        return "choices " + ", ".join(map(repr, p.choices))
+    return f"{p.type} in [{p.low}, {p.high}]"
+
+
+def _check_param(c: _Checker, name: str, spec: Any, k: str) -> Param:
+    if not isinstance(spec, dict):
+        raise c.fail(k, "expected a mapping like {type: float, low: ..., high: ...} "
+                        "or {type: categorical, choices: [...]}")
+    ptype = spec.get("type")
+    if ptype is None:
+        raise c.fail(_join(k, "type"), f"missing (one of {', '.join(PARAM_TYPES)})")
+    c.choice(ptype, _join(k, "type"), PARAM_TYPES)
+    allowed = (("type", "choices", "when") if ptype == "categorical"
+               else ("type", "low", "high", "log", "step", "when"))
+    c.mapping(spec, k, allowed)
+    kind = KNOBS[name][1]
+    when = _check_when(c, spec.get("when"), _join(k, "when"))
+
+    if ptype == "categorical":
+        choices = spec.get("choices")
+        if not isinstance(choices, list) or not choices:
+            raise c.fail(_join(k, "choices"), f"expected a non-empty list, got {choices!r}")
+        seen: list[Any] = []
+        for i, v in enumerate(choices):
+            kk = _join(_join(k, "choices"), i)
+            if not _type_ok(kind, v):
+                raise c.fail(kk, f"expected {_kind_name(kind)} for {name}, got {v!r}")
+            if name == "patch_size" and N_FEATURES % v:
+                raise c.fail(kk, f"{v} does not divide n_features={N_FEATURES} "
+                                 f"(valid: {', '.join(map(str, divisors(N_FEATURES)))})")
+            if v in seen:
+                raise c.fail(kk, f"duplicate choice {v!r}")
+            seen.append(v)
+        return Param(name=name, type=ptype, choices=tuple(choices), when=when)
+
+    if kind not in ("int", "float"):
+        raise c.fail(_join(k, "type"), f"{name} takes {_kind_name(kind)}: use type: categorical")
+    if ptype == "float" and kind == "int":
+        raise c.fail(_join(k, "type"), f"{name} is an integer setting: use type: int")
+    for bound in ("low", "high"):
+        if bound not in spec:
+            raise c.fail(_join(k, bound), "missing")
+        v = spec[bound]
+        if ptype == "int" and (not isinstance(v, int) or isinstance(v, bool)):
+            raise c.fail(_join(k, bound), f"expected an integer, got {v!r}")
+        if not _num(v) or not math.isfinite(v):
+            raise c.fail(_join(k, bound), f"expected a finite number, got {v!r}")
+    low, high = spec["low"], spec["high"]
+    if low > high:
+        raise c.fail(_join(k, "low"), f"low={low} is greater than high={high}")
+    log = spec.get("log", False)
+    if not isinstance(log, bool):
+        raise c.fail(_join(k, "log"), f"expected true or false, got {log!r}")
+    if log and low <= 0:
+        raise c.fail(_join(k, "low"), f"a log scale needs low > 0, got low={low}")
+    step = spec.get("step")
+    if step is not None:
+        if ptype == "int" and (not isinstance(step, int) or isinstance(step, bool)):
+            raise c.fail(_join(k, "step"), f"expected an integer, got {step!r}")
+        if not _num(step) or step <= 0:
+            raise c.fail(_join(k, "step"), f"expected a number > 0, got {step!r}")
+        if log and step != 1:
+            raise c.fail(_join(k, "step"), "step cannot be combined with log: true")
+        n = (high - low) / step
+        if abs(n - round(n)) > 1e-9:
+            raise c.fail(_join(k, "step"), f"high - low = {high - low} is not a multiple of step={step}")
+    if name == "patch_size":
+        bad = [v for v in range(low, high + 1, step or 1) if N_FEATURES % v]
+        if bad:
+            raise c.fail(_join(k, "low"), f"patch sizes {bad} do not divide n_features={N_FEATURES}: "
+                                          f"use type: categorical with choices from "
+                                          f"{', '.join(map(str, divisors(N_FEATURES)))}")
+    return Param(name=name, type=ptype, low=low, high=high, log=log, step=step, when=when)
+
+
+def _check_when(c: _Checker, when: Any, k: str) -> dict[str, tuple[Any, ...]]:
+    if when is None:
+        return {}
+    when = c.mapping(when, k)
+    if not when:
+        raise c.fail(k, "expected at least one condition")
+    out: dict[str, tuple[Any, ...]] = {}
+    for knob, values in when.items():
+        vals = values if isinstance(values, list) else [values]
+        if not vals:
+            raise c.fail(_join(k, knob), "expected a value or a non-empty list of values")
+        out[knob] = tuple(vals)
+    return out
+
+
+def _check_ranges(c: _Checker, data: dict[str, Any], train: dict[str, Any],
+                  params: dict[str, Param]) -> None:
+    """Build the configs from the fixed values, then with each parameter's bounds/choices."""
+    try:
+        _build_configs({**data, **train})
+    except (TypeError, ValueError, KeyError) as exc:
+        bad = next((f for f in {**data, **train} if re.search(rf"\b{f}\b", _short(exc))), None)
+        section = "data" if bad in data else "train"
+        raise c.fail(_join(section, bad) if bad else "train", _short(exc)) from None
+    for name, p in params.items():
+        for suffix, value in p.candidates():
+            try:
+                _build_configs({**data, **train, name: value})
+            except (TypeError, ValueError, KeyError) as exc:
+                raise c.fail(f"params.{name}.{suffix}", _short(exc)) from None
+
+
+def _check_sampler(c: _Checker, spec: Any, params: dict[str, Param]) -> SamplerSpec:
+    if isinstance(spec, str):
+        spec = {"name": spec}
+    spec = c.mapping(spec, "sampler", ("name", "seed", "options"))
+    name = c.choice(spec.get("name", "tpe"), "sampler.name", SAMPLERS)
+    seed = spec.get("seed")
+    if seed is not None:
+        c.integer(seed, "sampler.seed", minimum=0)
+    options = c.mapping(spec.get("options"), "sampler.options")
+    _check_options(c, _sampler_class(name), options, "sampler.options")
+    for module in _SAMPLER_NEEDS.get(name, ()):
+        if importlib.util.find_spec(module) is None:
+            raise c.fail("sampler.name", f"the {name} sampler needs the {module!r} package "
+                                         f"(pip install 'mixer-sweep[samplers]')")
+    if name == "grid":
+        if not params:
+            raise c.fail("sampler.name", "the grid sampler needs at least one searched parameter")
+        for pname, p in params.items():
+            if p.grid_values() is None:
+                raise c.fail(f"params.{pname}", "the grid sampler needs choices or a step for "
+                                                 "every float parameter")
+    return SamplerSpec(name=name, seed=seed, options=dict(options))
+
+
+def _check_pruner(c: _Checker, spec: Any, key: str) -> PrunerSpec:
+    if isinstance(spec, str):
+        spec = {"name": spec}
+    spec = c.mapping(spec, key, ("name", "options", "wrapped"))
+    name = c.choice(spec.get("name", "median"), _join(key, "name"), PRUNERS)
+    options = c.mapping(spec.get("options"), _join(key, "options"))
+    _check_options(c, _pruner_class(name), options, _join(key, "options"))
+    wrapped = None
+    if "wrapped" in spec:
+        if name != "patient":
+            raise c.fail(_join(key, "wrapped"), "only the patient pruner wraps another pruner")
+        wrapped = _check_pruner(c, spec["wrapped"], _join(key, "wrapped"))
+        if wrapped.name == "none":
+            wrapped = None
+    return PrunerSpec(name=name, options=dict(options), wrapped=wrapped)
+
+
+def _check_options(c: _Checker, cls: Any, options: dict[str, Any], key: str) -> None:
+    accepted = [n for n, p in inspect.signature(cls).parameters.items()
+                if n not in _HIDDEN_OPTIONS and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    for opt in options:
+        if opt not in accepted:
+            raise c.fail(_join(key, opt), f"{cls.__name__} has no option {opt!r} "
+                                          f"(options: {', '.join(accepted) or 'none'})")
+
+
+def _check_enqueue(c: _Checker, entries: Any, space: Space) -> tuple[dict[str, Any], ...]:
+    if entries is None:
+        return ()
+    if not isinstance(entries, list):
+        raise c.fail("enqueue", f"expected a list of parameter mappings, got {entries!r}")
+    out = []
+    for i, entry in enumerate(entries):
+        k = _join("enqueue", i)
+        entry = c.mapping(entry, k)
+        if not entry:
+            raise c.fail(k, "expected parameter values")
+        for name, value in entry.items():
+            kk = _join(k, name)
+            if name not in space.params:
+                hint = " (it is fixed: search it to vary it per trial)" if name in {
+                    **space.data, **space.train} else ""
+                raise c.fail(kk, f"{name!r} is not a searched parameter{hint}")
+            if not space.params[name].contains(value):
+                raise c.fail(kk, f"{value!r} is outside params.{name} ({_describe(space.params[name])})")
+        # A value for a parameter whose condition is known to be false would be silently ignored.
+        active = space.active(entry)
+        for name in entry:
+            p = space.params[name]
+            if name not in active and all(kn in entry or kn not in space.params for kn in p.when):
+                known = {**space.data, **space.train, **entry}
+                holds = ", ".join(f"{kn}={known.get(kn)!r}" for kn in p.when)
+                raise c.fail(_join(k, name), f"{name} is not sampled when {holds}")
+        try:
+            space.build({n: v for n, v in entry.items() if n in active})
+        except (TypeError, ValueError, KeyError) as exc:
+            raise c.fail(k, _short(exc)) from None
+        out.append(dict(entry))
+    return tuple(out)
+
+
+# --------------------------------------------------------------------------------------------------
+# Samplers and pruners
+
+
+def _sampler_class(name: str) -> Any:
+    import optuna
+
+    return {"tpe": optuna.samplers.TPESampler, "random": optuna.samplers.RandomSampler,
+            "grid": optuna.samplers.GridSampler, "cmaes": optuna.samplers.CmaEsSampler,
+            "qmc": optuna.samplers.QMCSampler, "gp": optuna.samplers.GPSampler}[name]
+
+
+def _pruner_class(name: str) -> Any:
+    import optuna
+
+    return {"median": optuna.pruners.MedianPruner, "percentile": optuna.pruners.PercentilePruner,
+            "successive_halving": optuna.pruners.SuccessiveHalvingPruner,
+            "hyperband": optuna.pruners.HyperbandPruner, "patient": optuna.pruners.PatientPruner,
+            "none": optuna.pruners.NopPruner}[name]
+
+
+def _make_sampler(spec: SamplerSpec, grid: dict[str, list[Any]], seed: int | None) -> Any:
+    import warnings
+
+    cls = _sampler_class(spec.name)
+    kwargs = dict(spec.options)
+    if spec.name == "grid":
+        kwargs["search_space"] = grid
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # ExperimentalWarning for gp/qmc options
+        return cls(seed=seed, **kwargs)
+
+
+def _make_pruner(spec: PrunerSpec) -> Any:
+    import warnings
+
+    cls = _pruner_class(spec.name)
+    if spec.name == "none":
+        return cls()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # ExperimentalWarning for the patient pruner
+        if spec.name == "patient":
+            wrapped = _make_pruner(spec.wrapped) if spec.wrapped is not None else None
+            return cls(wrapped, **spec.options)
+        return cls(**spec.options)

@@ -1,0 +1,274 @@
+"""Search-space files: what they may say, and the exact place a bad one is wrong."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import optuna
+import pytest
+
+from mixer.config import DataConfig, TrainConfig
+from sweep.space import SpaceError, load_space
+
+ROOT = Path(__file__).resolve().parents[2]
+SPACES = ROOT / "search_spaces"
+FIVE = {"lr", "eta_min", "patch_size", "depth", "scheduler"}
+
+GOOD = """\
+study: tiny
+data: {source: synthetic, n_rows: 300}
+train: {epochs: 3, dim: 8}
+params:
+  lr: {type: float, low: 1e-4, high: 0.1, log: true}
+  eta_min: {type: float, low: 1e-6, high: 1e-2, log: true}
+  patch_size: {type: categorical, choices: [3, 7, 14]}
+  depth: {type: int, low: 1, high: 3}
+  scheduler: {type: categorical, choices: [constant, cosine, cosine_warm_restarts, sharp_cosine]}
+  t_0: {type: int, low: 2, high: 4, when: {scheduler: cosine_warm_restarts}}
+  warmup_epochs: {type: int, low: 0, high: 2, when: {scheduler: [cosine, sharp_cosine]}}
+"""
+
+
+def write(tmp_path: Path, text: str, name: str = "space.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def sample(space, n: int, seed: int = 0) -> list[tuple[dict, DataConfig, TrainConfig]]:
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed))
+    out = []
+    for _ in range(n):
+        trial = study.ask()
+        data, train = space.suggest(trial)
+        out.append((dict(trial.params), data, train))
+        study.tell(trial, 0.0)
+    return out
+
+
+# ------------------------------------------------------------------------------------------ shipped
+
+
+def test_default_space_searches_the_five_parameters_on_synthetic_data():
+    space = load_space(SPACES / "default.yaml")
+    assert FIVE <= set(space.params)
+    assert space.data["source"] == "synthetic"
+    assert space.n_trials and space.pruner.name != "none"
+    assert space.params["lr"].log and space.params["eta_min"].log
+    assert space.params["patch_size"].type == "categorical"
+    assert space.params["depth"].type == "int"
+    assert set(space.params["scheduler"].choices) == {
+        "constant", "cosine", "cosine_warm_restarts", "sharp_cosine"}
+
+
+def test_unsw_space_covers_the_notebook_values_on_the_real_sample(real_csv):
+    space = load_space(SPACES / "unsw_nb15.yaml")
+    assert Path(space.data["train_csv"]) == real_csv.resolve()
+    assert space.data["scaling"] == "standard"
+    p = space.params
+    assert FIVE <= set(p)
+    assert p["lr"].low <= 1e-4 and p["lr"].high >= 0.1 and p["lr"].log
+    assert {1, 3, 14} <= set(p["patch_size"].choices)
+    assert p["depth"].contains(10)
+    assert len(p["scheduler"].choices) == 4
+
+
+def test_seed_experiments_enqueue_the_notebook_runs_as_fixed_trials(real_csv):
+    space = load_space(SPACES / "seed_experiments.yaml")
+    assert space.data["scaling"] == "global" and space.pruner.name == "none" and space.n_trials == 5
+    assert len(space.enqueue) == 5
+    study = optuna.create_study(sampler=space.build_sampler(seed=0))
+    for entry in space.enqueue:
+        study.enqueue_trial(entry)
+    configs = []
+    for entry in space.enqueue:
+        trial = study.ask()
+        _, train = space.suggest(trial)
+        assert trial.params == entry  # nothing left to chance
+        configs.append(train)
+        study.tell(trial, 0.0)
+    assert all(c.model.depth == 10 for c in configs)
+    first, second, third, fourth, fifth = configs
+    assert (first.model.patch_size, first.model.dim, first.lr) == (1, 48, 0.01)
+    assert (second.model.patch_size, second.scheduler, second.warmup_epochs) == (14, "cosine", 10)
+    assert (third.model.patch_size, third.scheduler, third.lr) == (3, "cosine_warm_restarts", 0.1)
+    assert (fourth.scheduler, fourth.lr) == ("cosine_warm_restarts", 1e-4)
+    assert (fifth.scheduler, fifth.lr) == ("sharp_cosine", 0.1)
+
+
+# --------------------------------------------------------------------------------------- sampling
+
+
+def test_conditional_parameters_are_sampled_only_where_their_condition_holds(tmp_path):
+    space = load_space(write(tmp_path, GOOD))
+    seen = set()
+    for params, _, train in sample(space, 40):
+        seen.add(train.scheduler)
+        assert ("t_0" in params) == (train.scheduler == "cosine_warm_restarts")
+        assert ("warmup_epochs" in params) == (train.scheduler in ("cosine", "sharp_cosine"))
+        if "t_0" in params:
+            assert train.t_0 == params["t_0"]
+    assert len(seen) == 4
+
+
+def test_eta_min_above_the_sampled_lr_is_clipped_to_lr(tmp_path):
+    space = load_space(write(tmp_path, GOOD.replace("low: 1e-6, high: 1e-2", "low: 0.05, high: 0.5")
+                             .replace("low: 1e-4, high: 0.1", "low: 1e-4, high: 1e-3")))
+    for params, _, train in sample(space, 10):
+        assert params["eta_min"] > params["lr"]  # the sampled value is kept as the Optuna param
+        assert train.eta_min == train.lr == params["lr"]
+
+
+def test_eta_min_ratio_sets_eta_min_as_a_fraction_of_lr(tmp_path):
+    text = GOOD.replace("  eta_min: {type: float, low: 1e-6, high: 1e-2, log: true}\n",
+                        "  eta_min_ratio: {type: float, low: 0.0, high: 0.5}\n")
+    space = load_space(write(tmp_path, text))
+    for params, _, train in sample(space, 10):
+        assert train.eta_min == pytest.approx(params["eta_min_ratio"] * params["lr"])
+
+
+def test_same_sampler_seed_gives_same_parameters_other_seed_other_parameters(tmp_path):
+    space = load_space(write(tmp_path, GOOD))
+    a = [p for p, _, _ in sample(space, 5, seed=1)]
+    b = [p for p, _, _ in sample(space, 5, seed=1)]
+    c = [p for p, _, _ in sample(space, 5, seed=2)]
+    assert a == b and a != c
+
+
+def test_data_settings_can_be_searched_and_fixed_settings_reach_the_configs(tmp_path):
+    text = GOOD + "  scaling: {type: categorical, choices: [global, standard]}\n"
+    space = load_space(write(tmp_path, text))
+    results = sample(space, 12)
+    assert {d.scaling for _, d, _ in results} == {"global", "standard"}
+    assert all(d.n_rows == 300 and t.epochs == 3 and t.model.dim == 8 for _, d, t in results)
+
+
+def test_yaml_exponent_without_a_dot_is_a_number(tmp_path):
+    space = load_space(write(tmp_path, GOOD))
+    assert space.params["lr"].low == 1e-4 and isinstance(space.params["lr"].low, float)
+
+
+def test_relative_csv_paths_resolve_against_the_space_file(tmp_path, real_csv):
+    folder = tmp_path / "a" / "b"
+    folder.mkdir(parents=True)
+    rel = Path("..") / ".." / "data.csv"
+    (tmp_path / "data.csv").symlink_to(real_csv)
+    path = write(folder, f"data: {{source: csv, train_csv: {rel}}}\nbudget: {{n_trials: 1}}\n")
+    space = load_space(path)
+    assert Path(space.data["train_csv"]) == (tmp_path / "data.csv").resolve()
+
+
+def test_grid_sampler_walks_categorical_and_stepped_parameters(tmp_path):
+    space = load_space(write(tmp_path, """\
+        sampler: grid
+        params:
+          patch_size: {type: categorical, choices: [3, 7]}
+          depth: {type: int, low: 1, high: 3}
+        """))
+    study = optuna.create_study(sampler=space.build_sampler(seed=0))
+    study.optimize(lambda trial: space.suggest(trial) and 0.0, n_trials=20)  # stops when the grid is done
+    seen = [(t.params["patch_size"], t.params["depth"]) for t in study.trials]
+    assert sorted(seen) == [(p, d) for p in (3, 7) for d in (1, 2, 3)]
+
+
+def test_sampler_and_pruner_options_reach_optuna(tmp_path):
+    space = load_space(write(tmp_path, GOOD + textwrap.dedent("""\
+        sampler: {name: tpe, options: {n_startup_trials: 3}}
+        pruner:
+          name: patient
+          options: {patience: 2}
+          wrapped: {name: percentile, options: {percentile: 25.0}}
+        """)))
+    sampler, pruner = space.build_sampler(seed=0), space.build_pruner()
+    assert isinstance(sampler, optuna.samplers.TPESampler) and sampler._n_startup_trials == 3
+    assert isinstance(pruner, optuna.pruners.PatientPruner)
+    assert isinstance(pruner._wrapped_pruner, optuna.pruners.PercentilePruner)
+
+
+# ------------------------------------------------------------------------------------- validation
+
+# (what is wrong, YAML, the key path the message must name)
+BAD = [
+    ("unknown top-level key", GOOD + "budjet: {n_trials: 3}\n", "budjet"),
+    ("unknown knob", GOOD.replace("dim: 8", "dimm: 8"), "train.dimm"),
+    ("unknown searched knob", GOOD + "  learning_rate: {type: float, low: 0.1, high: 1}\n",
+     "params.learning_rate"),
+    ("unknown param key", GOOD.replace("depth: {type: int,", "depth: {typ: x, type: int,"),
+     "params.depth.typ"),
+    ("wrong type of fixed value", GOOD.replace("epochs: 3", "epochs: three"), "train.epochs"),
+    ("float type on an int knob", GOOD.replace("depth: {type: int", "depth: {type: float"),
+     "params.depth.type"),
+    ("non-integer bound", GOOD.replace("depth: {type: int, low: 1,", "depth: {type: int, low: 1.5,"),
+     "params.depth.low"),
+    ("low above high", GOOD.replace("low: 1e-4, high: 0.1", "low: 0.1, high: 1e-4"), "params.lr.low"),
+    ("log with low <= 0", GOOD.replace("low: 1e-6, high: 1e-2, log: true", "low: 0.0, high: 1e-2, log: true"),
+     "params.eta_min.low"),
+    ("patch size not dividing 42", GOOD.replace("choices: [3, 7, 14]", "choices: [3, 7, 5]"),
+     "params.patch_size.choices[2]"),
+    ("fixed patch size not dividing 42", GOOD.replace("dim: 8", "dim: 8, patch_size: 4")
+     .replace("  patch_size: {type: categorical, choices: [3, 7, 14]}\n", ""), "train.patch_size"),
+    ("when names an unknown parameter", GOOD.replace("when: {scheduler: cosine_warm_restarts}",
+                                                     "when: {schedule: cosine_warm_restarts}"),
+     "params.t_0.when.schedule"),
+    ("when names an impossible value", GOOD.replace("when: {scheduler: [cosine, sharp_cosine]}",
+                                                    "when: {scheduler: [cosine, sharp]}"),
+     "params.warmup_epochs.when.scheduler[1]"),
+    ("fixed value out of range", GOOD.replace("dim: 8", "dim: 8, dropout: 1.5"), "train.dropout"),
+    ("searched bound out of range", GOOD.replace("depth: {type: int, low: 1", "depth: {type: int, low: 0"),
+     "params.depth.low"),
+    ("categorical choice out of range", GOOD + "  dropout: {type: categorical, choices: [0.0, 0.1, 2.0]}\n",
+     "params.dropout.choices[2]"),
+    ("invalid categorical choice", GOOD.replace("sharp_cosine]}\n  t_0", "sharp]}\n  t_0"),
+     "params.scheduler.choices[3]"),
+    ("both fixed and searched", GOOD.replace("dim: 8", "dim: 8, depth: 2"), "params.depth"),
+    ("data knob under train", GOOD.replace("dim: 8", "dim: 8, scaling: global"), "train.scaling"),
+    ("n_features is the data's", GOOD.replace("dim: 8", "dim: 8, n_features: 40"), "train.n_features"),
+    ("missing CSV", GOOD.replace("{source: synthetic, n_rows: 300}", "{source: csv, train_csv: nope.csv}"),
+     "data.train_csv"),
+    ("unknown sampler", GOOD + "sampler: {name: bayes}\n", "sampler.name"),
+    ("unknown sampler option", GOOD + "sampler: {name: tpe, options: {n_startup: 3}}\n",
+     "sampler.options.n_startup"),
+    ("bad sampler option value", GOOD + "sampler: {name: qmc, options: {qmc_type: nope}}\n",
+     "sampler.options"),
+    ("unknown pruner option", GOOD + "pruner: {name: median, options: {warmup: 3}}\n",
+     "pruner.options.warmup"),
+    ("bad pruner option value", GOOD + "pruner: {name: percentile, options: {percentile: 150}}\n",
+     "pruner.options"),
+    ("grid over a continuous float", GOOD + "sampler: grid\n", "params.lr"),
+    ("unknown metric", GOOD + "metric: val_auc\n", "metric"),
+    ("bad budget", GOOD + "budget: {n_trials: 0}\n", "budget.n_trials"),
+    ("eta_min and eta_min_ratio", GOOD + "  eta_min_ratio: {type: float, low: 0.0, high: 0.5}\n",
+     "params.eta_min_ratio"),
+    ("conditional cycle", GOOD.replace("depth: {type: int, low: 1, high: 3}",
+                                       "depth: {type: int, low: 1, high: 3, when: {t_0: 2}}")
+     .replace("when: {scheduler: cosine_warm_restarts}", "when: {depth: 2}"), "when"),
+    ("enqueued value out of range", GOOD + "enqueue:\n  - {lr: 5.0}\n", "enqueue[0].lr"),
+    ("enqueued fixed knob", GOOD + "enqueue:\n  - {dim: 16}\n", "enqueue[0].dim"),
+    ("enqueued inactive conditional", GOOD + "enqueue:\n  - {scheduler: constant, t_0: 3}\n",
+     "enqueue[0].t_0"),
+    ("duplicate key", GOOD + "  lr: {type: float, low: 0.1, high: 0.2}\n", "duplicate key 'lr'"),
+]
+
+
+@pytest.mark.parametrize("what, text, key", BAD, ids=[b[0] for b in BAD])
+def test_bad_space_error_names_the_file_and_the_key_path(tmp_path, what, text, key):
+    path = write(tmp_path, text, name="bad.yaml")
+    with pytest.raises(SpaceError) as info:
+        load_space(path)
+    message = str(info.value)
+    assert message.startswith(f"{path}:"), message
+    assert key in message, message
+
+
+def test_patch_size_error_lists_the_valid_divisors(tmp_path):
+    path = write(tmp_path, GOOD.replace("choices: [3, 7, 14]", "choices: [3, 7, 5]"))
+    with pytest.raises(SpaceError, match=r"valid: 1, 2, 3, 6, 7, 14, 21, 42"):
+        load_space(path)
+
+
+def test_empty_or_missing_file_is_a_space_error(tmp_path):
+    with pytest.raises(SpaceError, match="empty"):
+        load_space(write(tmp_path, ""))
+    with pytest.raises(SpaceError, match="cannot read"):
+        load_space(tmp_path / "missing.yaml")
