@@ -9,7 +9,10 @@ Contract used by sweep.objective / sweep.run:
     run = tracker.start_trial(trial, config, data_config, seed=seed)  # child run "trial-<n>"
     run.log_epoch(metrics)                             # EpochMetrics; non-blocking, batched
     run.end(state, history=..., reason=None, pruned_epoch=None)   # state: completed|pruned|failed
-                                                                  # (or diverged)
+                                                                  # (or diverged); non-blocking
+    run.run_id                                         # waits for the run's creation (one round
+                                                       # trip at the start; none at the end)
+    tracker.flush(timeout)                             # wait until everything queued is stored
     tracker.finish_study(study, out_dir)               # parent-run summary, table, Optuna plots
     undelivered = tracker.close()                      # flush; number of metric points not delivered
 
