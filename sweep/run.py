@@ -779,15 +779,22 @@ def _main(args: argparse.Namespace, argv: list[str]) -> int:
         return 130
 
     code = _report(study, settings)
-    if tracker is not None:
-        print(f"logging the study summary to MLflow ({_redact(tracker.uri)}) ...", file=sys.stderr,
-              flush=True)
-        try:
-            tracker.finish_study(study, settings.out_dir)
-        except Exception as exc:  # noqa: BLE001
-            log.error("finishing the study's MLflow run failed: %s", exc)
-            print(f"error: could not finish the study's MLflow run: {exc}", file=sys.stderr)
-            code = 1
+    if _others_still_running(study):
+        # Workers on other machines share this study: the last one to finish summarises it, so the
+        # parent run is not closed early and the best model is not retrained once per worker.
+        print("other workers are still running trials of this study; the last one to finish logs the "
+              "study summary and publishes the best model", file=sys.stderr)
+    else:
+        if tracker is not None:
+            print(f"logging the study summary to MLflow ({_redact(tracker.uri)}) ...", file=sys.stderr,
+                  flush=True)
+            try:
+                tracker.finish_study(study, settings.out_dir)
+            except Exception as exc:  # noqa: BLE001
+                log.error("finishing the study's MLflow run failed: %s", exc)
+                print(f"error: could not finish the study's MLflow run: {exc}", file=sys.stderr)
+                code = 1
+        code = max(code, _publish(study, settings, tracked=tracker is not None))
     undelivered = _close_tracker(tracker)
     if undelivered:
         print(f"error: {undelivered} metric points could not be delivered to MLflow", file=sys.stderr)
@@ -800,6 +807,32 @@ def _main(args: argparse.Namespace, argv: list[str]) -> int:
         print(f"error: {failure}", file=sys.stderr)
         code = 1
     return code
+
+
+def _others_still_running(study: Any) -> bool:
+    from optuna.trial import TrialState
+
+    return any(t.state in (TrialState.RUNNING, TrialState.WAITING) for t in study.get_trials(deepcopy=False))
+
+
+def _publish(study: Any, settings: _Settings, *, tracked: bool) -> int:
+    """Retrain the best trial, save it as a model bundle and (if tracked) log it as an MLflow model."""
+    from optuna.trial import TrialState
+
+    from sweep.publish import PublishError, publish_best
+
+    if not study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        return 0
+    print("retraining the best trial to ship it as a model ...", file=sys.stderr, flush=True)
+    try:
+        result = publish_best(study, tracking_uri=settings.tracking_uri,
+                              out_dir=settings.out_dir, register_name=settings.space.register_model,
+                              log_model=tracked)
+    except PublishError as exc:
+        print(f"error: the best model was not published: {exc}", file=sys.stderr)
+        return 1
+    print(result.summary())
+    return 0
 
 
 def _check_or_record_study(study: Any, created: bool, settings: _Settings) -> None:

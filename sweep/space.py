@@ -93,7 +93,7 @@ PRUNERS = ("median", "percentile", "successive_halving", "hyperband", "patient",
 PARAM_TYPES = ("float", "int", "categorical")
 
 TOP_KEYS = ("study", "description", "seed", "data", "train", "metric", "direction", "sampler",
-            "pruner", "budget", "experiment", "params", "enqueue")
+            "pruner", "budget", "experiment", "register_model", "params", "enqueue")
 
 # Knobs a space may not set: n_features comes from the data; CSV paths and the source are data
 # settings that make no sense to search (they may still be fixed under ``data``).
@@ -266,6 +266,7 @@ class Space:
         sampler, pruner: the Optuna algorithms.
         n_trials, timeout: the budget (either may be None).
         experiment: the MLflow experiment name (None: the study name).
+        register_model: register the best trial's model in MLflow's registry under this name.
         enqueue: parameter values of trials to run first.
     """
 
@@ -282,6 +283,7 @@ class Space:
     n_trials: int | None = None
     timeout: float | None = None
     experiment: str | None = None
+    register_model: str | None = None
     enqueue: tuple[dict[str, Any], ...] = ()
 
     # ---------------------------------------------------------------------------------------------
@@ -519,11 +521,14 @@ def parse_space(doc: Any, *, path: str | Path = "<space>") -> Space:
     experiment = doc.get("experiment")
     if experiment is not None and (not isinstance(experiment, str) or not experiment.strip()):
         raise c.fail("experiment", f"expected a non-empty name, got {experiment!r}")
+    register_model = doc.get("register_model")
+    if register_model is not None and (not isinstance(register_model, str) or not register_model.strip()):
+        raise c.fail("register_model", f"expected a non-empty model name, got {register_model!r}")
 
     space = Space(path=path, study_name=name, seed=seed, data=data, train=train, params=params,
                   metric=metric, direction=direction, sampler=sampler, pruner=pruner,
                   n_trials=n_trials, timeout=None if timeout is None else float(timeout),
-                  experiment=experiment)
+                  experiment=experiment, register_model=register_model)
     enqueue = _check_enqueue(c, doc.get("enqueue"), space)
     space = dataclasses.replace(space, enqueue=enqueue)
     # Build the sampler and pruner once now, so that a bad option value fails before the study.
