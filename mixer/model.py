@@ -11,7 +11,7 @@ Parameters are one flat dict with dotted names (``blocks.3.token.fc1.w``), weigh
 shaped (out, in) like torch ``nn.Linear``. Gradients come back in a dict with the
 same keys. Float32 for training; float64 works the same (gradient checks).
 
-Speed (see DESIGN.md, "Speed"):
+Speed (see DESIGN.md, "Speed", and benchmarks/README.md for measurements):
 
 - Activations are token-major, (tokens, batch, dim), stored as 2-D
   (tokens*batch, dim). Token mixing is then one matmul ``W @ X.reshape(tokens,
@@ -27,6 +27,10 @@ Speed (see DESIGN.md, "Speed"):
 - The thread count is ``MIXER_NUM_THREADS`` if set, else the CPUs this process may
   run on; ``set_num_threads`` changes it. Sweep workers sharing a machine should
   set it to the cores each one owns.
+- Drop-path skips the dropped samples' branch work instead of multiplying it by 0
+  (``_residual_forward``); the GELU caches its own derivative, so its backward pass
+  is one multiply (``layers.gelu_forward``); the first call tunes the process
+  (single-threaded BLAS, an allocator that keeps freed buffers: ``_tune_process``).
 """
 
 from __future__ import annotations
@@ -487,7 +491,9 @@ def _backward(
 
 
 # --------------------------------------------------------------------------- public entry points
-def _check_inputs(params: dict[str, np.ndarray], x: np.ndarray, config: MixerConfig) -> np.ndarray:
+def _check_inputs(
+    params: dict[str, np.ndarray], x: np.ndarray, config: MixerConfig, *, allow_empty: bool = False
+) -> np.ndarray:
     """x as a C-contiguous array of the parameters' dtype, after checking its shape."""
     try:
         dtype = params["embed.w"].dtype
@@ -496,7 +502,7 @@ def _check_inputs(params: dict[str, np.ndarray], x: np.ndarray, config: MixerCon
     x = np.asarray(x)
     if x.ndim != 2 or x.shape[1] != config.n_features:
         raise ValueError(f"x must have shape (batch, n_features={config.n_features}), got x.shape={x.shape}")
-    if x.shape[0] == 0:
+    if x.shape[0] == 0 and not allow_empty:
         raise ValueError("x must have at least one row, got x.shape[0]=0")
     return np.ascontiguousarray(x, dtype=dtype)
 
@@ -572,7 +578,9 @@ def loss_and_grads(
 
 def predict_logits(params: dict[str, np.ndarray], x: np.ndarray, config: MixerConfig) -> np.ndarray:
     """Eval-mode logits (batch,) in the parameters' dtype, computed ``EVAL_ROWS`` rows at a time."""
-    x = _check_inputs(params, x, config)
+    x = _check_inputs(params, x, config, allow_empty=True)
+    if x.shape[0] == 0:
+        return np.empty(0, dtype=x.dtype)
     bounds = _bounds(x.shape[0], EVAL_ROWS)
     blocks = _block_weights(params, config.depth)
     chunks = _map(lambda b: _forward(params, blocks, x[b[0]:b[1]], config, None, None)[0], bounds)

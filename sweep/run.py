@@ -64,6 +64,11 @@ class UsageError(Exception):
 # Command line
 
 
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of ``python -m sweep.run`` (docker-compose.yml's worker command is checked by it)."""
+    return _parser()
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m sweep.run",
@@ -441,8 +446,11 @@ def _pid_alive(pid: int) -> bool:
 
 
 def run_trials(study: Any, objective: Any, *, n_trials: int | None, timeout: float | None,
-               lock: _NoLock, interrupts: Any, after_trial: Any = None, keep_going: Any = None) -> None:
+               lock: _NoLock, interrupts: Any, after_trial: Any = None, keep_going: Any = None,
+               on_stale: Any = None) -> None:
     """Run trials of ``study`` until its budget is spent, ``timeout`` passes or the grid is done.
+
+    ``on_stale`` is called with the trials this worker found dead (stale heartbeat) and failed.
 
     Raises:
         KeyboardInterrupt: on Ctrl-C, after the running trial is marked failed and queued again.
@@ -452,7 +460,9 @@ def run_trials(study: Any, objective: Any, *, n_trials: int | None, timeout: flo
     from sweep.objective import TrialFailed
 
     started = time.monotonic()
-    heartbeat = getattr(study._storage, "get_heartbeat_interval", lambda: None)() is not None
+    heartbeat_seconds = getattr(study._storage, "get_heartbeat_interval", lambda: None)()
+    heartbeat = heartbeat_seconds is not None
+    handled: set[int] = set()
 
     def objective_unlocked(trial: Any) -> float:
         lock.release()  # the trial exists now, so the count is right for the next worker
@@ -465,35 +475,89 @@ def run_trials(study: Any, objective: Any, *, n_trials: int | None, timeout: flo
         if keep_going is not None and not keep_going():
             break
         lock.acquire()
+        wait_for_others = False
         try:
             if heartbeat:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
                     optuna.storages.fail_stale_trials(study)
-            if n_trials is not None and budget_used(study.get_trials(deepcopy=False)) >= n_trials:
-                break
-            sampler = study.sampler
-            if isinstance(sampler, optuna.samplers.GridSampler) and sampler.is_exhausted(study):
-                break
-            try:
-                study.optimize(objective_unlocked, n_trials=1, catch=(TrialFailed,))
-            except KeyboardInterrupt:
-                number = getattr(objective, "interrupted_trial", None)
-                if number is not None:
-                    with contextlib.suppress(Exception):
-                        _enqueue_retry(study, study.get_trials(deepcopy=False)[number])
-                raise
+            trials = study.get_trials(deepcopy=False)
+            if heartbeat and on_stale is not None:
+                # Failed while its status still says running: its worker died.
+                stale = [t for t in trials if t.state == optuna.trial.TrialState.FAIL
+                         and t.user_attrs.get("status") in (None, "running") and t.number not in handled]
+                handled.update(t.number for t in stale)
+                if stale:
+                    on_stale(stale)
+            if n_trials is not None and budget_used(trials) >= n_trials:
+                if not (heartbeat and any(t.state == optuna.trial.TrialState.RUNNING for t in trials)):
+                    break
+                # Trials of other workers still run. If one of those workers has died, its heartbeat
+                # goes stale, fail_stale_trials fails the trial and queues a retry, which frees budget
+                # for this worker to run it: so stay until every counted trial has a result.
+                wait_for_others = True
+            else:
+                sampler = study.sampler
+                if isinstance(sampler, optuna.samplers.GridSampler) and sampler.is_exhausted(study):
+                    break
+                try:
+                    study.optimize(objective_unlocked, n_trials=1, catch=(TrialFailed,))
+                except KeyboardInterrupt:
+                    number = getattr(objective, "interrupted_trial", None)
+                    if number is not None:
+                        with contextlib.suppress(Exception):
+                            _enqueue_retry(study, study.get_trials(deepcopy=False)[number])
+                    raise
         finally:
             lock.release()
+        if wait_for_others:
+            time.sleep(heartbeat_seconds)
+            continue
         if after_trial is not None:
             after_trial()
 
 
-def _sampler_seed(base: int, n_existing: int, worker_index: int) -> int:
-    """Different per worker and per resumption, so that no two processes draw the same sequence."""
+def _fail_lost_runs(tracker: Any, settings: _Settings) -> Any:
+    """A callback marking the MLflow runs of trials whose worker died FAILED, with the reason.
+
+    The dead worker cannot close its own run; the worker that finds the stale heartbeat does.
+    """
+    if tracker is None:
+        return None
+
+    def fail(trials: list[Any]) -> None:
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(tracker.uri)
+        for t in trials:
+            run_id = t.user_attrs.get("mlflow_run_id")
+            if not run_id:
+                continue
+            reason = (f"worker {t.user_attrs.get('worker', '?')} stopped sending heartbeats; "
+                      f"trial {t.number} was failed and queued again with the same parameters")
+            try:
+                client.set_tag(run_id, "failure_reason", reason)
+                client.set_tag(run_id, "optuna_state", "FAIL")
+                client.set_terminated(run_id, status="FAILED")
+            except Exception as exc:  # noqa: BLE001 - the study goes on; the run stays as it was
+                log.error("trial %d: could not mark its MLflow run failed: %s", t.number, exc)
+            else:
+                log.warning("trial %d: %s", t.number, reason)
+
+    return fail
+
+
+def _sampler_seed(base: int, n_existing: int, worker_index: int, *, shared: bool = False) -> int:
+    """Different per worker and per resumption, so that no two processes draw the same sequence.
+
+    On shared (RDB) storage, workers on other machines start at the same instant with the same
+    ``n_existing`` and index, so each process adds a random salt: sampling is then not replayable,
+    but every trial's seed still derives from the study seed and its number, so its curve is.
+    """
     import numpy as np
 
-    return int(np.random.SeedSequence([base, n_existing, worker_index]).generate_state(1)[0])
+    salt = [int.from_bytes(os.urandom(4), "little")] if shared else []
+    return int(np.random.SeedSequence([base, n_existing, worker_index, *salt]).generate_state(1)[0])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -722,7 +786,8 @@ def _main(args: argparse.Namespace, argv: list[str]) -> int:
             study.enqueue_trial(params)
     reaped = [] if settings.rdb else _reap_dead_local_trials(study)
     existing = study.get_trials(deepcopy=False)
-    study.sampler = space.build_sampler(seed=_sampler_seed(settings.sampler_seed, len(existing), 0))
+    study.sampler = space.build_sampler(seed=_sampler_seed(settings.sampler_seed, len(existing), 0,
+                                                           shared=settings.rdb))
     if tracker is not None:
         tracker.ensure_parent_run(study)
 
@@ -753,7 +818,8 @@ def _main(args: argparse.Namespace, argv: list[str]) -> int:
             try:
                 run_trials(study, objective, n_trials=settings.n_trials, timeout=settings.timeout,
                            lock=lock, interrupts=interrupts,
-                           after_trial=lambda: progress.update(study.get_trials(deepcopy=False)))
+                           after_trial=lambda: progress.update(study.get_trials(deepcopy=False)),
+                           on_stale=_fail_lost_runs(tracker, settings))
             finally:
                 lock.close()
                 signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -1001,7 +1067,8 @@ def _worker_main(args: argparse.Namespace) -> int:
     study, _ = open_study(storage, settings.study_name, direction=settings.space.direction,
                           sampler=None, pruner=settings.space.build_pruner())
     study.sampler = settings.space.build_sampler(
-        seed=_sampler_seed(settings.sampler_seed, len(study.get_trials(deepcopy=False)), index + 1))
+        seed=_sampler_seed(settings.sampler_seed, len(study.get_trials(deepcopy=False)), index + 1,
+                           shared=settings.rdb))
     if tracker is not None:
         tracker.ensure_parent_run(study)
     objective = Objective(settings.space, study_seed=settings.seed, tracker=tracker, interrupts=interrupts)
@@ -1009,7 +1076,8 @@ def _worker_main(args: argparse.Namespace) -> int:
     code = 0
     try:
         run_trials(study, objective, n_trials=settings.n_trials, timeout=settings.timeout, lock=lock,
-                   interrupts=interrupts, keep_going=lambda: os.getppid() == parent)
+                   interrupts=interrupts, keep_going=lambda: os.getppid() == parent,
+                   on_stale=_fail_lost_runs(tracker, settings))
     except KeyboardInterrupt:
         log.info("interrupted")
         code = 130

@@ -118,8 +118,11 @@ def postgres_url() -> str:
     admin = _pg_connect(PG_ADMIN_URL)
     with admin.cursor() as cur:
         cur.execute(f'CREATE DATABASE "{name}"')
+    admin.close()
     base = PG_ADMIN_URL.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg2://", 1)
     yield f"{base}/{name}"
+    # A fresh connection: a test may have restarted the server in between.
+    admin = _pg_connect(PG_ADMIN_URL)
     with admin.cursor() as cur:
         cur.execute(
             "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (name,)

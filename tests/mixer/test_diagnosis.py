@@ -92,6 +92,24 @@ def test_a_restart_spike_ends_a_plateau():
     assert d.metrics["plateau_loss"] == pytest.approx(np.mean(COLLAPSED[2:10]))
 
 
+def test_the_real_stuck_run_with_curvature_probes_is_a_saddle():
+    # Experiment 1 again, with probes every 4 epochs (train loss, mean grad norm, probes as recorded).
+    train = [0.5599, 0.5318, 0.5304, 0.5226, 0.5217, 0.5208, 0.5215, 0.5199, 0.5214, 0.5218,
+             0.52, 0.5209, 0.5199, 0.5217, 0.5207, 0.5195, 0.5199, 0.5206, 0.5185, 0.5181]
+    grad = [0.312, 0.229, 0.247, 0.207, 0.2, 0.186, 0.184, 0.181, 0.192, 0.184,
+            0.172, 0.177, 0.174, 0.183, 0.185, 0.183, 0.187, 0.185, 0.167, 0.176]
+    probes = {4: (-0.1453, 0.6388), 8: (-0.9770, 0.5611), 12: (-0.1145, 0.6318), 16: (-0.3673, 0.5053),
+              20: (-0.4302, 3.8127)}
+    d = diagnose(history(train, grad=grad, lr=0.01, probes=probes))
+    assert d.label == "saddle"
+    assert d.tags["plateau_start_epoch"] == "5" and d.tags["plateau_length"] == "16"
+    assert d.metrics["plateau_probe_epoch"] == 12  # nearest the middle of epochs 5..20
+    assert d.metrics["plateau_neg_ratio"] == pytest.approx(0.1145 / 0.6318)
+    assert d.metrics["plateau_grad_ratio"] == pytest.approx(np.mean(grad[4:]) / 0.312)
+    # Without the probes the same curves are only a plateau: curvature is what tells them apart.
+    assert diagnose(history(train, grad=grad, lr=0.01)).label == "plateau"
+
+
 def test_a_plateau_with_small_gradient_and_negative_curvature_is_a_saddle():
     grad = [1.0, 0.9, 0.8, 0.3, 0.2, 0.2, 0.2, 0.2, 0.2, 0.3, 0.9, 1.0]
     probes = {1: (-0.001, 5.0), 7: (-0.8, 4.0), 12: (0.0, 3.0)}

@@ -64,6 +64,19 @@ def test_token_linear_mixes_the_first_axis_and_its_gradients_match(rng):
         assert rel_error(analytic, numeric_grad(f, arr)) < 1e-6
 
 
+def test_token_linear_in_column_blocks_equals_one_matmul(rng):
+    # Wide inputs are processed in blocks of TOKEN_BLOCK_COLUMNS columns (speed); same result.
+    n = 2 * L.TOKEN_BLOCK_COLUMNS + 77
+    x, w, b = rng.standard_normal((4, n)), rng.standard_normal((6, 4)), rng.standard_normal(6)
+    dout = rng.standard_normal((6, n))
+    out, cache = L.token_linear_forward(x, w, b)
+    np.testing.assert_allclose(out, w @ x + b[:, None], rtol=1e-12)
+    dx, dw, db = L.token_linear_backward(dout, cache)
+    np.testing.assert_allclose(dx, w.T @ dout, rtol=1e-12)
+    np.testing.assert_allclose(dw, dout @ x.T, rtol=1e-10)
+    np.testing.assert_allclose(db, dout.sum(axis=1), rtol=1e-10)
+
+
 def test_layernorm_normalises_rows_like_torch(rng):
     x = rng.standard_normal((6, 9)) * 5 + 3
     w, b = rng.standard_normal(9), rng.standard_normal(9)

@@ -129,6 +129,19 @@ def test_training_mode_actually_drops():
     assert a == b and all(np.array_equal(ga[k], gb[k]) for k in ga)
 
 
+def test_extreme_logits_give_a_finite_loss_and_gradients():
+    config = MixerConfig(n_features=6, patch_size=2, dim=8, depth=1, pos_weight=2.0)
+    params = M.init_params(config, 0, dtype=np.float32)
+    x, y = batch(config, 8, dtype=np.float32)
+    params["head.b"][:] = 0.0
+    params["head.w"] *= 1e4  # logits in the thousands, of both signs
+    logits = M.predict_logits(params, x, config)
+    assert np.abs(logits).max() > 500
+    loss, grads = M.loss_and_grads(params, x, y, config)
+    assert np.isfinite(loss) and loss > 100
+    assert all(np.isfinite(g).all() for g in grads.values())
+
+
 def test_training_without_rng_is_refused():
     config = MixerConfig(n_features=6, patch_size=2, dim=4, depth=1, dropout=0.1)
     params = M.init_params(config, 0)
@@ -238,6 +251,8 @@ def test_predict_logits_is_the_eval_forward_in_chunks():
     # The loss of these logits is the eval-mode loss of loss_and_grads ...
     loss, _ = L.bce_with_logits_forward(logits, y, pos_weight=config.pos_weight)
     assert loss == pytest.approx(M.loss_and_grads(params, x, y, config)[0], rel=1e-12)
+    # ... no rows give no logits ...
+    assert M.predict_logits(params, x[:0], config).shape == (0,)
     # ... and chunking does not change any row.
     np.testing.assert_allclose(logits[:5], M.predict_logits(params, x[:5], config), rtol=1e-12)
     np.testing.assert_allclose(logits[-3:], M.predict_logits(params, x[-3:], config), rtol=1e-12)

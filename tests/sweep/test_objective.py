@@ -119,6 +119,17 @@ def test_pruned_trial_stops_early_and_says_at_which_epoch(space):
     assert tracker.log[-1] == ("end", "pruned", 1, None, 1)
 
 
+def test_no_trial_is_pruned_during_its_learning_rate_warmup(tmp_path):
+    path = tmp_path / "warm.yaml"
+    warm = "epochs: 5, scheduler: cosine, warmup_epochs: 2,"
+    path.write_text(textwrap.dedent(TINY).replace("epochs: 3,", warm))
+    space = load_space(path)
+    study = optuna.create_study(pruner=AlwaysPrune())
+    study.optimize(Objective(space, study_seed=0), n_trials=1)
+    t = study.trials[0]
+    assert t.state == optuna.trial.TrialState.PRUNED and t.user_attrs["pruned_epoch"] == 3
+
+
 def test_diverged_trial_fails_with_its_reason_and_the_study_goes_on(space, monkeypatch):
     tracker = FakeTracker()
 
