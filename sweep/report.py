@@ -351,6 +351,10 @@ def plot_curves(records: Sequence[TrialRecord], *, group_by: str = DEFAULT_GROUP
                 "loss": _spans_decades(r2 for r in drawn for k in ("train_loss", "val_loss")
                                        for r2 in r.curve(k)[1]),
                 "grad": _spans_decades(v for r in drawn for v in r.curve("grad_norm_mean")[1])}
+    lrs = [v for r in drawn for v in r.curve("lr")[1] if math.isfinite(v)]
+    positive = [v for v in lrs if v > 0]
+    lr_floor = (10 ** math.floor(math.log10(min(positive)))
+                if positive and any(v == 0 for v in lrs) else None)
     ylabels = {"loss": "loss" + (" (log)" if log_rows["loss"] else ""), "lr": "learning rate",
                "grad": "grad norm\n(epoch mean)", "curvature": "Hessian λ_max (—o)\nλ_min (⋯v)"}
     for i, row_name in enumerate(rows):
@@ -358,17 +362,27 @@ def plot_curves(records: Sequence[TrialRecord], *, group_by: str = DEFAULT_GROUP
         for ax in axes[i]:
             ax.grid(True, which="major", alpha=0.3)
             ax.tick_params(labelsize=8)
-            if log_rows.get(row_name):
+            if row_name == "lr" and lr_floor is not None:
+                # A schedule that reaches lr = 0 (eta_min 0) must show it, not drop the points as a
+                # log axis would: symmetric log, linear below the smallest non-zero rate.
+                ax.set_yscale("symlog", linthresh=lr_floor, linscale=0.4)
+                ax.set_ylim(bottom=0.0)
+            elif log_rows.get(row_name):
                 ax.set_yscale("log", nonpositive="mask")
                 if row_name != "lr":
                     # 0.2, 0.3 reads better than 2×10⁻¹ for values within a decade or two.
                     ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
                     ax.yaxis.set_minor_formatter(FuncFormatter(_minor_log_label))
     if has_curvature:
-        scale = max((abs(v) for r in records for k in ("hessian_max_eig", "hessian_min_eig")
-                     for v in r.curve(k)[1] if math.isfinite(v)), default=1.0)
+        # Symmetric log: λ_max and λ_min differ by orders of magnitude and λ_min changes sign. The
+        # linear band around 0 reaches the smallest probed |λ| (a power of 10, at least 1e-3 of
+        # the largest), so every probe sits on the logarithmic part and the band stays narrow.
+        sizes = [abs(v) for r in records for k in ("hessian_max_eig", "hessian_min_eig")
+                 for v in r.curve(k)[1] if math.isfinite(v) and v != 0]
+        largest = max(sizes, default=1.0)
+        smallest = max(min(sizes, default=1.0), largest * 1e-3, 1e-12)
         for ax in axes[rows.index("curvature")]:
-            ax.set_yscale("symlog", linthresh=max(scale * 1e-3, 1e-12))
+            ax.set_yscale("symlog", linthresh=10 ** math.floor(math.log10(smallest)))
     for ax in axes[-1]:
         ax.set_xlabel("epoch", fontsize=9)
         ax.xaxis.get_major_locator().set_params(integer=True)

@@ -241,3 +241,16 @@ def test_multi_objective_study_is_refused_with_exit_2(in_tmp, capsys):
     optuna.create_study(study_name="multi", storage=storage, directions=["minimize", "maximize"])
     assert main(["multi"]) == 2
     assert "2 objectives" in capsys.readouterr().err
+
+
+def test_a_learning_rate_of_zero_stays_visible():
+    # sharp_cosine with eta_min 0 freezes a run at lr 0: a log axis would silently drop those epochs.
+    study = optuna.create_study()
+    hist = [{"epoch": i + 1, "train_loss": 0.6 - 0.01 * min(i, 3), "val_loss": 0.6, "lr": lr,
+             "grad_norm_mean": 0.2} for i, lr in enumerate([0.1, 0.05, 0.0, 0.0, 0.0])]
+    study.add_trial(create_trial(value=0.6, params={}, distributions={},
+                                 user_attrs={"history": hist, "config": {"scheduler": "sharp_cosine"}}))
+    fig = report.plot_curves(report.collect(study), top=1)
+    lr_ax = fig.axes[1]
+    assert lr_ax.get_yscale() == "symlog" and lr_ax.get_ylim()[0] == 0.0
+    assert list(lr_ax.get_lines()[0].get_ydata()) == [0.1, 0.05, 0.0, 0.0, 0.0]
