@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.conftest import ROOT, free_port, wait_http, which_or_skip
+from tests.conftest import PG_ADMIN_URL, ROOT, free_port, wait_http, which_or_skip
 
 COMPOSE = ROOT / "docker-compose.yml"
 DOCKERFILE = ROOT / "docker" / "Dockerfile"
@@ -298,7 +298,7 @@ def mlflow_db_url(postgres_url):
     yield psycopg2_url(f"{base}/{name}")
     import psycopg2
 
-    conn = psycopg2.connect(postgres_url.rsplit("/", 1)[0] + "/postgres")
+    conn = psycopg2.connect(PG_ADMIN_URL)  # libpq takes postgresql://, not the SQLAlchemy +psycopg2 form
     conn.autocommit = True
     with conn.cursor() as cur:
         cur.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (name,))
