@@ -52,6 +52,9 @@ import mlflow
 import numpy as np
 import pandas as pd
 
+# MLflow's artifact progress bar would garble the sweep's own progress line on stderr.
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
 BUNDLE_NAME = "best_model.npz"
 MODEL_NAME = "model"
 EXAMPLE_ROWS = 5

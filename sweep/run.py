@@ -511,7 +511,7 @@ def run_trials(study: Any, objective: Any, *, n_trials: int | None, timeout: flo
         finally:
             lock.release()
         if wait_for_others:
-            time.sleep(heartbeat_seconds)
+            time.sleep(min(heartbeat_seconds, 2.0))  # poll: a finished study should end promptly
             continue
         if after_trial is not None:
             after_trial()
@@ -754,7 +754,11 @@ class Progress:
     def _draw(self) -> None:
         if not self.tty:
             return
+        import shutil
+
         text = self._status() + (f" · {self.running}" if self.running else "")
+        # A wrapped line cannot be rewritten in place: keep it within the terminal's width.
+        text = text[:max(20, shutil.get_terminal_size().columns - 1)]
         self.stream.write("\r\x1b[K" + text)
         self.stream.flush()
         self._line_shown = True
