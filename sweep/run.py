@@ -234,7 +234,9 @@ def open_storage(location: str, *, rdb: bool, heartbeat_interval: int = HEARTBEA
         return JournalStorage(JournalFileBackend(location, lock_obj=JournalFileOpenLock(location)))
 
     import sqlalchemy.exc
-    from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+    from optuna.storages import RetryHeartbeatStaleTrialCallback
+
+    from sweep.storage import ResilientRDBStorage
 
     url = sqlalchemy_url(location)
     last: Exception | None = None
@@ -242,7 +244,7 @@ def open_storage(location: str, *, rdb: bool, heartbeat_interval: int = HEARTBEA
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeats
-                return RDBStorage(
+                return ResilientRDBStorage(
                     url, engine_kwargs={"pool_pre_ping": True},
                     heartbeat_interval=heartbeat_interval, grace_period=grace_period,
                     heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY),
@@ -357,28 +359,66 @@ class _FileLock(_NoLock):
 
 
 class _PgLock(_NoLock):
-    """A PostgreSQL session advisory lock keyed by the study name (workers on many machines)."""
+    """A PostgreSQL session advisory lock keyed by the study name (workers on many machines).
+
+    The lock lives as long as its connection: if the database restarts, the server has already let
+    go of it, so ``release`` has nothing to do and ``acquire`` reconnects (retrying, with backoff, for
+    as long as ``sweep.storage`` retries any storage operation).
+    """
 
     def __init__(self, engine: Any, name: str):
         self._key = int.from_bytes(hashlib.sha1(f"mixer-sweep:{name}".encode()).digest()[:8], "big",
                                    signed=True)
-        self._conn = engine.connect()
+        self._engine = engine
+        self._conn: Any = None
         self.held = False
 
     def acquire(self) -> None:
-        self._conn.exec_driver_sql(f"SELECT pg_advisory_lock({self._key})")
-        self.held = True
+        from sweep.storage import RETRY_SECONDS, is_disconnect
+
+        deadline = time.monotonic() + RETRY_SECONDS
+        delay = 0.25
+        while True:
+            try:
+                if self._conn is None:
+                    self._conn = self._engine.connect()
+                self._conn.exec_driver_sql(f"SELECT pg_advisory_lock({self._key})")
+                self.held = True
+                return
+            except Exception as exc:
+                if not is_disconnect(exc) or time.monotonic() + delay > deadline:
+                    raise
+                log.warning("budget lock: lost the database connection (%s); reconnecting", _first_line(exc))
+                self._drop()
+                time.sleep(delay)
+                delay = min(2 * delay, 5.0)
 
     def release(self) -> None:
+        from sweep.storage import is_disconnect
+
         if self.held:
             self.held = False
-            self._conn.exec_driver_sql(f"SELECT pg_advisory_unlock({self._key})")
+            try:
+                self._conn.exec_driver_sql(f"SELECT pg_advisory_unlock({self._key})")
+            except Exception as exc:
+                if not is_disconnect(exc):
+                    raise
+                self._drop()  # the lock went with the connection
+
+    def _drop(self) -> None:
+        if self._conn is not None:
+            with contextlib.suppress(Exception):
+                self._conn.invalidate()
+            with contextlib.suppress(Exception):
+                self._conn.close()
+        self._conn = None
 
     def close(self) -> None:
         with contextlib.suppress(Exception):
             self.release()
         with contextlib.suppress(Exception):
-            self._conn.close()
+            if self._conn is not None:
+                self._conn.close()
 
 
 def _budget_lock(storage: Any, settings: _Settings) -> _NoLock:

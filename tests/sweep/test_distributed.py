@@ -140,7 +140,15 @@ class Workers:
 
     def load_study(self) -> Any:
         import optuna
+        import sqlalchemy.exc
 
+        for attempt in range(20):
+            try:
+                return optuna.load_study(study_name=self.study, storage=self.storage)
+            except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError):
+                # Opening the storage creates Optuna's tables; racing the workers that are creating
+                # them at this moment fails once ("duplicate key ... studydirection"): try again.
+                time.sleep(0.1 * (attempt + 1))
         return optuna.load_study(study_name=self.study, storage=self.storage)
 
 
@@ -283,10 +291,6 @@ def _pg_restart() -> None:
         time.sleep(0.5)
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "known defect, not fixed yet: a PostgreSQL restart kills the workers (the budget lock's held "
-    "connection, Optuna's heartbeat thread and a tell inside optimize do not retry on "
-    "OperationalError); pool_pre_ping alone is not enough"))
 def test_workers_reconnect_and_finish_the_study_after_postgresql_restarts(make_workers, mlflow_server):
     w = make_workers(n_trials=8, epochs=4, rows=2000, heartbeat=1, grace=10)
     procs = w.start(2)
@@ -303,4 +307,8 @@ def test_workers_reconnect_and_finish_the_study_after_postgresql_restarts(make_w
     _pg_restart()
     w.wait(procs, timeout=300)
     study = w.load_study()
-    assert sum(s in FINISHED for s in _states(study).values()) == 8, _states(study)
+    # Every trial finished, none failed: the restart cost no trial, and nothing ran twice.
+    assert sorted(_states(study).values()) == ["COMPLETE"] * 8, _states(study)
+    # And the workers did see the database go (so the test tested something).
+    logs = "".join(p.read_text() for p in (w.tmp / "runs").glob("*/sweep.log"))
+    assert "lost the database connection" in logs and "reconnected" in logs

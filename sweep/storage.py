@@ -1,0 +1,159 @@
+"""Optuna RDB storage that rides out a database restart.
+
+Optuna's ``RDBStorage`` turns any SQLAlchemy error into ``StorageInternalError`` and gives up. With
+``pool_pre_ping`` a *new* session finds a restarted PostgreSQL again, but an operation that runs
+while the server is down (or on a connection the restart cut) still fails, and in a sweep that is
+fatal: ``trial.report`` raises inside the objective, ``study.tell`` fails after a trial's work is
+done, and Optuna's heartbeat thread dies on its first failed beat, so the trial later looks dead to
+the other workers. ``ResilientRDBStorage`` retries every storage operation that fails because the
+connection was lost, with backoff, for up to ``retry_seconds``; errors that are not about the
+connection (a constraint, a bad value) are raised at once, as before. A failed heartbeat is logged
+and skipped: the next one, ``heartbeat_interval`` seconds later, tries again, and the grace period
+(three intervals here) covers a restart of a few seconds.
+
+One limit is inherent: when the connection drops after the server committed a write but before it
+answered, the retry repeats the write. For idempotent writes (attributes, intermediate values,
+heartbeats) that is harmless; ``create_new_trial`` can then leave one extra trial, which is why the
+sweep's budget counts trials by state, and a finished trial's repeated ``tell`` is ignored.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from optuna.exceptions import UpdateFinishedTrialError
+from optuna.storages import RDBStorage
+
+__all__ = ["ResilientRDBStorage", "is_disconnect"]
+
+log = logging.getLogger("sweep")
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+RETRY_SECONDS = 180.0  # how long one operation keeps retrying before the error is raised
+_FIRST_DELAY = 0.25
+_MAX_DELAY = 5.0
+
+
+def is_disconnect(exc: BaseException) -> bool:
+    """Whether ``exc`` (or what it wraps) says the database connection was lost or refused."""
+    import sqlalchemy.exc
+
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, sqlalchemy.exc.DBAPIError) and e.connection_invalidated:
+            return True
+        if isinstance(e, (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError)):
+            return True  # connection refused, server closed the connection, admin shutdown
+        if type(e).__name__ in ("OperationalError", "InterfaceError") and \
+                type(e).__module__.split(".")[0] in ("psycopg2", "psycopg"):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def _retrying(method: F) -> F:
+    @functools.wraps(method)
+    def wrapper(self: ResilientRDBStorage, *args: Any, **kwargs: Any) -> Any:
+        deadline: float | None = None
+        delay = _FIRST_DELAY
+        while True:
+            try:
+                result = method(self, *args, **kwargs)
+            except Exception as exc:  # noqa: BLE001 - re-raised unless it is a lost connection
+                if not is_disconnect(exc):
+                    raise
+                now = time.monotonic()
+                if deadline is None:
+                    deadline = now + self.retry_seconds
+                    log.warning("storage: lost the database connection in %s (%s); retrying for up to "
+                                "%.0f s", method.__name__, _cause(exc), self.retry_seconds)
+                if now + delay > deadline:
+                    raise
+                self._reset_connections()
+                time.sleep(delay)
+                delay = min(delay * 2, _MAX_DELAY)
+                continue
+            if deadline is not None:
+                log.warning("storage: reconnected (%s)", method.__name__)
+            return result
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _cause(exc: BaseException) -> str:
+    root = exc
+    while root.__cause__ is not None:
+        root = root.__cause__
+    text = str(root).strip().splitlines()
+    return text[0] if text else type(root).__name__
+
+
+class ResilientRDBStorage(RDBStorage):
+    """``RDBStorage`` whose operations survive a lost database connection (see the module doc).
+
+    Args:
+        retry_seconds: how long one operation retries a lost connection before raising.
+        All other arguments are ``RDBStorage``'s.
+    """
+
+    def __init__(self, *args: Any, retry_seconds: float = RETRY_SECONDS, **kwargs: Any):
+        if retry_seconds < 0:
+            raise ValueError(f"retry_seconds must be >= 0, got {retry_seconds=}")
+        self.retry_seconds = retry_seconds
+        super().__init__(*args, **kwargs)
+
+    def _reset_connections(self) -> None:
+        # Drop this thread's session, whose connection may be the dead one. (SQLAlchemy invalidates
+        # the pool's other connections when it sees a disconnect, and pre-ping tests each checkout.)
+        try:
+            self.scoped_session.remove()
+        except Exception:  # noqa: BLE001 - best effort
+            pass
+
+    def record_heartbeat(self, trial_id: int) -> None:
+        # Runs in Optuna's heartbeat thread, where an exception ends the heartbeats for good.
+        try:
+            super().record_heartbeat(trial_id)
+        except Exception as exc:  # noqa: BLE001
+            if not is_disconnect(exc):
+                raise
+            log.warning("storage: heartbeat of trial id %d skipped, the database is unreachable (%s)",
+                        trial_id, _cause(exc))
+            self._reset_connections()
+
+    def set_trial_state_values(self, trial_id: int, state: Any, values: Any = None) -> bool:
+        try:
+            return self._set_trial_state_values(trial_id, state, values)
+        except UpdateFinishedTrialError:
+            # The first attempt was stored but its answer was lost, so the retry finds the trial
+            # finished: in the same state, that is success.
+            if self.get_trial(trial_id).state == state:
+                return True
+            raise
+
+    @_retrying
+    def _set_trial_state_values(self, trial_id: int, state: Any, values: Any) -> bool:
+        return super().set_trial_state_values(trial_id, state, values)
+
+
+# Every other operation a sweep makes while trials run, at the level where each opens its database
+# session: Optuna's cache (``_CachedStorage``, which wraps every RDB storage) calls the private ones,
+# and create_new_trial, set_trial_param, get_all_trials and get_best_trial only delegate to them.
+# (The tables and the study are created once, at start, under run.open_storage / open_study.)
+for _name in (
+    "create_new_study", "set_study_user_attr", "set_study_system_attr", "get_study_id_from_name",
+    "get_study_name_from_id", "get_study_directions", "get_study_user_attrs", "get_study_system_attrs",
+    "get_trial_user_attrs", "get_trial_system_attrs", "get_all_studies", "_create_new_trial",
+    "_set_trial_param", "get_trial_param", "set_trial_intermediate_value", "set_trial_user_attr",
+    "set_trial_system_attr", "get_trial_id_from_study_id_trial_number", "get_trial", "_get_trials",
+    "_get_best_trial_id", "_get_stale_trial_ids",
+):
+    setattr(ResilientRDBStorage, _name, _retrying(getattr(RDBStorage, _name)))
+del _name
