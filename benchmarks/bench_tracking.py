@@ -12,9 +12,10 @@ over, and it is stopped at the end; its CPU use during the trials is measured to
 
 The same sequence of trials (same configs, same seeds, so bit-identical training work) runs with
 tracking off and on, alternating which goes first in each repeat so that drift in machine load
-hits both alike. A tracked trial does what ``sweep.objective`` does: ``start_trial``, read
-``run.run_id``, ``log_epoch`` every epoch from the ``on_epoch`` callback, ``end``; the study's
-parent run is created before and finished after the timed trials. Reported:
+hits both alike. A tracked trial does what ``sweep.objective`` does: ``start_trial`` (whose
+``on_created`` stores the run id from the sending thread), ``log_epoch`` every epoch from the
+``on_epoch`` callback, ``end``; the study's parent run is created before and finished after the
+timed trials. Reported:
 
 - wall seconds of the trials, off and on, and the overhead ``(on - off) / off``, per repeat and
   over all repeats (on a busy machine this carries the machine's noise).
@@ -28,6 +29,7 @@ parent run is created before and finished after the timed trials. Reported:
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -204,7 +206,7 @@ class Sequence:
 
 
 def run_sequence(work: Work, configs: list[Any], *, uri: str | None, out: Path,
-                 tracker_options: dict[str, Any], end_wait: bool, run_id_at_end: bool,
+                 tracker_options: dict[str, Any], end_wait: bool, run_id_at_start: bool,
                  server_pgid: int | None) -> Sequence:
     import optuna
 
@@ -212,6 +214,7 @@ def run_sequence(work: Work, configs: list[Any], *, uri: str | None, out: Path,
     study = optuna.create_study(study_name=f"bench-{'on' if uri else 'off'}-{time.time_ns()}")
     tracker = None
     if uri is not None:
+        from sweep.objective import store_run_id
         from sweep.tracking import Tracker
 
         t = time.perf_counter()
@@ -228,9 +231,12 @@ def run_sequence(work: Work, configs: list[Any], *, uri: str | None, out: Path,
         run = None
         if tracker is not None:
             t = time.perf_counter()
-            run = tracker.start_trial(trial, config, work.data_config, seed=k)
-            if not run_id_at_end:
-                _ = run.run_id  # sweep.objective stores it as a trial user attribute, from the start
+            if run_id_at_start:
+                run = tracker.start_trial(trial, config, work.data_config, seed=k)
+                _ = run.run_id  # the old way: wait one round trip for the id before training
+            else:  # as sweep.objective does: the sending thread stores the id when the run exists
+                run = tracker.start_trial(trial, config, work.data_config, seed=k,
+                                          on_created=functools.partial(store_run_id, trial))
             seq.call_seconds["start"] += time.perf_counter() - t
 
         def on_epoch(m: Any, trial: Any = trial, run: Any = run) -> bool:
@@ -245,8 +251,6 @@ def run_sequence(work: Work, configs: list[Any], *, uri: str | None, out: Path,
         if run is not None:
             t = time.perf_counter()
             run.end("completed", history=history, wait=end_wait)
-            if run_id_at_end:
-                _ = run.run_id  # the contract's "at the end of every trial": no wait, it exists by then
             seq.call_seconds["end"] += time.perf_counter() - t
         seq.trial_seconds.append(time.perf_counter() - start)
         seq.epochs += len(history)
@@ -287,8 +291,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-seconds", type=float, default=10.0, help="Tracker(batch_seconds=...)")
     p.add_argument("--no-png", action="store_true", help="Tracker(curves_png=False): where the cost goes")
     p.add_argument("--end-wait", action="store_true", help="run.end(wait=True): what that wait costs")
-    p.add_argument("--run-id-at-end", action="store_true",
-                   help="read run.run_id after run.end, not right after start_trial as sweep.objective does")
+    p.add_argument("--run-id-at-start", action="store_true",
+                   help="wait for run.run_id right after start_trial (the old way), instead of letting the "
+                        "sending thread store it as sweep.objective does")
     p.add_argument("--json", type=Path, help="also write the results here")
     args = p.parse_args(argv)
     for name in ("trials", "epochs", "repeats"):
@@ -315,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
             results = {}
             for mode in order:
                 seq = run_sequence(work, configs, uri=mode, out=tmp / "out", end_wait=args.end_wait,
-                                   run_id_at_end=args.run_id_at_end,
+                                   run_id_at_start=args.run_id_at_start,
                                    server_pgid=server.pid if server is not None else None,
                                    tracker_options={"curves_png": not args.no_png,
                                                     "batch_seconds": args.batch_seconds})
@@ -349,13 +354,13 @@ def main(argv: list[str] | None = None) -> int:
         cost = on_path + background + (0.0 if math.isnan(server_cpu) else server_cpu)
         summary = {
             "uri": uri, "fake": args.fake, "batch_seconds": args.batch_seconds,
-            "curves_png": not args.no_png, "end_wait": args.end_wait, "run_id_at_end": args.run_id_at_end,
+            "curves_png": not args.no_png, "end_wait": args.end_wait, "run_id_at_start": args.run_id_at_start,
             "trials": args.trials, "epochs": args.epochs, "repeats": args.repeats,
             "rows": None if args.fake else work.data_config.n_rows,
             "trial_seconds_off_mean": off_trial,
             "per_trial_ms": {
                 "on_training_thread": 1000 * on_path,
-                "start_trial+run_id": 1000 * calls["start"] / n_trials,
+                "start_trial": 1000 * calls["start"] / n_trials,
                 "log_epoch_per_epoch": 1000 * calls["log_epoch"] / n_epochs,
                 "end": 1000 * calls["end"] / n_trials,
                 "sending_thread_cpu": 1000 * sending,

@@ -47,6 +47,21 @@ def trial_seed(study_seed: int, trial_number: int) -> int:
     return int(np.random.SeedSequence([study_seed, trial_number]).generate_state(1)[0])
 
 
+def store_run_id(trial: Any, run_id: str) -> None:
+    """Record the trial's MLflow run id (called on the tracker's sending thread).
+
+    Straight through the storage, which is thread-safe, not the ``Trial`` object, whose cache belongs
+    to the training thread. A trial that has already finished gets the id from ``_finish`` instead.
+    """
+    storage, trial_id = getattr(trial, "storage", None), getattr(trial, "_trial_id", None)
+    if storage is None or trial_id is None:
+        return
+    try:
+        storage.set_trial_user_attr(trial_id, "mlflow_run_id", run_id)
+    except Exception as exc:  # noqa: BLE001 - finished meanwhile, or storage trouble: not fatal
+        log.debug("trial %s: mlflow_run_id not stored now: %s", getattr(trial, "number", "?"), exc)
+
+
 class TrialFailed(Exception):
     """The trial ran but produced no usable value (diverged, or an error); ``reason`` says why."""
 
@@ -192,15 +207,15 @@ class Objective:
         if self.tracker is None:
             return None
         try:
-            run = self.tracker.start_trial(trial, config, data_config, seed=seed)
+            # The run id reaches the trial's user attributes as soon as the server has created the run
+            # (so a worker that dies mid-trial leaves it for the one that fails its trial), without the
+            # training waiting a round trip for it.
+            return self.tracker.start_trial(trial, config, data_config, seed=seed,
+                                            on_created=functools.partial(store_run_id, trial))
         except Exception as exc:  # noqa: BLE001 - train on; the run's exit code reports it
             self.tracking_errors += 1
             log.error("trial %d: could not start its MLflow run: %s", trial.number, exc)
             return None
-        run_id = getattr(run, "run_id", None)
-        if run_id is not None:
-            trial.set_user_attr("mlflow_run_id", run_id)
-        return run
 
     def _train(self, trial: Any, config: TrainConfig, data: Any, seed: int, history: list[Any],
                state: dict[str, Any]) -> float:
@@ -263,6 +278,9 @@ class Objective:
                 log.warning("trial %d: diagnosis failed: %s", trial.number, exc)
         attrs = {"history": rows, "status": status, "reason": reason, "diagnosis": label,
                  "pruned_epoch": state["pruned_epoch"]}
+        run_id = getattr(state["run"], "created_run_id", None)
+        if run_id is not None:
+            attrs["mlflow_run_id"] = run_id  # also through this Trial object, whose cache the above skips
         for key, value in attrs.items():
             trial.set_user_attr(key, value)
         run = state["run"]

@@ -358,8 +358,18 @@ class _RunHandle:
         self.created = threading.Event()
         self.dropped = False  # its creation failed for good: later writes for it are dropped
         self.last_metrics: _Op | None = None  # the latest queued epoch batch (end() waits for it)
+        self.on_created: Callable[[str], None] | None = None  # called once, on the sender thread
         if run_id is not None:
             self.created.set()
+
+    def mark_created(self) -> None:
+        self.created.set()
+        callback, self.on_created = self.on_created, None
+        if callback is not None and self.run_id is not None:
+            try:
+                callback(self.run_id)
+            except Exception as exc:  # noqa: BLE001 - the caller's business; the run is fine
+                log.warning("%s: on_created callback failed: %s", self.label, _short_error(exc))
 
 
 @dataclasses.dataclass(eq=False)  # identity: ops are removed from the queue by identity
@@ -677,7 +687,7 @@ class _Sender:
                 created = self.client.create_run(op.experiment_id, start_time=op.start_time,
                                                  tags=op.create_tags, run_name=op.run_name)
                 run.run_id = created.info.run_id
-        run.created.set()  # the id is known: TrialRun.run_id need not wait for the params
+        run.mark_created()  # the id is known: TrialRun.run_id need not wait for the params
         while op.sent_params < len(op.params):
             chunk = op.params[op.sent_params:op.sent_params + _MAX_PARAMS_TAGS_PER_CALL]
             self.client.log_batch(run.run_id, params=chunk)
@@ -946,8 +956,14 @@ class TrialRun:
         self._ended = False
 
     @property
+    def created_run_id(self) -> str | None:
+        """The MLflow run id if the run exists already, else None (never waits)."""
+        return self._handle.run_id
+
+    @property
     def run_id(self) -> str | None:
-        """The MLflow run id; None while the server is down and the run not yet created."""
+        """The MLflow run id, waiting (one round trip) for the run's creation; None while the
+        server is down and the run not yet created."""
         deadline = time.monotonic() + self._tracker.end_timeout
         while (self._handle.run_id is None and not self._handle.created.is_set()
                and not self._tracker._sender.failing and time.monotonic() < deadline):
@@ -1324,12 +1340,16 @@ class Tracker:
 
     # -- trials --------------------------------------------------------------------------
     def start_trial(self, trial: optuna.trial.BaseTrial, config: TrainConfig, data_config: DataConfig,
-                    *, seed: int) -> TrialRun:
+                    *, seed: int, on_created: Callable[[str], None] | None = None) -> TrialRun:
         """Start the child run ``trial-<n>`` under the study's parent run (never blocks on the server).
 
         Logs every knob of the full config (``dataclasses.asdict(data_config)`` and
         ``config.to_flat()``) as params, the tags ``trial_number``, ``study_name``, ``seed``,
         ``optuna_state`` and the resolved config as ``config.yaml``.
+
+        Args:
+            on_created: called with the run id as soon as the server has created the run, on the
+                tracker's sending thread (so the caller need not wait for it; see ``TrialRun.run_id``).
         """
         from mlflow.entities import Param
 
@@ -1343,6 +1363,7 @@ class Tracker:
         number = int(trial.number)
         params = {**dataclasses.asdict(data_config), **config.to_flat()}
         handle = _RunHandle(f"trial-{number}")
+        handle.on_created = on_created
         tags = {
             "mlflow.parentRunId": self.parent_run_id,
             "trial_number": str(number),

@@ -42,6 +42,7 @@ class AlwaysPrune(optuna.pruners.BasePruner):
 class FakeRun:
     def __init__(self, log, number):
         self.log, self.run_id = log, f"run-{number}"
+        self.created_run_id = self.run_id
 
     def log_epoch(self, m):
         self.log.append(("epoch", m.epoch))
@@ -56,9 +57,14 @@ class FakeTracker:
     def __init__(self):
         self.log = []
 
-    def start_trial(self, trial, config, data_config, *, seed):
+    def start_trial(self, trial, config, data_config, *, seed, on_created=None):
         self.log.append(("start", trial.number, config.epochs, data_config.n_rows, seed))
-        return FakeRun(self.log, trial.number)
+        run = FakeRun(self.log, trial.number)
+        if on_created is not None:  # as the real tracker's sending thread, once the run exists
+            on_created(run.run_id)
+            stored = trial.storage.get_trial(trial._trial_id).user_attrs["mlflow_run_id"]
+            self.log.append(("stored run id", stored))
+        return run
 
 
 def metrics(epoch: int, val_loss: float) -> EpochMetrics:
@@ -92,8 +98,9 @@ def test_completed_trial_returns_best_epoch_value_and_records_every_attr(space, 
     assert t.user_attrs["mlflow_run_id"] == "run-0"
     assert t.user_attrs["config"]["lr"] == t.params["lr"]
     assert t.user_attrs["config"]["n_rows"] == 300
-    assert tracker.log == [("start", 0, 3, 300, trial_seed(3, 0)), ("epoch", 1), ("epoch", 2), ("epoch", 3),
-                           ("end", "completed", 3, None, None)]
+    # The run id is on the trial while it runs (for whoever fails it if its worker dies), not only at the end.
+    assert tracker.log == [("start", 0, 3, 300, trial_seed(3, 0)), ("stored run id", "run-0"),
+                           ("epoch", 1), ("epoch", 2), ("epoch", 3), ("end", "completed", 3, None, None)]
     assert list(t.intermediate_values) == [1, 2, 3]
 
 

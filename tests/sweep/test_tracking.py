@@ -79,7 +79,8 @@ def run_trial(study: optuna.Study, tracker: Tracker, outcome: str, *, epochs: in
     config = TrainConfig(lr=lr, epochs=epochs, model=MixerConfig(patch_size=patch))
     data = DataConfig(n_rows=500, scaling="standard")
     seed = 1000 + trial.number
-    run = tracker.start_trial(trial, config, data, seed=seed)
+    created: list[str] = []
+    run = tracker.start_trial(trial, config, data, seed=seed, on_created=created.append)
     history = []
     full = fake_history(seed, epochs, diverge_at=3 if outcome == "diverged" else None)
     for m in full:
@@ -96,7 +97,7 @@ def run_trial(study: optuna.Study, tracker: Tracker, outcome: str, *, epochs: in
         outcome, optuna.trial.TrialState.FAIL)
     study.tell(trial, history[-1].val_loss if outcome == "completed" else None, state=state)
     return {"number": trial.number, "run": run, "history": history, "config": config, "data": data,
-            "seed": seed, "outcome": outcome}
+            "seed": seed, "outcome": outcome, "created": created}
 
 
 def stored(value: float) -> float:
@@ -161,6 +162,8 @@ def test_every_trial_run_hangs_under_the_one_parent_named_after_the_study(tracke
     assert sorted(r.info.run_name for r in children) == [f"trial-{t['number']}" for t in tracked["trials"]]
     assert {r.data.tags["mlflow.parentRunId"] for r in children} == {tracked["parent_id"]}
     assert tracked["undelivered"] == 0
+    # start_trial's on_created got each run's id, once (sweep.objective stores it on the trial).
+    assert [t["created"] for t in tracked["trials"]] == [[t["run"].run_id] for t in tracked["trials"]]
 
 
 @pytest.mark.mlflow_server
@@ -476,6 +479,8 @@ def test_outage_mid_study_never_blocks_training_and_loses_no_metric_point(proxy,
         assert run.info.status == {"completed": "FINISHED", "pruned": "KILLED"}[t["outcome"]]
         assert run.data.tags["mlflow.parentRunId"] == study.user_attrs[PARENT_RUN_ATTR]
         assert_history_equal(client, t["run"].run_id, t["history"])
+        # The creation callback came once the server was back, with the run's id, once.
+        assert t["created"] == [t["run"].run_id]
 
 
 @pytest.mark.mlflow_server
