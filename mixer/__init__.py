@@ -5,10 +5,23 @@ The public surface other code calls; everything else lives in modules named for 
 
 from __future__ import annotations
 
+from typing import Any
+
 from mixer.config import DataConfig, MixerConfig, TrainConfig
 from mixer.data import DataError, Dataset, Pipeline, load
 from mixer.model import flops_per_example, init_params, loss_and_grads, predict_logits
-from mixer.train import EpochMetrics, FitResult, fit
+
+# mixer.train is imported on first use, not here: `python -m mixer.train` runs that module as
+# __main__, and importing it from the package first would load it twice (runpy warns about that).
+_FROM_TRAIN = ("EpochMetrics", "FitResult", "fit")
+
+
+def __getattr__(name: str) -> Any:
+    if name in _FROM_TRAIN:
+        import mixer.train
+
+        return getattr(mixer.train, name)
+    raise AttributeError(f"module 'mixer' has no attribute {name!r}")
 
 __all__ = [
     "DataConfig",

@@ -1,6 +1,9 @@
 from __future__ import annotations
 
 import dataclasses
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -121,3 +124,12 @@ def test_cli_bad_config_exits_2_naming_the_key(tmp_path, capsys):
     assert main([str(path)]) == 2
     err = capsys.readouterr().err
     assert str(path) in err and "patch_size" in err
+
+
+def test_python_dash_m_mixer_train_runs_without_runpy_warnings():
+    # The package must not import mixer.train itself, or `python -m mixer.train` loads it twice
+    # and runpy prints a RuntimeWarning to every user.
+    proc = subprocess.run([sys.executable, "-W", "error::RuntimeWarning", "-m", "mixer.train", "--help"],
+                          capture_output=True, text=True, cwd=Path(__file__).resolve().parents[2])
+    assert proc.returncode == 0, proc.stderr
+    assert "RuntimeWarning" not in proc.stderr and "usage:" in proc.stdout
