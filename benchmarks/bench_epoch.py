@@ -37,6 +37,13 @@ HEADLINE = dict(n_features=42, patch_size=3, dim=198, depth=10, token_expansion=
                 channel_expansion=0.5, dropout=0.3, stochastic_depth=0.3)
 
 
+def _headline(args: argparse.Namespace) -> dict:
+    """The headline model, with ``--dropout`` (for both dropout and stochastic depth) if given."""
+    if args.dropout is None:
+        return dict(HEADLINE)
+    return {**HEADLINE, "dropout": args.dropout, "stochastic_depth": args.dropout}
+
+
 def make_arrays(rows: int, val_rows: int, seed: int = 0) -> tuple[dict[str, np.ndarray], str]:
     """Train/validation arrays (float32 x, 0/1 y) and a description of where they came from."""
     rng = np.random.default_rng(seed)
@@ -77,7 +84,7 @@ def run_numpy(arrays: dict[str, np.ndarray], args: argparse.Namespace) -> dict:
     from mixer.model import flops_per_example, get_num_threads, predict_logits
     from mixer.train import _bce_with_logits, fit
 
-    model = MixerConfig(**HEADLINE)
+    model = MixerConfig(**_headline(args))
     config = TrainConfig(model=model, epochs=args.epochs, batch_size=args.batch_size, lr=1e-3,
                          scheduler="constant")
     data = Dataset(arrays["x_train"], arrays["y_train"], arrays["x_val"], arrays["y_val"],
@@ -122,7 +129,7 @@ def run_torch(arrays: dict[str, np.ndarray], args: argparse.Namespace) -> dict:
 
     from mixer.config import MixerConfig
 
-    model = MixerConfig(**HEADLINE)
+    model = MixerConfig(**_headline(args))
     cpu_started = time.process_time()
     runs = [time_epoch(model, arrays["x_train"], arrays["y_train"], arrays["x_val"], arrays["y_val"],
                        batch_size=args.batch_size, threads=args.threads, seed=epoch)
@@ -152,6 +159,8 @@ def spawn(kind: str, arrays_path: str, args: argparse.Namespace) -> dict | None:
         env["OMP_WAIT_POLICY"] = "PASSIVE"
     cmd = [sys.executable, __file__, "--child", kind, "--arrays", arrays_path, "--threads", str(args.threads),
            "--epochs", str(args.epochs), "--batch-size", str(args.batch_size)]
+    if args.dropout is not None:
+        cmd += ["--dropout", str(args.dropout)]
     if args.profile and kind == "numpy":
         cmd += ["--profile", str(args.profile)]
     proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, text=True, cwd=ROOT)
@@ -176,6 +185,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--val-rows", type=int, default=4_000, help="validation rows (4000)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch reference")
+    parser.add_argument("--dropout", type=float, metavar="P",
+                        help="dropout and stochastic depth for both implementations (headline: 0.3). "
+                             "0 takes the mask draws out of the comparison: torch's bernoulli_ is ~40 %% "
+                             "of its epoch here")
     parser.add_argument("--omp-passive", action="store_true",
                         help="run torch with OMP_WAIT_POLICY=PASSIVE: on a machine busy with other work its "
                              "OpenMP threads otherwise spin-wait for each other and it slows down many-fold")
@@ -195,7 +208,8 @@ def main(argv: list[str] | None = None) -> int:
     arrays, source = make_arrays(args.rows, args.val_rows)
     have_torch = not args.no_torch and importlib.util.find_spec("torch") is not None
     print(f"data: {source}; train {len(arrays['x_train'])} rows, val {len(arrays['x_val'])} rows; "
-          f"batch {args.batch_size}; threads {args.threads}; epochs {args.epochs}; load average "
+          f"batch {args.batch_size}; threads {args.threads}; epochs {args.epochs}; "
+          f"dropout {_headline(args)['dropout']}; load average "
           f"{os.getloadavg()[0]:.1f}", flush=True)
     print(f"{'':8s} {'epoch s':>8s} {'train s':>8s} {'val s':>7s} {'cpu s':>7s} {'GFLOP/s':>8s} "
           f"{'peak MB':>8s}  mean train loss, val loss", flush=True)
