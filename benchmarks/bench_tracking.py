@@ -377,7 +377,7 @@ def main(argv: list[str] | None = None) -> int:
         }
         ms = summary["per_trial_ms"]
         print(f"per trial ({off_trial:.2f} s untracked): on the training thread "
-              f"{ms['on_training_thread']:.1f} ms (start_trial+run_id {ms['start_trial+run_id']:.1f}, "
+              f"{ms['on_training_thread']:.1f} ms (start_trial {ms['start_trial']:.1f}, "
               f"end {ms['end']:.1f}, log_epoch "
               f"{ms['log_epoch_per_epoch']:.2f} per epoch); CPU of the sending thread "
               f"{ms['sending_thread_cpu']:.1f} ms, of the drawing process (nice 19) "
