@@ -250,6 +250,7 @@ def run_sequence(work: Work, configs: list[Any], *, uri: str | None, out: Path,
         history = work.fit(config, k, on_epoch)
         if run is not None:
             t = time.perf_counter()
+            _ = run.run_id  # as sweep.objective's _finish: known by now, so no wait
             run.end("completed", history=history, wait=end_wait)
             seq.call_seconds["end"] += time.perf_counter() - t
         seq.trial_seconds.append(time.perf_counter() - start)

@@ -278,9 +278,12 @@ class Objective:
                 log.warning("trial %d: diagnosis failed: %s", trial.number, exc)
         attrs = {"history": rows, "status": status, "reason": reason, "diagnosis": label,
                  "pruned_epoch": state["pruned_epoch"]}
-        run_id = getattr(state["run"], "created_run_id", None)
-        if run_id is not None:
-            attrs["mlflow_run_id"] = run_id  # also through this Trial object, whose cache the above skips
+        if state["run"] is not None:
+            # Known long since, unless the trial was shorter than one server round trip (or the server
+            # is down: then None at once); after this the finished trial no longer takes attributes.
+            run_id = getattr(state["run"], "run_id", None)
+            if run_id is not None:
+                attrs["mlflow_run_id"] = run_id
         for key, value in attrs.items():
             trial.set_user_attr(key, value)
         run = state["run"]

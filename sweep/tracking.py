@@ -956,11 +956,6 @@ class TrialRun:
         self._ended = False
 
     @property
-    def created_run_id(self) -> str | None:
-        """The MLflow run id if the run exists already, else None (never waits)."""
-        return self._handle.run_id
-
-    @property
     def run_id(self) -> str | None:
         """The MLflow run id, waiting (one round trip) for the run's creation; None while the
         server is down and the run not yet created."""

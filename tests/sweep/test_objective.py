@@ -42,7 +42,6 @@ class AlwaysPrune(optuna.pruners.BasePruner):
 class FakeRun:
     def __init__(self, log, number):
         self.log, self.run_id = log, f"run-{number}"
-        self.created_run_id = self.run_id
 
     def log_epoch(self, m):
         self.log.append(("epoch", m.epoch))
