@@ -374,24 +374,15 @@ class _PgLock(_NoLock):
         self.held = False
 
     def acquire(self) -> None:
-        from sweep.storage import RETRY_SECONDS, is_disconnect
+        from sweep.storage import call_retrying
 
-        deadline = time.monotonic() + RETRY_SECONDS
-        delay = 0.25
-        while True:
-            try:
-                if self._conn is None:
-                    self._conn = self._engine.connect()
-                self._conn.exec_driver_sql(f"SELECT pg_advisory_lock({self._key})")
-                self.held = True
-                return
-            except Exception as exc:
-                if not is_disconnect(exc) or time.monotonic() + delay > deadline:
-                    raise
-                log.warning("budget lock: lost the database connection (%s); reconnecting", _first_line(exc))
-                self._drop()
-                time.sleep(delay)
-                delay = min(2 * delay, 5.0)
+        def lock() -> None:
+            if self._conn is None:
+                self._conn = self._engine.connect()
+            self._conn.exec_driver_sql(f"SELECT pg_advisory_lock({self._key})")
+
+        call_retrying(lock, what="the budget lock", on_retry=self._drop)
+        self.held = True
 
     def release(self) -> None:
         from sweep.storage import is_disconnect

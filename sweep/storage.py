@@ -28,7 +28,7 @@ from typing import Any, TypeVar
 from optuna.exceptions import UpdateFinishedTrialError
 from optuna.storages import RDBStorage
 
-__all__ = ["ResilientRDBStorage", "is_disconnect"]
+__all__ = ["ResilientRDBStorage", "call_retrying", "is_disconnect"]
 
 log = logging.getLogger("sweep")
 
@@ -58,31 +58,44 @@ def is_disconnect(exc: BaseException) -> bool:
     return False
 
 
+def call_retrying(fn: Callable[[], Any], *, what: str, retry_seconds: float = RETRY_SECONDS,
+                  on_retry: Callable[[], None] | None = None) -> Any:
+    """``fn()``, called again with backoff while it fails because the database connection was lost.
+
+    Other errors, and a lost connection that outlasts ``retry_seconds``, are raised. ``on_retry``
+    runs before each new attempt (to drop the dead connection); ``what`` names the operation in the
+    warnings that say the connection was lost and that it is back.
+    """
+    deadline: float | None = None
+    delay = _FIRST_DELAY
+    while True:
+        try:
+            result = fn()
+        except Exception as exc:  # noqa: BLE001 - re-raised unless it is a lost connection
+            if not is_disconnect(exc):
+                raise
+            now = time.monotonic()
+            if deadline is None:
+                deadline = now + retry_seconds
+                log.warning("storage: lost the database connection in %s (%s); retrying for up to "
+                            "%.0f s", what, _cause(exc), retry_seconds)
+            if now + delay > deadline:
+                raise
+            if on_retry is not None:
+                on_retry()
+            time.sleep(delay)
+            delay = min(delay * 2, _MAX_DELAY)
+            continue
+        if deadline is not None:
+            log.warning("storage: reconnected (%s)", what)
+        return result
+
+
 def _retrying(method: F) -> F:
     @functools.wraps(method)
     def wrapper(self: ResilientRDBStorage, *args: Any, **kwargs: Any) -> Any:
-        deadline: float | None = None
-        delay = _FIRST_DELAY
-        while True:
-            try:
-                result = method(self, *args, **kwargs)
-            except Exception as exc:  # noqa: BLE001 - re-raised unless it is a lost connection
-                if not is_disconnect(exc):
-                    raise
-                now = time.monotonic()
-                if deadline is None:
-                    deadline = now + self.retry_seconds
-                    log.warning("storage: lost the database connection in %s (%s); retrying for up to "
-                                "%.0f s", method.__name__, _cause(exc), self.retry_seconds)
-                if now + delay > deadline:
-                    raise
-                self._reset_connections()
-                time.sleep(delay)
-                delay = min(delay * 2, _MAX_DELAY)
-                continue
-            if deadline is not None:
-                log.warning("storage: reconnected (%s)", method.__name__)
-            return result
+        return call_retrying(lambda: method(self, *args, **kwargs), what=method.__name__,
+                             retry_seconds=self.retry_seconds, on_retry=self._reset_connections)
 
     return wrapper  # type: ignore[return-value]
 
