@@ -7,6 +7,7 @@ file fails the tests that need them; elsewhere they skip with the reason.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -54,6 +55,23 @@ def wait_http(url: str, *, timeout: float, proc: subprocess.Popen | None = None)
     raise TimeoutError(f"{url} did not answer within {timeout:.0f} s")
 
 
+def stop_process_group(proc: subprocess.Popen, *, timeout: float = 20) -> None:
+    """SIGTERM the process group ``proc`` leads (started with ``start_new_session``), SIGKILL after
+    ``timeout`` seconds."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, 15)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, 9)
+            proc.wait()
+
+
+def psycopg2_url(url: str) -> str:
+    """``url`` with the psycopg2 driver named (SQLAlchemy >= 2.1 maps postgresql:// to psycopg 3)."""
+    return re.sub(r"^postgresql://", "postgresql+psycopg2://", url)
+
+
 class MlflowServer:
     """A real ``mlflow server`` on a loopback port, with a SQLite backend in ``root``."""
 
@@ -78,14 +96,9 @@ class MlflowServer:
         wait_http(f"{self.uri}/health", timeout=timeout, proc=self.proc)
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
+        if self.proc is not None:
             # gunicorn/uvicorn workers can linger after SIGTERM; nothing here needs a graceful exit.
-            os.killpg(self.proc.pid, 15)
-            try:
-                self.proc.wait(timeout=3)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, 9)
-                self.proc.wait()
+            stop_process_group(self.proc, timeout=3)
         self.proc = None
 
 

@@ -25,7 +25,15 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.conftest import PG_ADMIN_URL, ROOT, free_port, wait_http, which_or_skip
+from tests.conftest import (
+    PG_ADMIN_URL,
+    ROOT,
+    free_port,
+    psycopg2_url,
+    stop_process_group,
+    wait_http,
+    which_or_skip,
+)
 
 COMPOSE = ROOT / "docker-compose.yml"
 DOCKERFILE = ROOT / "docker" / "Dockerfile"
@@ -306,21 +314,6 @@ def mlflow_db_url(postgres_url):
     conn.close()
 
 
-def psycopg2_url(url: str) -> str:
-    """``url`` with the psycopg2 driver named (SQLAlchemy >= 2.1 maps postgresql:// to psycopg 3)."""
-    return re.sub(r"^postgresql://", "postgresql+psycopg2://", url)
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, 15)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, 9)
-            proc.wait()
-
-
 def _http_status(url: str, host: str) -> int:
     req = urllib.request.Request(url, headers={"Host": host})
     try:
@@ -423,7 +416,7 @@ def test_compose_topology_runs_natively_to_a_finished_study(postgres_url, mlflow
               f"{server_seconds:.1f} s; {budget} trials on 2 workers in {elapsed:.1f} s")
     finally:
         for w in workers:
-            _stop(w)
-        _stop(server)
+            stop_process_group(w)
+        stop_process_group(server)
         log.close()
         shutil.rmtree(tmp_path / "mlartifacts", ignore_errors=True)

@@ -9,7 +9,6 @@ the seconds that importing MLflow takes.
 from __future__ import annotations
 
 import os
-import re
 import signal
 import socket
 import subprocess
@@ -21,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import ROOT, _missing, which_or_skip
+from tests.conftest import ROOT, _missing, psycopg2_url, which_or_skip
 
 # Each test starts 2-3 worker processes that import MLflow and Optuna: 20-60 s apiece on 2 cores.
 pytestmark = [pytest.mark.slow, pytest.mark.postgres, pytest.mark.mlflow_server]
@@ -56,11 +55,6 @@ sys.exit(run.main(sys.argv[5:]))
 """
 
 FINISHED = ("COMPLETE", "PRUNED")
-
-
-def psycopg2_url(url: str) -> str:
-    """``url`` with the psycopg2 driver named (SQLAlchemy >= 2.1 maps postgresql:// to psycopg 3)."""
-    return re.sub(r"^postgresql://", "postgresql+psycopg2://", url)
 
 
 def _cli_has(option: str) -> bool:
