@@ -355,6 +355,8 @@ class _RunHandle:
     def __init__(self, label: str, run_id: str | None = None):
         self.label = label
         self.run_id = run_id
+        # Where its artifacts go, from create_run's answer: uploading then needs no get_run first.
+        self.artifact_uri: str | None = None
         self.created = threading.Event()
         self.dropped = False  # its creation failed for good: later writes for it are dropped
         self.last_metrics: _Op | None = None  # the latest queued epoch batch (end() waits for it)
@@ -682,11 +684,11 @@ class _Sender:
                 found = self.client.search_runs(
                     [op.experiment_id], filter_string=f"tags.tracking_key = '{key}'", max_results=1)
                 if found:
-                    run.run_id = found[0].info.run_id
+                    run.run_id, run.artifact_uri = found[0].info.run_id, found[0].info.artifact_uri
             if run.run_id is None:
                 created = self.client.create_run(op.experiment_id, start_time=op.start_time,
                                                  tags=op.create_tags, run_name=op.run_name)
-                run.run_id = created.info.run_id
+                run.run_id, run.artifact_uri = created.info.run_id, created.info.artifact_uri
         run.mark_created()  # the id is known: TrialRun.run_id need not wait for the params
         while op.sent_params < len(op.params):
             chunk = op.params[op.sent_params:op.sent_params + _MAX_PARAMS_TAGS_PER_CALL]
@@ -722,10 +724,27 @@ class _Sender:
                 op.files = [(op.future.result(), None)] if op.future is not None else []
             except Exception as exc:  # noqa: BLE001 - a plotting failure must not stop the study
                 raise _Dropped(f"could not render artifacts: {_short_error(exc)}") from exc
+        repo = self._artifact_repo(op.run)
         while op.sent_files < len(op.files):
             path, artifact_path = op.files[op.sent_files]
-            self.client.log_artifact(run_id, str(path), artifact_path)
+            if repo is None:
+                self.client.log_artifact(run_id, str(path), artifact_path)
+            else:
+                repo.log_artifact(str(path), artifact_path)
             op.sent_files += 1
+
+    def _artifact_repo(self, run: _RunHandle) -> Any:
+        """The run's artifact repository, built from the URI create_run returned; None if unknown.
+
+        ``MlflowClient.log_artifact`` would first ask the server for the run (one more request,
+        ~10 ms of server CPU per trial) only to learn that same URI. Databricks URIs need the
+        profile the client adds, so they take the client's way.
+        """
+        if run.artifact_uri is None or self.uri.startswith("databricks"):
+            return None
+        from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+        return get_artifact_repository(run.artifact_uri, tracking_uri=self.uri)
 
 
 _CURVES = ("train_loss", "val_loss", "lr")
@@ -1110,7 +1129,8 @@ class _CurvesFigure:
             ax.relim()
             ax.autoscale_view()
         self.title.set_text(title)
-        self.fig.savefig(path, dpi=100)
+        # zlib level 3 instead of Pillow's 6: ~10 ms less CPU per PNG, for ~9 % more bytes.
+        self.fig.savefig(path, dpi=100, pil_kwargs={"compress_level": 3})
         return path
 
 

@@ -277,6 +277,26 @@ def test_a_runs_status_is_set_only_after_all_its_epochs_are_on_the_server(mlflow
     assert {t["run"].run_id: len(t["history"]) for t in trials} == seen_at_status
 
 
+@pytest.mark.mlflow_server
+def test_artifacts_go_where_create_run_said_without_asking_the_server_for_the_run(mlflow_server):
+    """One request less per trial: MlflowClient.log_artifact would get_run first to find the URI."""
+    study = optuna.create_study(study_name=f"no-get-run-{time.time_ns()}")
+    tracker = Tracker(mlflow_server.uri)
+    asked: list[str] = []
+    service = tracker._sender.client._tracking_client  # where MlflowClient's requests go out
+    get_run = service.get_run
+    service.get_run = lambda run_id: asked.append(run_id) or get_run(run_id)
+    try:
+        tracker.ensure_parent_run(study)
+        trial = run_trial(study, tracker, "completed", wait=False)
+        assert tracker.flush(30)
+    finally:
+        assert tracker.close() == 0
+    assert asked == []
+    client = MlflowClient(mlflow_server.uri)
+    assert {a.path for a in client.list_artifacts(trial["run"].run_id)} == {"config.yaml", "curves.png"}
+
+
 def test_curves_are_drawn_even_if_the_drawing_process_dies(tmp_path):
     from sweep.tracking import _Drawer
 
