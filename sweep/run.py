@@ -900,6 +900,8 @@ def _main(args: argparse.Namespace, argv: list[str]) -> int:
     if undelivered:
         print(f"error: {undelivered} metric points could not be delivered to MLflow", file=sys.stderr)
         code = 1
+    if tracker is not None and (hint := _ui_hint(tracker)):
+        print(hint)
     if tracking_errors:
         print(f"error: {tracking_errors} MLflow calls failed (see {settings.out_dir / 'sweep.log'})",
               file=sys.stderr)
@@ -908,6 +910,12 @@ def _main(args: argparse.Namespace, argv: list[str]) -> int:
         print(f"error: {failure}", file=sys.stderr)
         code = 1
     return code
+
+
+def _ui_hint(tracker: Any) -> str | None:
+    from sweep.tracking import ui_hint
+
+    return ui_hint(tracker.uri, tracker.experiment_id)
 
 
 def _others_still_running(study: Any) -> bool:

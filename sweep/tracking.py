@@ -58,6 +58,7 @@ import logging
 import math
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -173,6 +174,26 @@ def _sqlite_path(uri: str) -> Path | None:
         return None
     path = urllib.parse.unquote(uri[len("sqlite:///"):].split("?", 1)[0])
     return Path(path) if path and path != ":memory:" else None
+
+
+# MLflow 3's UI opens on its GenAI pages (traces, sessions) and remembers the switch to "Model
+# training" per browser; this query parameter selects the training runs' pages directly.
+_UI_RUNS_PAGE = "#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+
+
+def ui_hint(tracking_uri: str, experiment_id: str | None) -> str | None:
+    """Where to look at an experiment's runs: the page's address, and for a local store how to serve it."""
+    if experiment_id is None:
+        return None
+    page = _UI_RUNS_PAGE.format(experiment_id=experiment_id)
+    if _is_http(tracking_uri):
+        return f"curves: {_redact(tracking_uri).rstrip('/')}/{page}"
+    sqlite = _sqlite_path(tracking_uri)
+    here = default_tracking_uri() == tracking_uri
+    serve = "mlflow ui" if here else f"mlflow ui --backend-store-uri {shlex.quote(_redact(tracking_uri))}"
+    if sqlite is not None and not here and default_tracking_uri(sqlite.parent) == tracking_uri:
+        serve = f"cd {shlex.quote(str(sqlite.parent))} && mlflow ui"
+    return f"curves: run `{serve}`, then open http://127.0.0.1:5000/{page}"
 
 
 def _redact(uri: str) -> str:

@@ -346,6 +346,22 @@ def test_default_store_is_the_one_mlflow_ui_opens_in_that_folder(in_tmp):
     assert png_shape(in_tmp / "out" / "plots" / "optimization_history.png")[0] > 100
 
 
+def test_ui_hint_says_how_to_open_the_runs_page_of_each_kind_of_store(in_tmp):
+    from sweep.tracking import ui_hint
+
+    page = "#/experiments/7/runs?workflowType=machine_learning"
+    assert ui_hint("http://u:secret@host:5000/", "7") == f"curves: http://u:***@host:5000/{page}"
+    assert ui_hint(default_tracking_uri(), "7") == f"curves: run `mlflow ui`, then open http://127.0.0.1:5000/{page}"
+    elsewhere = in_tmp / "other dir"
+    elsewhere.mkdir()
+    assert ui_hint(f"sqlite:///{elsewhere / 'mlflow.db'}", "7") == (
+        f"curves: run `cd '{elsewhere}' && mlflow ui`, then open http://127.0.0.1:5000/{page}")
+    assert ui_hint(f"sqlite:///{in_tmp / 'x.db'}", "7") == (
+        f"curves: run `mlflow ui --backend-store-uri sqlite:///{in_tmp / 'x.db'}`, "
+        f"then open http://127.0.0.1:5000/{page}")
+    assert ui_hint(default_tracking_uri(), None) is None
+
+
 def test_existing_mlruns_file_store_stays_the_default_as_mlflow_ui_does(tmp_path):
     (tmp_path / "mlruns" / "0").mkdir(parents=True)
     (tmp_path / "mlruns" / "0" / "meta.yaml").write_text("name: Default\n")
@@ -674,7 +690,7 @@ params:
 
 
 @pytest.mark.mlflow_server
-def test_sweep_cli_logs_each_trial_under_the_study_parent_run(tmp_path, mlflow_server):
+def test_sweep_cli_logs_each_trial_under_the_study_parent_run(tmp_path, mlflow_server, capsys):
     run = pytest.importorskip("sweep.run")
     space = tmp_path / "tiny.yaml"
     space.write_text(TINY_SPACE)
@@ -684,6 +700,9 @@ def test_sweep_cli_logs_each_trial_under_the_study_parent_run(tmp_path, mlflow_s
     assert code == 0
     client = MlflowClient(mlflow_server.uri)
     experiment = client.get_experiment_by_name(name)
+    # The last line names the page of this experiment's training runs.
+    page = f"#/experiments/{experiment.experiment_id}/runs?workflowType=machine_learning"
+    assert capsys.readouterr().out.splitlines()[-1] == f"curves: {mlflow_server.uri}/{page}"
     runs = client.search_runs([experiment.experiment_id])
     (parent,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     children = sorted((r for r in runs if "mlflow.parentRunId" in r.data.tags), key=lambda r: r.info.run_name)
