@@ -12,18 +12,23 @@ over, and it is stopped at the end; its CPU use during the trials is measured to
 
 The same sequence of trials (same configs, same seeds, so bit-identical training work) runs with
 tracking off and on, alternating which goes first in each repeat so that drift in machine load
-hits both alike. A tracked trial does what ``sweep.objective`` does: ``start_trial`` (whose
-``on_created`` stores the run id from the sending thread), ``log_epoch`` every epoch from the
-``on_epoch`` callback, ``end``; the study's parent run is created before and finished after the
-timed trials. Reported:
+hits both alike. One ``Tracker`` serves every tracked sequence, as one serves a worker's whole
+study; it is made, and its drawing process started, before timing starts (that start-up, ~1 s of
+CPU once per worker process, is reported on its own). A tracked trial does what
+``sweep.objective`` does: ``start_trial`` (whose ``on_created`` stores the run id from the sending
+thread), ``log_epoch`` every epoch from the ``on_epoch`` callback, ``end``; each sequence's parent
+run is created before and finished after its timed trials. Reported:
 
 - wall seconds of the trials, off and on, and the overhead ``(on - off) / off``, per repeat and
-  over all repeats (on a busy machine this carries the machine's noise).
-- per trial: the time the training thread spent inside tracking calls, the CPU of the tracker's
-  sending thread and drawing process, and the server's CPU beyond its idle rate; their sum over the
-  untracked trial time is a load-insensitive, conservative estimate of the overhead (conservative:
-  it counts each CPU second as a second of training lost, while training has two cores, and the
-  drawing process runs at nice 19).
+  over all repeats. On this machine (a virtual machine whose speed drifts by 10-15 % from one
+  trial to the next) this is mostly noise.
+- per trial, from ``/proc/<pid>/task/*/schedstat``: how long the training threads waited for a
+  CPU (run-queue wait, tracked minus untracked), plus the time spent inside tracking calls, plus
+  the CPU of the process's other threads (an upper bound on what they made training wait for the
+  GIL). That sum is what tracking delayed training by, measured without the hypervisor's noise.
+- per trial, CPU accounting: the tracker's sending thread and drawing process and the server's
+  CPU beyond its idle rate. Their sum over the untracked trial time is a cruder, conservative
+  estimate: it counts each CPU second as a second of training lost.
 """
 
 from __future__ import annotations
@@ -91,6 +96,46 @@ def group_cpu_seconds(pgid: int | None) -> float:
         if int(fields[2]) == pgid:
             total += (int(fields[11]) + int(fields[12])) / tick
     return total
+
+
+def thread_schedstat() -> dict[int, tuple[float, float]]:
+    """Per thread of this process: (CPU seconds, seconds runnable but waiting for a CPU).
+
+    The second number (``run_delay`` in ``/proc/<pid>/task/<tid>/schedstat``) is what other
+    runnable tasks on this machine, the tracker's drawing process and the MLflow server among
+    them, cost a thread. Unlike wall time it does not include what the hypervisor takes from the
+    whole virtual machine, so it is not drowned in this machine's noise.
+    """
+    out = {}
+    for task in Path(f"/proc/{os.getpid()}/task").iterdir():
+        try:
+            cpu_ns, delay_ns, _ = (int(x) for x in (task / "schedstat").read_text().split())
+        except (OSError, ValueError):
+            continue
+        out[int(task.name)] = (cpu_ns / 1e9, delay_ns / 1e9)
+    return out
+
+
+def training_thread_ids() -> set[int]:
+    """The threads that train: the main thread and the model's shard pool (``mixer_*``)."""
+    import threading
+
+    return {t.native_id for t in threading.enumerate()
+            if t is threading.main_thread() or t.name.startswith("mixer")}
+
+
+def sched_delta(before: dict[int, tuple[float, float]], after: dict[int, tuple[float, float]],
+                training: set[int]) -> dict[str, float]:
+    """CPU and run-queue wait of the training threads, and CPU of every other thread, between two reads."""
+    out = {"training_cpu": 0.0, "training_wait": 0.0, "other_cpu": 0.0}
+    for tid, (cpu, wait) in after.items():
+        cpu0, wait0 = before.get(tid, (0.0, 0.0))
+        if tid in training:
+            out["training_cpu"] += cpu - cpu0
+            out["training_wait"] += wait - wait0
+        else:
+            out["other_cpu"] += cpu - cpu0
+    return out
 
 
 def wait_settled(pgid: int, *, timeout: float = 180.0) -> float:
@@ -199,31 +244,32 @@ class Sequence:
     cpu_seconds: float = 0.0
     epochs: int = 0
     study_seconds: dict[str, float] = field(default_factory=dict)
-    undelivered: int = 0
     sending_cpu_seconds: float = 0.0     # the tracker's sending thread
-    drawing_cpu_seconds: float = 0.0     # the tracker's drawing process (nice 19)
+    drawing_cpu_seconds: float = 0.0     # the tracker's drawing process (SCHED_IDLE)
     server_cpu_seconds: float = math.nan   # the mlflow server's processes (if we started it)
+    # From the threads' schedstat: CPU and run-queue wait of the training threads, CPU of the others
+    sched: dict[str, float] = field(default_factory=dict)
 
 
-def run_sequence(work: Work, configs: list[Any], *, uri: str | None, out: Path,
-                 tracker_options: dict[str, Any], end_wait: bool, run_id_at_start: bool,
-                 server_pgid: int | None) -> Sequence:
+def run_sequence(work: Work, configs: list[Any], *, tracker: Any, out: Path, end_wait: bool,
+                 run_id_at_start: bool, server_pgid: int | None) -> Sequence:
+    """The trials of one study, tracked by ``tracker`` (one for the whole benchmark, as a worker
+    process has one for its whole study) or untracked if it is None."""
     import optuna
 
-    seq = Sequence(tracked=uri is not None)
-    study = optuna.create_study(study_name=f"bench-{'on' if uri else 'off'}-{time.time_ns()}")
-    tracker = None
-    if uri is not None:
+    seq = Sequence(tracked=tracker is not None)
+    study = optuna.create_study(study_name=f"bench-{'on' if tracker else 'off'}-{time.time_ns()}")
+    background0 = {"sending": 0.0, "drawing": 0.0}
+    if tracker is not None:
         from sweep.objective import store_run_id
-        from sweep.tracking import Tracker
 
         t = time.perf_counter()
-        tracker = Tracker(uri, **tracker_options)
-        tracker.check_reachable()
         tracker.ensure_parent_run(study)
-        seq.study_seconds["start (tracker, parent run)"] = time.perf_counter() - t
+        seq.study_seconds["parent run"] = time.perf_counter() - t
+        background0 = tracker.background_cpu_seconds
     cpu0 = time.process_time()
     server0 = group_cpu_seconds(server_pgid)
+    sched0 = thread_schedstat()
     for k, config in enumerate(configs):
         trial = study.ask()
         trial.suggest_float("lr", config.lr, config.lr)
@@ -258,24 +304,46 @@ def run_sequence(work: Work, configs: list[Any], *, uri: str | None, out: Path,
         study.tell(trial, history[-1].val_loss)
     seq.cpu_seconds = time.process_time() - cpu0
     seq.tracking_seconds = sum(seq.call_seconds.values())
+    training = training_thread_ids()
     if tracker is not None:
         tracker.flush()  # the last trial's PNG and status: part of what the trials cost
     seq.server_cpu_seconds = group_cpu_seconds(server_pgid) - server0
+    seq.sched = sched_delta(sched0, thread_schedstat(), training)
     if tracker is not None:
         cpu = tracker.background_cpu_seconds
-        seq.sending_cpu_seconds, seq.drawing_cpu_seconds = cpu["sending"], cpu["drawing"]
+        seq.sending_cpu_seconds = cpu["sending"] - background0["sending"]
+        seq.drawing_cpu_seconds = cpu["drawing"] - background0["drawing"]
         t = time.perf_counter()
         tracker.finish_study(study, out / study.study_name)
-        seq.undelivered = tracker.close()
-        seq.study_seconds["finish_study + close"] = time.perf_counter() - t
+        assert tracker.flush(120), "the study's summary did not reach the server"
+        seq.study_seconds["finish_study"] = time.perf_counter() - t
         # What reached the server: every epoch of every trial.
         from mlflow import MlflowClient
 
-        client = MlflowClient(uri)
+        client = MlflowClient(tracker.uri)
         runs = client.search_runs([tracker.experiment_id], filter_string="tags.trial_number != ''")
         points = sum(len(client.get_metric_history(r.info.run_id, "val_loss")) for r in runs)
         assert points == seq.epochs, f"{points} val_loss points on the server for {seq.epochs} epochs"
     return seq
+
+
+def start_tracker(uri: str, options: dict[str, Any], tmp: Path) -> tuple[Any, dict[str, float]]:
+    """A Tracker as a sweep worker makes one, and its drawing process ready (as it is after a study's
+    first trial); returns it with the seconds and the drawing process's CPU that took."""
+    from sweep.tracking import Tracker
+
+    t = time.perf_counter()
+    tracker = Tracker(uri, **options)
+    tracker.check_reachable()
+    drawing_cpu = 0.0
+    if options.get("curves_png", True):
+        drawer = tracker._sender._drawer
+        rows = [(1, {"train_loss": 1.0, "val_loss": 1.0, "lr": 1e-3})]
+        drawer.submit(rows, tmp / "warm-up.png", "warm-up").result(timeout=120)
+        if drawer._proc is not None:
+            fields = Path(f"/proc/{drawer._proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+            drawing_cpu = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return tracker, {"seconds": time.perf_counter() - t, "drawing_cpu": drawing_cpu}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -304,7 +372,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--epoch-seconds must be > 0, got {args.epoch_seconds}")
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-tracking-"))
-    server = None
+    server = tracker = None
     try:
         uri = args.tracking_uri
         if uri is None:
@@ -315,16 +383,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"tracking to {uri}; {'fake' if args.fake else 'real'} epochs, "
               f"{args.trials} trials x {args.epochs} epochs, {args.repeats} repeats"
               + ("" if args.fake else f", {work.data_config.n_rows} synthetic rows"), flush=True)
+        tracker, startup = start_tracker(uri, {"curves_png": not args.no_png,
+                                               "batch_seconds": args.batch_seconds}, tmp)
+        print(f"tracker ready in {startup['seconds']:.2f} s (drawing process start-up: "
+              f"{startup['drawing_cpu']:.2f} s of CPU, once per worker process)", flush=True)
         pairs = []
         for r in range(args.repeats):
-            order = (None, uri) if r % 2 == 0 else (uri, None)
+            order = (None, tracker) if r % 2 == 0 else (tracker, None)
             results = {}
             for mode in order:
-                seq = run_sequence(work, configs, uri=mode, out=tmp / "out", end_wait=args.end_wait,
+                seq = run_sequence(work, configs, tracker=mode, out=tmp / "out", end_wait=args.end_wait,
                                    run_id_at_start=args.run_id_at_start,
-                                   server_pgid=server.pid if server is not None else None,
-                                   tracker_options={"curves_png": not args.no_png,
-                                                    "batch_seconds": args.batch_seconds})
+                                   server_pgid=server.pid if server is not None else None)
                 results["on" if mode else "off"] = seq
                 label = "on " if mode else "off"
                 print(f"  repeat {r + 1} tracking {label}: {sum(seq.trial_seconds):8.2f} s for "
@@ -353,6 +423,22 @@ def main(argv: list[str] | None = None) -> int:
         # Conservative: as if every CPU second spent on tracking (here or in the server) delayed
         # training by a second. With training on both cores it delays it by less.
         cost = on_path + background + (0.0 if math.isnan(server_cpu) else server_cpu)
+        # Measured instead: what tracking made the training threads wait for a CPU (their run-queue
+        # wait, tracked minus untracked), plus the time they spent in tracking calls, plus the CPU
+        # of this process's other threads (the sender holds the GIL part of that time: an upper
+        # bound on what it made training wait for the GIL).
+        off_seqs = [r["off"] for r in pairs]
+        n_off = sum(len(s.trial_seconds) for s in off_seqs)
+
+        def per_trial(key: str) -> tuple[float, float]:
+            """(tracked, untracked) per-trial mean of one schedstat sum."""
+            return (sum(s.sched[key] for s in on_seqs) / n_trials,
+                    sum(s.sched[key] for s in off_seqs) / n_off)
+
+        wait_on, wait_off = per_trial("training_wait")
+        other_on, other_off = per_trial("other_cpu")
+        train_cpu_on, train_cpu_off = per_trial("training_cpu")
+        delay = on_path + max(0.0, wait_on - wait_off) + max(0.0, other_on - other_off)
         summary = {
             "uri": uri, "fake": args.fake, "batch_seconds": args.batch_seconds,
             "curves_png": not args.no_png, "end_wait": args.end_wait, "run_id_at_start": args.run_id_at_start,
@@ -365,27 +451,42 @@ def main(argv: list[str] | None = None) -> int:
                 "log_epoch_per_epoch": 1000 * calls["log_epoch"] / n_epochs,
                 "end": 1000 * calls["end"] / n_trials,
                 "sending_thread_cpu": 1000 * sending,
-                "drawing_process_cpu_nice19": 1000 * drawing,
+                "drawing_process_cpu_idle": 1000 * drawing,
                 "server_cpu": 1000 * server_cpu,
             },
             "server_idle_cpu_pct": 100 * idle_rate,
             "estimated_overhead_pct": 100 * cost / off_trial,
+            "sched_per_trial_ms": {
+                "training_wait_off": 1000 * wait_off, "training_wait_on": 1000 * wait_on,
+                "other_threads_cpu_off": 1000 * other_off, "other_threads_cpu_on": 1000 * other_on,
+                "training_cpu_off": 1000 * train_cpu_off, "training_cpu_on": 1000 * train_cpu_on,
+            },
+            "measured_delay_pct": 100 * delay / off_trial,
             "wall_off_s": off, "wall_on_s": on, "wall_overhead_pct": 100 * (on - off) / off,
             "wall_overhead_pct_per_repeat": [100 * x for x in per_pair],
             "study_seconds": {k: statistics.mean(s.study_seconds[k] for s in on_seqs)
                               for k in on_seqs[0].study_seconds},
-            "undelivered": sum(s.undelivered for s in on_seqs),
+            "tracker_start": startup,
+            "undelivered": tracker.close(),
         }
         ms = summary["per_trial_ms"]
         print(f"per trial ({off_trial:.2f} s untracked): on the training thread "
               f"{ms['on_training_thread']:.1f} ms (start_trial {ms['start_trial']:.1f}, "
               f"end {ms['end']:.1f}, log_epoch "
               f"{ms['log_epoch_per_epoch']:.2f} per epoch); CPU of the sending thread "
-              f"{ms['sending_thread_cpu']:.1f} ms, of the drawing process (nice 19) "
-              f"{ms['drawing_process_cpu_nice19']:.1f} ms; server CPU {ms['server_cpu']:.1f} ms "
+              f"{ms['sending_thread_cpu']:.1f} ms, of the drawing process (SCHED_IDLE) "
+              f"{ms['drawing_process_cpu_idle']:.1f} ms; server CPU {ms['server_cpu']:.1f} ms "
               f"(beyond its idle {summary['server_idle_cpu_pct']:.1f} % of a core)")
         print(f"estimated overhead (sum of the above / untracked trial time): "
               f"{summary['estimated_overhead_pct']:.2f} %")
+        sc = summary["sched_per_trial_ms"]
+        print(f"training threads per trial, off / on: waiting for a CPU {sc['training_wait_off']:.1f} / "
+              f"{sc['training_wait_on']:.1f} ms, CPU {sc['training_cpu_off']:.0f} / "
+              f"{sc['training_cpu_on']:.0f} ms;"
+              f" CPU of the process's other threads {sc['other_threads_cpu_off']:.1f} / "
+              f"{sc['other_threads_cpu_on']:.1f} ms")
+        print(f"measured delay to training (in tracking calls + extra run-queue wait + other threads' CPU, "
+              f"the GIL bound) / untracked trial time: {summary['measured_delay_pct']:.2f} %")
         print(f"measured wall: off {off:.2f} s, on {on:.2f} s -> {summary['wall_overhead_pct']:+.2f} % "
               f"(per repeat: {', '.join(f'{x:+.2f} %' for x in summary['wall_overhead_pct_per_repeat'])};"
               f" on a busy machine this is mostly the other load's noise)")
@@ -396,6 +497,8 @@ def main(argv: list[str] | None = None) -> int:
             args.json.write_text(json.dumps(summary, indent=2))
         return 0 if summary["undelivered"] == 0 else 1
     finally:
+        if tracker is not None:
+            tracker.close(timeout=5)  # a second close() returns at once
         if server is not None:
             stop_server(server)
         shutil.rmtree(tmp, ignore_errors=True)

@@ -24,9 +24,9 @@ network. A run's epochs are held up to ``batch_seconds``
 training would otherwise have). Writes keep their order within a run, so a run's status is set only
 after all of its metrics and artifacts are stored; ``run.end`` sends the run's remaining epochs at
 once (``wait=True`` also waits until they are stored), and ``flush``/``close`` wait, bounded, for
-everything. The curves PNG is drawn by a ``nice 19`` child process, so that its ~0.1 s of CPU per
-trial only uses what training leaves idle. Reading ``run.run_id`` waits for the run's creation
-(one round trip).
+everything. The curves PNG is drawn by a child process under ``SCHED_IDLE`` (Linux; ``nice 19``
+elsewhere), so that its ~0.1 s of CPU per trial mostly uses what training leaves idle. Reading
+``run.run_id`` waits for the run's creation (one round trip).
 
 How it survives the server going away: a failed write stays at the head of the queue and is retried
 with exponential backoff (our own: MLflow's HTTP retries are turned down for the process so that a
@@ -775,10 +775,13 @@ class _Drawer:
     """Draws curves PNGs in a child process at the lowest CPU priority; a thread if that fails.
 
     Drawing one PNG takes matplotlib ~0.1 s of CPU. In the training process it would hold the GIL
-    and a core that the training's BLAS threads need; a ``nice 19`` process only gets the CPU the
-    training leaves idle. The child is ``python -m sweep.tracking --draw-worker`` (no
-    multiprocessing: nothing of the caller's main module is re-run), reads one JSON job per line
-    and answers one line per job; it exits when its stdin closes.
+    and a core that the training's shard threads need. A ``nice 19`` process still took about as
+    much from training as it used (the training threads' run-queue wait grew by ~125 ms per trial,
+    ``benchmarks/bench_tracking.py``); under ``SCHED_IDLE`` a training thread that wakes up takes
+    the core back at once, and that wait grew by ~55 ms, most of it the server's. The child is
+    ``python -m sweep.tracking --draw-worker`` (no multiprocessing: nothing of the caller's main
+    module is re-run), reads one JSON job per line and answers one line per job; it exits when its
+    stdin closes.
     """
 
     def __init__(self) -> None:
@@ -903,6 +906,8 @@ def _draw_worker() -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the sweep to handle, not us
     with contextlib.suppress(OSError):
         os.nice(19)
+    with contextlib.suppress(OSError, AttributeError):  # Linux: run only on a CPU nothing else wants
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
     # Import and warm up matplotlib before the first job; CPU is reported from here on.
     with tempfile.TemporaryDirectory() as folder:
         _plot_curves([(1, {"train_loss": 1.0, "val_loss": 1.0, "lr": 1e-3})], Path(folder) / "w.png",

@@ -297,6 +297,19 @@ def test_artifacts_go_where_create_run_said_without_asking_the_server_for_the_ru
     assert {a.path for a in client.list_artifacts(trial["run"].run_id)} == {"config.yaml", "curves.png"}
 
 
+@pytest.mark.skipif(not hasattr(os, "SCHED_IDLE"), reason="SCHED_IDLE is Linux-only")
+def test_the_drawing_process_runs_only_on_cpu_time_nothing_else_wants(tmp_path):
+    from sweep.tracking import _Drawer
+
+    drawer = _Drawer()
+    try:
+        drawer.submit([(1, {"train_loss": 1.0, "val_loss": 1.0, "lr": 1e-3})], tmp_path / "a.png",
+                      "idle").result(timeout=60)
+        assert os.sched_getscheduler(drawer._proc.pid) == os.SCHED_IDLE
+    finally:
+        drawer.close()
+
+
 def test_curves_are_drawn_even_if_the_drawing_process_dies(tmp_path):
     from sweep.tracking import _Drawer
 
