@@ -244,6 +244,8 @@ class Sequence:
     cpu_seconds: float = 0.0
     epochs: int = 0
     study_seconds: dict[str, float] = field(default_factory=dict)
+    deferred_pngs: int = 0               # short trials' PNGs, drawn after the trials (as at close)
+    deferred_drawing_cpu: float = 0.0
     sending_cpu_seconds: float = 0.0     # the tracker's sending thread
     drawing_cpu_seconds: float = 0.0     # the tracker's drawing process (SCHED_IDLE)
     server_cpu_seconds: float = math.nan   # the mlflow server's processes (if we started it)
@@ -317,6 +319,13 @@ def run_sequence(work: Work, configs: list[Any], *, tracker: Any, out: Path, end
         tracker.finish_study(study, out / study.study_name)
         assert tracker.flush(120), "the study's summary did not reach the server"
         seq.study_seconds["finish_study"] = time.perf_counter() - t
+        # What close() does at the end of a study: draw and upload the short trials' PNGs.
+        t = time.perf_counter()
+        drawer_cpu0 = tracker.background_cpu_seconds["drawing"]
+        seq.deferred_pngs = tracker.draw_deferred()
+        assert tracker.flush(120), "the deferred PNGs did not reach the server"
+        seq.study_seconds["deferred PNGs"] = time.perf_counter() - t
+        seq.deferred_drawing_cpu = tracker.background_cpu_seconds["drawing"] - drawer_cpu0
         # What reached the server: every epoch of every trial.
         from mlflow import MlflowClient
 
@@ -327,23 +336,23 @@ def run_sequence(work: Work, configs: list[Any], *, tracker: Any, out: Path, end
     return seq
 
 
-def start_tracker(uri: str, options: dict[str, Any], tmp: Path) -> tuple[Any, dict[str, float]]:
-    """A Tracker as a sweep worker makes one, and its drawing process ready (as it is after a study's
-    first trial); returns it with the seconds and the drawing process's CPU that took."""
+def drawing_process_cpu(tracker: Any) -> float:
+    """CPU seconds used so far by the tracker's drawing process, start-up included (0 if none)."""
+    proc = tracker._sender._drawer._proc
+    if proc is None:
+        return 0.0
+    fields = Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def start_tracker(uri: str, options: dict[str, Any]) -> tuple[Any, float]:
+    """A Tracker as a sweep worker makes one; returns it and the seconds that took."""
     from sweep.tracking import Tracker
 
     t = time.perf_counter()
     tracker = Tracker(uri, **options)
     tracker.check_reachable()
-    drawing_cpu = 0.0
-    if options.get("curves_png", True):
-        drawer = tracker._sender._drawer
-        rows = [(1, {"train_loss": 1.0, "val_loss": 1.0, "lr": 1e-3})]
-        drawer.submit(rows, tmp / "warm-up.png", "warm-up").result(timeout=120)
-        if drawer._proc is not None:
-            fields = Path(f"/proc/{drawer._proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
-            drawing_cpu = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    return tracker, {"seconds": time.perf_counter() - t, "drawing_cpu": drawing_cpu}
+    return tracker, time.perf_counter() - t
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -359,6 +368,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--depth", type=int, default=2)
     p.add_argument("--batch-seconds", type=float, default=10.0, help="Tracker(batch_seconds=...)")
     p.add_argument("--no-png", action="store_true", help="Tracker(curves_png=False): where the cost goes")
+    p.add_argument("--defer-png-below", type=float, default=30.0,
+                   help="Tracker(defer_png_below=...): 0 draws each PNG as its trial ends (default 30)")
     p.add_argument("--end-wait", action="store_true", help="run.end(wait=True): what that wait costs")
     p.add_argument("--run-id-at-start", action="store_true",
                    help="wait for run.run_id right after start_trial (the old way), instead of letting the "
@@ -384,9 +395,9 @@ def main(argv: list[str] | None = None) -> int:
               f"{args.trials} trials x {args.epochs} epochs, {args.repeats} repeats"
               + ("" if args.fake else f", {work.data_config.n_rows} synthetic rows"), flush=True)
         tracker, startup = start_tracker(uri, {"curves_png": not args.no_png,
-                                               "batch_seconds": args.batch_seconds}, tmp)
-        print(f"tracker ready in {startup['seconds']:.2f} s (drawing process start-up: "
-              f"{startup['drawing_cpu']:.2f} s of CPU, once per worker process)", flush=True)
+                                               "batch_seconds": args.batch_seconds,
+                                               "defer_png_below": args.defer_png_below})
+        print(f"tracker ready in {startup:.2f} s", flush=True)
         pairs = []
         for r in range(args.repeats):
             order = (None, tracker) if r % 2 == 0 else (tracker, None)
@@ -441,7 +452,8 @@ def main(argv: list[str] | None = None) -> int:
         delay = on_path + max(0.0, wait_on - wait_off) + max(0.0, other_on - other_off)
         summary = {
             "uri": uri, "fake": args.fake, "batch_seconds": args.batch_seconds,
-            "curves_png": not args.no_png, "end_wait": args.end_wait, "run_id_at_start": args.run_id_at_start,
+            "curves_png": not args.no_png, "defer_png_below": args.defer_png_below,
+            "end_wait": args.end_wait, "run_id_at_start": args.run_id_at_start,
             "trials": args.trials, "epochs": args.epochs, "repeats": args.repeats,
             "rows": None if args.fake else work.data_config.n_rows,
             "trial_seconds_off_mean": off_trial,
@@ -466,7 +478,11 @@ def main(argv: list[str] | None = None) -> int:
             "wall_overhead_pct_per_repeat": [100 * x for x in per_pair],
             "study_seconds": {k: statistics.mean(s.study_seconds[k] for s in on_seqs)
                               for k in on_seqs[0].study_seconds},
-            "tracker_start": startup,
+            "tracker_start_seconds": startup,
+            "drawing_process_total_cpu_s": drawing_process_cpu(tracker),
+            "deferred_pngs_per_study": statistics.mean(s.deferred_pngs for s in on_seqs),
+            "deferred_drawing_cpu_per_png_ms": 1000 * sum(s.deferred_drawing_cpu for s in on_seqs)
+            / max(1, sum(s.deferred_pngs for s in on_seqs)),
             "undelivered": tracker.close(),
         }
         ms = summary["per_trial_ms"]
@@ -490,6 +506,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"measured wall: off {off:.2f} s, on {on:.2f} s -> {summary['wall_overhead_pct']:+.2f} % "
               f"(per repeat: {', '.join(f'{x:+.2f} %' for x in summary['wall_overhead_pct_per_repeat'])};"
               f" on a busy machine this is mostly the other load's noise)")
+        if summary["deferred_pngs_per_study"]:
+            print(f"PNGs drawn after the trials (as at close): {summary['deferred_pngs_per_study']:.0f} per "
+                  f"study, {summary['deferred_drawing_cpu_per_png_ms']:.0f} ms of CPU each; the drawing "
+                  f"process used {summary['drawing_process_total_cpu_s']:.2f} s of CPU in all, its "
+                  f"start-up (importing matplotlib) included")
         print("per study, outside the trials: " + ", ".join(
             f"{k} {v:.2f} s" for k, v in summary["study_seconds"].items()))
         print(f"metric points undelivered: {summary['undelivered']}")

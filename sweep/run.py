@@ -619,6 +619,9 @@ def _close_tracker(tracker: Any) -> int:
     if tracker is None:
         return 0
     try:
+        if tracker.deferred_pngs:
+            print(f"drawing the curves PNGs of {tracker.deferred_pngs} short trial(s) for MLflow ...",
+                  file=sys.stderr, flush=True)
         return int(tracker.close() or 0)
     except Exception as exc:  # noqa: BLE001
         log.error("closing the tracker failed: %s", exc)

@@ -22,10 +22,12 @@ by a background thread. ``log_epoch`` only appends to that queue, so training ne
 network. A run's epochs are held up to ``batch_seconds``
 (10 s) and sent in one call (each call costs a server on the same machine ~12 ms of CPU that
 training would otherwise have). Writes keep their order within a run, so a run's status is set only
-after all of its metrics and artifacts are stored; ``run.end`` sends the run's remaining epochs at
-once (``wait=True`` also waits until they are stored), and ``flush``/``close`` wait, bounded, for
-everything. The curves PNG is drawn by a child process under ``SCHED_IDLE`` (Linux; ``nice 19``
-elsewhere), so that its ~0.1 s of CPU per trial mostly uses what training leaves idle. Reading
+after all of its metrics (and, for a trial of 30 s or more, its curves PNG) are stored; ``run.end``
+sends the run's remaining epochs at once (``wait=True`` also waits until they are stored), and
+``flush``/``close`` wait, bounded, for everything. The curves PNG is drawn by a child process under
+``SCHED_IDLE`` (Linux; ``nice 19`` elsewhere), so that its ~0.1 s of CPU per trial mostly uses what
+training leaves idle; a shorter trial's PNG is drawn when the tracker closes, since drawing it
+during the next trial would cost that trial over 0.5 % (``defer_png_below``). Reading
 ``run.run_id`` waits for the run's creation (one round trip).
 
 How it survives the server going away: a failed write stays at the head of the queue and is retried
@@ -818,16 +820,6 @@ class _Drawer:
         self._in_thread(future, rows, path, title)
         return future
 
-    def start(self) -> None:
-        """Start the drawing process now (its ~1 s of start-up, at low priority, before training)."""
-        with self._lock:
-            if not self._broken:
-                try:
-                    self._child()
-                except (OSError, ValueError) as exc:
-                    log.info("drawing process unavailable, drawing in a thread: %s", exc)
-                    self._broken = True
-
     def _child(self) -> subprocess.Popen:
         if self._proc is None:
             env = {**os.environ, "MPLBACKEND": "Agg", "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
@@ -999,6 +991,7 @@ class TrialRun:
         self.seed = seed
         self._logged: dict[int, dict[str, float]] = {}
         self._ended = False
+        self._started = time.monotonic()
 
     @property
     def run_id(self) -> str | None:
@@ -1077,11 +1070,18 @@ class TrialRun:
         sender = self._tracker._sender
         sender.put(_Op("batch", self._handle, metrics=metrics,
                        tags=[RunTag(k, v) for k, v in tags.items()]))
+        deferred = None
         if self._tracker.curves_png:
             curves = [(e, {k: v[k] for k in _CURVES if k in v}) for e, v in sorted(self._logged.items())]
             title = f"{self._tracker._study_name} trial-{self.trial_number} ({state})"
-            sender.put(_Op("artifacts", self._handle, draw=(curves, title)))
+            if time.monotonic() - self._started < self._tracker.defer_png_below:
+                deferred = (self._handle, curves, title)
+            else:
+                sender.put(_Op("artifacts", self._handle, draw=(curves, title)))
         sender.put(_Op("terminate", self._handle, status=status, end_time=_now_ms()))
+        if deferred is not None:
+            with self._tracker._deferred_lock:
+                self._tracker._deferred_pngs.append(deferred)
         if wait and self._handle.last_metrics is not None:
             # One round trip (the run's last epochs), not the PNG and status behind it.
             sender.wait(self._handle.last_metrics, self._tracker.end_timeout)
@@ -1195,7 +1195,12 @@ class Tracker:
             each call costs a local server ~12 ms of CPU taken from training. 0 sends each epoch
             as it comes.
         curves_png: draw each trial's loss and learning-rate curves as ``curves.png`` (~0.1 s of
-            CPU per trial, on a background thread).
+            CPU per trial, in a child process under ``SCHED_IDLE``).
+        defer_png_below: a trial shorter than this many seconds gets its ``curves.png`` when the
+            tracker closes (or on :meth:`draw_deferred`), not when it ends: drawing it in the middle
+            of the next trial would delay that trial by ~60 ms, over 0.5 % of a trial under 12 s
+            (``benchmarks/bench_tracking.py``). Its metrics, tags and status go at once as usual.
+            0 draws every PNG when its trial ends.
         end_timeout: longest wait, in seconds, in ``TrialRun.end`` / ``finish_study`` for the run
             to be fully stored (skipped while the server is down).
         close_timeout: default longest wait in ``close`` for the queue to drain.
@@ -1207,9 +1212,9 @@ class Tracker:
     def __init__(self, tracking_uri: str | None = None, experiment_name: str | None = None, *,
                  batch_seconds: float = 10.0, curves_png: bool = True, end_timeout: float = 10.0,
                  close_timeout: float = 30.0, max_backoff: float = 15.0, warn_every: float = 10.0,
-                 connect_timeout: float = 3.0):
+                 connect_timeout: float = 3.0, defer_png_below: float = 30.0):
         for name, value in (("batch_seconds", batch_seconds), ("end_timeout", end_timeout),
-                            ("close_timeout", close_timeout),
+                            ("close_timeout", close_timeout), ("defer_png_below", defer_png_below),
                             ("max_backoff", max_backoff), ("warn_every", warn_every),
                             ("connect_timeout", connect_timeout)):
             if not value >= 0:
@@ -1219,6 +1224,10 @@ class Tracker:
         self.uri = _resolve_uri(tracking_uri)
         self.experiment_name = experiment_name
         self.curves_png = curves_png
+        self.defer_png_below = defer_png_below
+        # (run, curves rows, title) of short trials whose PNG waits for close() / draw_deferred()
+        self._deferred_pngs: list[tuple[_RunHandle, list[Any], str]] = []
+        self._deferred_lock = threading.Lock()
         self.end_timeout = end_timeout
         self.close_timeout = close_timeout
         self.connect_timeout = connect_timeout
@@ -1238,10 +1247,10 @@ class Tracker:
             self._open_error = TrackingUnavailable(
                 f"cannot open MLflow tracking store {_redact(self.uri)}: {_short_error(exc)}")
             self._client = None  # never used: ensure_parent_run, needed before any run, raises
+        # The drawing process starts with the first PNG (~1 s of CPU importing matplotlib): with
+        # short trials, when the tracker closes, where it delays no training.
         self._sender = _Sender(self._client, self.uri, max_backoff=max_backoff, warn_every=warn_every,
                                batch_seconds=batch_seconds)
-        if curves_png:
-            self._sender._drawer.start()
         _open_trackers.add(self)
 
     def _make_client(self) -> MlflowClient:
@@ -1457,6 +1466,19 @@ class Tracker:
         handle.last_metrics = self._sender.put(
             _Op("batch", handle, metrics=[Metric(k, float(v), now, int(epoch)) for k, v in values.items()]))
 
+    @property
+    def deferred_pngs(self) -> int:
+        """Short trials whose ``curves.png`` waits for :meth:`draw_deferred` (``close`` calls it)."""
+        return len(self._deferred_pngs)
+
+    def draw_deferred(self) -> int:
+        """Queue the deferred curves PNGs for drawing and upload now; returns how many."""
+        with self._deferred_lock:
+            deferred, self._deferred_pngs = self._deferred_pngs, []
+        for handle, rows, title in deferred:
+            self._sender.put(_Op("artifacts", handle, draw=(rows, title)))
+        return len(deferred)
+
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until everything queued so far is stored (at most ``timeout`` s, default
         ``close_timeout``; at once False while the server is down). True if it all arrived."""
@@ -1572,12 +1594,16 @@ class Tracker:
         """
         if self._closed:
             return self._undelivered or 0
-        self._closed = True
         timeout = self.close_timeout if timeout is None else timeout
         if timeout < 0:
             raise ValueError(f"timeout must be >= 0, got timeout={timeout}")
+        drawing = self.draw_deferred()
+        self._closed = True
+        if drawing:
+            log.info("drawing %d deferred curves PNGs", drawing)
         try:
-            self._undelivered = self._sender.stop(timeout)
+            # Each deferred PNG is ~0.1 s of drawing: allow for them on top of the timeout.
+            self._undelivered = self._sender.stop(timeout + 0.5 * drawing)
         finally:
             _release_process_env()
             _open_trackers.discard(self)

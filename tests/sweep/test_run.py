@@ -288,7 +288,9 @@ def test_ctrl_c_marks_the_trial_failed_and_rerunning_retries_it_with_the_same_se
 
 
 def test_two_workers_share_the_budget_exactly_with_their_share_of_the_cores(in_tmp):
-    path = write_space(in_tmp)
+    # Trials long enough (~0.5 s) that the first worker cannot run all 8 before the second one has
+    # started (~2 s of imports): on 300 rows it sometimes did.
+    path = write_space(in_tmp, TINY.replace("n_rows: 300", "n_rows: 8000"))
     assert main([str(path), "--no-tracking", "--out", "out", "--workers", "2", "--n-trials", "8"]) == 0
     study = journal_study(in_tmp / "out")
     numbers = [t.number for t in study.trials]

@@ -297,6 +297,43 @@ def test_artifacts_go_where_create_run_said_without_asking_the_server_for_the_ru
     assert {a.path for a in client.list_artifacts(trial["run"].run_id)} == {"config.yaml", "curves.png"}
 
 
+@pytest.mark.mlflow_server
+def test_a_short_trials_png_is_drawn_at_close_and_a_long_ones_before_its_status(mlflow_server):
+    client = MlflowClient(mlflow_server.uri)
+    study = optuna.create_study(study_name=f"deferred-png-{time.time_ns()}")
+    tracker = Tracker(mlflow_server.uri)  # fake trials take milliseconds: far under defer_png_below
+    try:
+        tracker.ensure_parent_run(study)
+        short = run_trial(study, tracker, "completed")["run"].run_id
+        assert tracker.flush(30)
+        run = client.get_run(short)
+        assert run.info.status == "FINISHED" and len(client.get_metric_history(short, "val_loss")) == EPOCHS
+        assert {a.path for a in client.list_artifacts(short)} == {"config.yaml"}
+        assert tracker.deferred_pngs == 1
+    finally:
+        assert tracker.close() == 0
+    assert tracker.deferred_pngs == 0
+    assert {a.path for a in client.list_artifacts(short)} == {"config.yaml", "curves.png"}
+
+    tracker = Tracker(mlflow_server.uri, defer_png_below=0)
+    seen_at_status = {}
+    set_terminated = tracker._sender.client.set_terminated
+
+    def spy(run_id, **kwargs):
+        seen_at_status[run_id] = {a.path for a in tracker._sender.client.list_artifacts(run_id)}
+        return set_terminated(run_id, **kwargs)
+
+    tracker._sender.client.set_terminated = spy
+    try:
+        tracker.ensure_parent_run(study)
+        long = run_trial(study, tracker, "completed")["run"].run_id
+        assert tracker.flush(30)
+        assert tracker.deferred_pngs == 0
+    finally:
+        assert tracker.close() == 0
+    assert seen_at_status == {long: {"config.yaml", "curves.png"}}
+
+
 @pytest.mark.skipif(not hasattr(os, "SCHED_IDLE"), reason="SCHED_IDLE is Linux-only")
 def test_the_drawing_process_runs_only_on_cpu_time_nothing_else_wants(tmp_path):
     from sweep.tracking import _Drawer
