@@ -374,6 +374,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--run-id-at-start", action="store_true",
                    help="wait for run.run_id right after start_trial (the old way), instead of letting the "
                         "sending thread store it as sweep.objective does")
+    p.add_argument("--aa", action="store_true",
+                   help="an A/A run: the 'on' sequences are untracked too (the comparison's noise)")
     p.add_argument("--json", type=Path, help="also write the results here")
     args = p.parse_args(argv)
     for name in ("trials", "epochs", "repeats"):
@@ -397,13 +399,15 @@ def main(argv: list[str] | None = None) -> int:
         tracker, startup = start_tracker(uri, {"curves_png": not args.no_png,
                                                "batch_seconds": args.batch_seconds,
                                                "defer_png_below": args.defer_png_below})
-        print(f"tracker ready in {startup:.2f} s", flush=True)
+        print(f"tracker ready in {startup:.2f} s"
+              + ("; A/A run: the 'on' sequences are untracked too" if args.aa else ""), flush=True)
         pairs = []
         for r in range(args.repeats):
             order = (None, tracker) if r % 2 == 0 else (tracker, None)
             results = {}
             for mode in order:
-                seq = run_sequence(work, configs, tracker=mode, out=tmp / "out", end_wait=args.end_wait,
+                seq = run_sequence(work, configs, tracker=None if args.aa else mode, out=tmp / "out",
+                                   end_wait=args.end_wait,
                                    run_id_at_start=args.run_id_at_start,
                                    server_pgid=server.pid if server is not None else None)
                 results["on" if mode else "off"] = seq
