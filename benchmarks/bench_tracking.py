@@ -82,19 +82,24 @@ def start_server(root: Path) -> tuple[subprocess.Popen, str]:
     raise TimeoutError(f"{uri}/health did not answer within 180 s")
 
 
+def proc_stat(stat: Path) -> tuple[int, float]:
+    """(process group, CPU seconds used so far) from a ``/proc/<pid>/stat`` file."""
+    fields = stat.read_text().rsplit(")", 1)[1].split()
+    return int(fields[2]), (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def group_cpu_seconds(pgid: int | None) -> float:
     """CPU seconds used so far by the live processes of process group ``pgid`` (the server's)."""
     if pgid is None:
         return math.nan
     total = 0.0
-    tick = os.sysconf("SC_CLK_TCK")
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
+            group, cpu = proc_stat(stat)
         except OSError:
             continue
-        if int(fields[2]) == pgid:
-            total += (int(fields[11]) + int(fields[12])) / tick
+        if group == pgid:
+            total += cpu
     return total
 
 
@@ -341,8 +346,7 @@ def drawing_process_cpu(tracker: Any) -> float:
     proc = tracker._sender._drawer._proc
     if proc is None:
         return 0.0
-    fields = Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return proc_stat(Path(f"/proc/{proc.pid}/stat"))[1]
 
 
 def start_tracker(uri: str, options: dict[str, Any]) -> tuple[Any, float]:

@@ -903,8 +903,11 @@ def _main(args: argparse.Namespace, argv: list[str]) -> int:
     if undelivered:
         print(f"error: {undelivered} metric points could not be delivered to MLflow", file=sys.stderr)
         code = 1
-    if tracker is not None and (hint := _ui_hint(tracker)):
-        print(hint)
+    if tracker is not None:
+        from sweep.tracking import ui_hint
+
+        if hint := ui_hint(tracker.uri, tracker.experiment_id):
+            print(hint)
     if tracking_errors:
         print(f"error: {tracking_errors} MLflow calls failed (see {settings.out_dir / 'sweep.log'})",
               file=sys.stderr)
@@ -913,12 +916,6 @@ def _main(args: argparse.Namespace, argv: list[str]) -> int:
         print(f"error: {failure}", file=sys.stderr)
         code = 1
     return code
-
-
-def _ui_hint(tracker: Any) -> str | None:
-    from sweep.tracking import ui_hint
-
-    return ui_hint(tracker.uri, tracker.experiment_id)
 
 
 def _others_still_running(study: Any) -> bool:
