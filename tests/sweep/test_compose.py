@@ -326,6 +326,21 @@ def _http_status(url: str, host: str) -> int:
 @pytest.mark.slow  # ~70 s on the shared 2-core box, most of it MLflow migrating its empty database
 @pytest.mark.postgres
 @pytest.mark.mlflow_server
+def _job_runners(pgid: int) -> list[str]:
+    """Command lines of the MLflow job runner's huey consumers in process group ``pgid``."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat.read_text().rsplit(")", 1)[1].split()[2]) != pgid:
+                continue
+            cmdline = (stat.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except (OSError, ValueError):
+            continue
+        if "huey" in cmdline:
+            found.append(cmdline)
+    return found
+
+
 def test_compose_topology_runs_natively_to_a_finished_study(postgres_url, mlflow_db_url, tmp_path,
                                                             monkeypatch):
     import optuna
@@ -350,13 +365,16 @@ def test_compose_topology_runs_natively_to_a_finished_study(postgres_url, mlflow
     server_argv = _replace_option(server_argv, "--workers", "1")  # two cores shared by the test suite
     uri = f"http://127.0.0.1:{port}"
     log = open(tmp_path / "mlflow.log", "wb")
-    server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", *server_argv],
+    server_env = {**os.environ, **svc["mlflow"]["environment"]}
+    server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", *server_argv], env=server_env,
                               stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     workers: list[subprocess.Popen] = []
     t0 = time.monotonic()
     try:
         wait_http(f"{uri}/health", timeout=120, proc=server)
         server_seconds = time.monotonic() - t0
+        # The compose file's environment turns the job runner off: no huey consumer processes.
+        assert not _job_runners(server.pid), _job_runners(server.pid)
         # The container's healthcheck command, pointed at this port, passes.
         health = svc["mlflow"]["healthcheck"]["test"][1:]
         health = [a.replace("127.0.0.1:5000", f"127.0.0.1:{port}") for a in health]
