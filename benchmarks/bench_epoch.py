@@ -81,8 +81,10 @@ def run_numpy(arrays: dict[str, np.ndarray], args: argparse.Namespace) -> dict:
     """One fit() of ``--epochs`` epochs; the validation part is timed again on its own."""
     from mixer.config import MixerConfig, TrainConfig
     from mixer.data import Dataset
-    from mixer.model import flops_per_example, get_num_threads, predict_logits
+    from mixer.model import flops_per_example, get_num_threads, predict_logits, set_num_threads
     from mixer.train import _bce_with_logits, fit
+
+    set_num_threads(args.threads, adaptive=False)  # exactly as many threads as torch gets
 
     model = MixerConfig(**_headline(args))
     config = TrainConfig(model=model, epochs=args.epochs, batch_size=args.batch_size, lr=1e-3,

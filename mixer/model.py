@@ -26,7 +26,12 @@ Speed (see DESIGN.md, "Speed", and benchmarks/README.md for measurements):
   number of threads.
 - The thread count is ``MIXER_NUM_THREADS`` if set, else the CPUs this process may
   run on; ``set_num_threads`` changes it. Sweep workers sharing a machine should
-  set it to the cores each one owns.
+  set it to the cores each one owns. It is a ceiling: for each kind of work
+  (training or prediction) and model shape, the first calls alternate between one
+  thread and all of them, timed, and the faster is kept for the rest of the process.
+  A small model's shards hold the GIL most of the time, and two threads passing it
+  back and forth were measured 1.45-2x slower than one (dim 32, depth 1-2); from
+  dim 128 on, two are faster (1.3x, and 1.7x for the headline model).
 - Drop-path skips the dropped samples' branch work instead of multiplying it by 0
   (``_residual_forward``); the GELU caches its own derivative, so its backward pass
   is one multiply (``layers.gelu_forward``); the first call tunes the process
@@ -40,7 +45,9 @@ import functools
 import itertools
 import math
 import os
+import statistics
 import threading
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
@@ -63,6 +70,7 @@ __all__ = [
     "param_shapes",
     "predict_logits",
     "set_num_threads",
+    "threads_chosen",
 ]
 
 # Rows per shard of a training batch. Fixed (not derived from the thread count) so that the
@@ -154,6 +162,11 @@ _num_threads: int | None = None
 _pool: ThreadPoolExecutor | None = None
 _pool_size = 0  # worker threads besides the caller's
 _tuned = False
+_adaptive = True
+# Timed calls of each thread count before one is chosen (after one untimed warm-up call).
+PROBES = 3
+_chosen: dict[tuple, int] = {}                   # (work, shape, items, ceiling) -> threads
+_timings: dict[tuple, dict[int, list[float]]] = {}  # the same keys while still probing
 
 
 def _default_threads() -> int:
@@ -180,9 +193,14 @@ def get_num_threads() -> int:
     return _num_threads
 
 
-def set_num_threads(n: int | None) -> None:
-    """Run shards on ``n`` threads (None: back to the default). Results do not depend on it."""
-    global _num_threads, _pool
+def set_num_threads(n: int | None, *, adaptive: bool = True) -> None:
+    """Run shards on up to ``n`` threads (None: back to the default). Results do not depend on it.
+
+    Args:
+        adaptive: use fewer threads for work that measured faster on one (see the module
+            docstring); False: always ``n`` (benchmarks comparing thread counts).
+    """
+    global _num_threads, _pool, _adaptive
     if n is not None and (not isinstance(n, int) or n < 1):
         raise ValueError(f"n must be a positive integer or None, got n={n!r}")
     with _lock:
@@ -190,6 +208,47 @@ def set_num_threads(n: int | None) -> None:
             _pool.shutdown(wait=True)
             _pool = None
         _num_threads = n
+        _adaptive = adaptive
+        _chosen.clear()
+        _timings.clear()
+
+
+def threads_chosen() -> dict[tuple, int]:
+    """The thread count chosen so far per ``(work, shape, items, ceiling)``; work is "train" or "predict"."""
+    with _lock:
+        return dict(_chosen)
+
+
+def _threads_for(key: tuple | None, ceiling: int) -> tuple[int, bool]:
+    """(threads to use for this call, whether to time it): the chosen count, or the next probe."""
+    if key is None or not _adaptive:
+        return ceiling, False
+    with _lock:
+        chosen = _chosen.get(key)
+        if chosen is not None:
+            return chosen, False
+        timings = _timings.get(key)
+        if timings is None:  # the first call warms caches and the pool: not timed
+            _timings[key] = {1: [], ceiling: []}
+            return ceiling, False
+    ones, alls = len(timings[1]), len(timings[ceiling])
+    return (1 if ones <= alls else ceiling), True
+
+
+def _record(key: tuple, threads: int, seconds: float) -> None:
+    with _lock:
+        timings = _timings.get(key)
+        if timings is None:  # set_num_threads cleared it meanwhile
+            return
+        timings[threads].append(seconds)
+        if all(len(t) >= PROBES for t in timings.values()):
+            _chosen[key] = _faster(timings)
+            del _timings[key]
+
+
+def _faster(timings: dict[int, list[float]]) -> int:
+    """The thread count with the lowest median time; the fewer threads on a tie."""
+    return min(timings, key=lambda t: (statistics.median(timings[t]), t))
 
 
 def _after_fork_in_child() -> None:
@@ -234,16 +293,33 @@ def _tune_process() -> None:
     mallopt(m_trim_threshold, 512 << 20)
 
 
-def _map(fn: Callable[[_T], _R], items: Sequence[_T]) -> list[_R]:
+def _map(fn: Callable[[_T], _R], items: Sequence[_T], key: tuple | None = None) -> list[_R]:
     """``[fn(i) for i in items]`` on up to ``get_num_threads()`` threads, the calling one included.
 
     Items are handed out one at a time (shards of a batch, or chunks of rows to predict), so a
     thread slowed by other load on the machine simply takes fewer. Results are in item order.
+    ``key`` names the kind of work: the first calls with a key are timed on one thread and on
+    all of them, and the faster count is used from then on.
     """
-    global _pool, _pool_size
     _tune_process()
     n = len(items)
-    threads = min(get_num_threads(), n)
+    ceiling = min(get_num_threads(), n)
+    if ceiling <= 1:
+        return [fn(item) for item in items]
+    if key is not None:
+        key = (*key, n, ceiling)
+    threads, timed = _threads_for(key, ceiling)
+    if not timed:
+        return _run(fn, items, threads)
+    started = time.perf_counter()
+    results = _run(fn, items, threads)
+    _record(key, threads, time.perf_counter() - started)
+    return results
+
+
+def _run(fn: Callable[[_T], _R], items: Sequence[_T], threads: int) -> list[_R]:
+    global _pool, _pool_size
+    n = len(items)
     if threads <= 1:
         return [fn(item) for item in items]
     with _lock:
@@ -269,6 +345,12 @@ def _map(fn: Callable[[_T], _R], items: Sequence[_T]) -> list[_R]:
         for future in helpers:
             future.result()
     return results
+
+
+def _shape(config: MixerConfig) -> tuple[int, ...]:
+    """What a step's cost depends on, for choosing its thread count."""
+    return (config.n_tokens, config.patch_size, config.dim, config.depth, config.token_hidden,
+            config.channel_hidden)
 
 
 # --------------------------------------------------------------------------- forward / backward
@@ -567,7 +649,7 @@ def loss_and_grads(
         dlogits = L.bce_with_logits_backward(bce_cache, 1.0 / n)
         return loss_sum, _backward(params, blocks, config, dlogits, head_cache, caches)
 
-    results = _map(run, range(len(bounds)))
+    results = _map(run, range(len(bounds)), key=("train", _shape(config), x.dtype.char, random))
     loss = sum(r[0] for r in results) / n
     total = results[0][1]
     for _, grads in results[1:]:
@@ -583,5 +665,6 @@ def predict_logits(params: dict[str, np.ndarray], x: np.ndarray, config: MixerCo
         return np.empty(0, dtype=x.dtype)
     bounds = _bounds(x.shape[0], EVAL_ROWS)
     blocks = _block_weights(params, config.depth)
-    chunks = _map(lambda b: _forward(params, blocks, x[b[0]:b[1]], config, None, None)[0], bounds)
+    chunks = _map(lambda b: _forward(params, blocks, x[b[0]:b[1]], config, None, None)[0], bounds,
+                  key=("predict", _shape(config), x.dtype.char))
     return np.concatenate(chunks)

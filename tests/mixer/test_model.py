@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import functools
 import math
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -265,7 +267,7 @@ def test_results_do_not_depend_on_the_thread_count():
     runs = []
     try:
         for threads in (1, 3):
-            M.set_num_threads(threads)
+            M.set_num_threads(threads, adaptive=False)
             assert M.get_num_threads() == threads
             runs.append(M.loss_and_grads(params, x, y, config, train=True, rng=np.random.default_rng(7)))
             runs.append(M.predict_logits(params, np.tile(x, (12, 1)), config))
@@ -274,6 +276,82 @@ def test_results_do_not_depend_on_the_thread_count():
     assert runs[0][0] == runs[2][0]
     assert all(np.array_equal(runs[0][1][k], runs[2][1][k]) for k in params)
     np.testing.assert_array_equal(runs[1], runs[3])
+
+
+def _map_until_chosen(fn, key, items=8) -> tuple[int, list[int]]:
+    """Call M._map with ``key`` until a thread count is chosen; (chosen, threads used per later call)."""
+    calls = 0
+    while not any(k[0] == key[0] for k in M.threads_chosen()):
+        M._map(fn, range(items), key=key)
+        calls += 1
+        assert calls <= 2 * M.PROBES + 1, "no thread count chosen after the warm-up and the probes"
+    assert calls == 2 * M.PROBES + 1
+    (chosen,) = [v for k, v in M.threads_chosen().items() if k[0] == key[0]]
+    used = []
+    for _ in range(3):
+        names = set()
+
+        def recorded(i, names=names):
+            names.add(threading.current_thread().name)
+            fn(i)
+
+        M._map(recorded, range(items), key=key)
+        used.append(len(names))
+    return chosen, used
+
+
+def test_adaptive_threads_keep_two_where_two_are_faster():
+    # sleep releases the GIL, like NumPy's big matmuls: two threads take half the time.
+    M.set_num_threads(2)
+    try:
+        chosen, used = _map_until_chosen(lambda i: time.sleep(0.004), ("sleepy",))
+    finally:
+        M.set_num_threads(None)
+    assert chosen == 2
+    assert max(used) == 2
+
+
+def test_adaptive_threads_fall_back_to_one_where_more_are_slower():
+    # Items are slow off the calling thread, as a small model's shards are when two threads
+    # pass the GIL back and forth: one thread is faster.
+    def work(i):
+        time.sleep(0.002 if threading.current_thread() is threading.main_thread() else 0.06)
+
+    M.set_num_threads(2)
+    try:
+        chosen, used = _map_until_chosen(work, ("contended",))
+    finally:
+        M.set_num_threads(None)
+    assert chosen == 1
+    assert used == [1, 1, 1]
+
+
+def test_adaptive_threads_choose_per_work_and_shape_and_not_when_told_not_to():
+    config = MixerConfig(n_features=6, patch_size=2, dim=8, depth=2)
+    params = M.init_params(config, 0)
+    x, y = batch(config, 64, dtype=np.float32)
+    M.set_num_threads(2)
+    try:
+        expected = M.loss_and_grads(params, x, y, config)
+        for _ in range(2 * M.PROBES + 1):
+            loss, grads = M.loss_and_grads(params, x, y, config)
+            assert loss == expected[0]
+            assert all(np.array_equal(grads[k], expected[1][k]) for k in params)
+        (key,) = M.threads_chosen()
+        assert key[0] == "train" and key[1] == M._shape(config) and key[-2:] == (4, 2)  # 4 shards, ceiling 2
+        assert M.threads_chosen()[key] in (1, 2)
+        M.set_num_threads(2, adaptive=False)  # forgets the choices and stops choosing
+        assert M.threads_chosen() == {}
+        for _ in range(2 * M.PROBES + 1):
+            M.loss_and_grads(params, x, y, config)
+        assert M.threads_chosen() == {}
+    finally:
+        M.set_num_threads(None)
+
+
+def test_faster_takes_the_lowest_median_and_fewer_threads_on_a_tie():
+    assert M._faster({1: [3.0, 1.0, 2.0], 2: [1.5, 1.5, 9.0]}) == 2
+    assert M._faster({1: [1.0, 1.0, 1.0], 2: [1.0, 1.0, 1.0]}) == 1
 
 
 def test_set_num_threads_rejects_nonsense():
