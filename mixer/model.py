@@ -30,8 +30,9 @@ Speed (see DESIGN.md, "Speed", and benchmarks/README.md for measurements):
   (training or prediction) and model shape, the first calls alternate between one
   thread and all of them, timed, and the faster is kept for the rest of the process.
   A small model's shards hold the GIL most of the time, and two threads passing it
-  back and forth were measured 1.45-2x slower than one (dim 32, depth 1-2); from
-  dim 128 on, two are faster (1.3x, and 1.7x for the headline model).
+  back and forth were measured 1.3-2.1x slower than one (dim 32, depth 1-2); from
+  dim 128 on, two are faster (1.2x, and 1.7x for the headline model):
+  ``benchmarks/bench_threads.py``.
 - Drop-path skips the dropped samples' branch work instead of multiplying it by 0
   (``_residual_forward``); the GELU caches its own derivative, so its backward pass
   is one multiply (``layers.gelu_forward``); the first call tunes the process
