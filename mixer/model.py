@@ -166,7 +166,7 @@ _tuned = False
 _adaptive = True
 # Timed calls of each thread count before one is chosen (after one untimed warm-up call).
 PROBES = 3
-_chosen: dict[tuple, int] = {}                   # (work, shape, items, ceiling) -> threads
+_chosen: dict[tuple, int] = {}                   # (work, shape, dtype, ..., items, ceiling) -> threads
 _timings: dict[tuple, dict[int, list[float]]] = {}  # the same keys while still probing
 
 
@@ -215,7 +215,11 @@ def set_num_threads(n: int | None, *, adaptive: bool = True) -> None:
 
 
 def threads_chosen() -> dict[tuple, int]:
-    """The thread count chosen so far per ``(work, shape, items, ceiling)``; work is "train" or "predict"."""
+    """The thread count chosen so far per kind of work.
+
+    Keys are ``(work, shape, dtype, ..., items, ceiling)``: work is "train" (then also whether
+    dropout is on) or "predict", shape as ``_shape`` gives it, items the shards or chunks per call.
+    """
     with _lock:
         return dict(_chosen)
 
