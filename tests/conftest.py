@@ -90,7 +90,7 @@ class MlflowServer:
              "--artifacts-destination", str(self.root / "artifacts"), "--serve-artifacts",
              "--workers", "1"],
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-            # The server's background job runner costs ~20 CPU-seconds at start and we use no jobs.
+            # The server's background job runner costs ~30 CPU-seconds at start and we use no jobs.
             env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
         )
         wait_http(f"{self.uri}/health", timeout=timeout, proc=self.proc)
