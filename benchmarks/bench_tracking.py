@@ -13,8 +13,9 @@ over, and it is stopped at the end; its CPU use during the trials is measured to
 The same sequence of trials (same configs, same seeds, so bit-identical training work) runs with
 tracking off and on, alternating which goes first in each repeat so that drift in machine load
 hits both alike. One ``Tracker`` serves every tracked sequence, as one serves a worker's whole
-study; it is made, and its drawing process started, before timing starts (that start-up, ~1 s of
-CPU once per worker process, is reported on its own). A tracked trial does what
+study; it is made before timing starts. Its drawing process starts with the first PNG (with short
+trials, after the first tracked sequence; its start-up, ~1 s of CPU once per worker process, is
+reported on its own). A tracked trial does what
 ``sweep.objective`` does: ``start_trial`` (whose ``on_created`` stores the run id from the sending
 thread), ``log_epoch`` every epoch from the ``on_epoch`` callback, ``end``; each sequence's parent
 run is created before and finished after its timed trials. Reported:
@@ -24,8 +25,10 @@ run is created before and finished after its timed trials. Reported:
   trial to the next) this is mostly noise.
 - per trial, from ``/proc/<pid>/task/*/schedstat``: how long the training threads waited for a
   CPU (run-queue wait, tracked minus untracked), plus the time spent inside tracking calls, plus
-  the CPU of the process's other threads (an upper bound on what they made training wait for the
-  GIL). That sum is what tracking delayed training by, measured without the hypervisor's noise.
+  the CPU of the process's other threads (bounding how long they held the GIL). It is not
+  blurred by the hypervisor's noise, and it overstates the waits it sees (with two training
+  threads one's wait counts in full while the other goes on taking shards), but it cannot see
+  training running slower, nor the latency of each GIL hand-off.
 - per trial, CPU accounting: the tracker's sending thread and drawing process and the server's
   CPU beyond its idle rate. Their sum over the untracked trial time is a cruder, conservative
   estimate: it counts each CPU second as a second of training lost.

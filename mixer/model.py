@@ -228,10 +228,10 @@ def _threads_for(key: tuple | None, ceiling: int) -> tuple[int, bool]:
     """(threads to use for this call, whether to time it): the chosen count, or the next probe."""
     if key is None or not _adaptive:
         return ceiling, False
+    chosen = _chosen.get(key)  # once chosen, no lock on this per-batch path (a dict read is atomic)
+    if chosen is not None:
+        return chosen, False
     with _lock:
-        chosen = _chosen.get(key)
-        if chosen is not None:
-            return chosen, False
         timings = _timings.get(key)
         if timings is None:  # the first call warms caches and the pool: not timed
             _timings[key] = {1: [], ceiling: []}

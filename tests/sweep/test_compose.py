@@ -323,24 +323,24 @@ def _http_status(url: str, host: str) -> int:
         return exc.code
 
 
-@pytest.mark.slow  # ~70 s on the shared 2-core box, most of it MLflow migrating its empty database
-@pytest.mark.postgres
-@pytest.mark.mlflow_server
 def _job_runners(pgid: int) -> list[str]:
     """Command lines of the MLflow job runner's huey consumers in process group ``pgid``."""
     found = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
+    for proc in Path("/proc").glob("[0-9]*"):
         try:
-            if int(stat.read_text().rsplit(")", 1)[1].split()[2]) != pgid:
+            if os.getpgid(int(proc.name)) != pgid:
                 continue
-            cmdline = (stat.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-        except (OSError, ValueError):
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:  # the process is gone
             continue
         if "huey" in cmdline:
             found.append(cmdline)
     return found
 
 
+@pytest.mark.slow  # ~70 s on the shared 2-core box, most of it MLflow migrating its empty database
+@pytest.mark.postgres
+@pytest.mark.mlflow_server
 def test_compose_topology_runs_natively_to_a_finished_study(postgres_url, mlflow_db_url, tmp_path,
                                                             monkeypatch):
     import optuna
