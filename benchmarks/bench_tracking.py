@@ -148,6 +148,34 @@ def sched_delta(before: dict[int, tuple[float, float]], after: dict[int, tuple[f
     return out
 
 
+def thread_counters(tids: set[int]) -> dict[str, float]:
+    """Summed over threads ``tids`` of this process: user and system CPU seconds, minor page
+    faults, migrations between CPUs and involuntary switches; and the machine's steal seconds.
+
+    What could make training run *slower* with tracking on, where the schedstat wait cannot see
+    it: page faults (system time), being moved between CPUs, being preempted, or the hypervisor
+    taking the virtual CPU away (steal).
+    """
+    tick = os.sysconf("SC_CLK_TCK")
+    out = {"user": 0.0, "system": 0.0, "minflt": 0.0, "migrations": 0.0, "involuntary": 0.0}
+    for tid in tids:
+        task = Path(f"/proc/{os.getpid()}/task/{tid}")
+        try:
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+            sched = {key.strip(): value for key, _, value in
+                     (line.partition(":") for line in (task / "sched").read_text().splitlines())}
+        except OSError:
+            continue
+        out["minflt"] += int(fields[7])
+        out["user"] += int(fields[11]) / tick
+        out["system"] += int(fields[12]) / tick
+        out["migrations"] += float(sched.get("se.nr_migrations") or 0)  # needs CONFIG_SCHED_DEBUG
+        out["involuntary"] += float(sched.get("nr_involuntary_switches") or 0)
+    steal = Path("/proc/stat").read_text().splitlines()[0].split()[8]
+    out["steal"] = int(steal) / tick
+    return out
+
+
 def wait_settled(pgid: int, *, timeout: float = 180.0) -> float:
     """Wait until the server's processes are idle; returns the seconds waited.
 
@@ -261,6 +289,8 @@ class Sequence:
     server_cpu_seconds: float = math.nan   # the mlflow server's processes (if we started it)
     # From the threads' schedstat: CPU and run-queue wait of the training threads, CPU of the others
     sched: dict[str, float] = field(default_factory=dict)
+    # From /proc: the training threads' user/system CPU, page faults, migrations, preemptions; steal
+    counters: dict[str, float] = field(default_factory=dict)
 
 
 def run_sequence(work: Work, configs: list[Any], *, tracker: Any, out: Path, end_wait: bool,
@@ -282,6 +312,7 @@ def run_sequence(work: Work, configs: list[Any], *, tracker: Any, out: Path, end
     cpu0 = time.process_time()
     server0 = group_cpu_seconds(server_pgid)
     sched0 = thread_schedstat()
+    counters0 = thread_counters(training_thread_ids())
     for k, config in enumerate(configs):
         trial = study.ask()
         trial.suggest_float("lr", config.lr, config.lr)
@@ -321,6 +352,8 @@ def run_sequence(work: Work, configs: list[Any], *, tracker: Any, out: Path, end
         tracker.flush()  # the last trial's PNG and status: part of what the trials cost
     seq.server_cpu_seconds = group_cpu_seconds(server_pgid) - server0
     seq.sched = sched_delta(sched0, thread_schedstat(), training)
+    counters1 = thread_counters(training)
+    seq.counters = {k: counters1[k] - counters0.get(k, 0.0) for k in counters1}
     if tracker is not None:
         cpu = tracker.background_cpu_seconds
         seq.sending_cpu_seconds = cpu["sending"] - background0["sending"]
@@ -487,8 +520,15 @@ def main(argv: list[str] | None = None) -> int:
                 "training_cpu_off": 1000 * train_cpu_off, "training_cpu_on": 1000 * train_cpu_on,
             },
             "measured_delay_pct": 100 * delay / off_trial,
+            "training_counters_per_trial": {
+                k: {"off": sum(s.counters[k] for s in off_seqs) / n_off,
+                    "on": sum(s.counters[k] for s in on_seqs) / n_trials}
+                for k in on_seqs[0].counters},
             "wall_off_s": off, "wall_on_s": on, "wall_overhead_pct": 100 * (on - off) / off,
             "wall_overhead_pct_per_repeat": [100 * x for x in per_pair],
+            # The per-repeat differences' standard error: how far the wall comparison can be trusted.
+            "wall_overhead_pct_se": (100 * statistics.stdev(per_pair) / math.sqrt(len(per_pair))
+                                     if len(per_pair) > 1 else math.nan),
             "study_seconds": {k: statistics.mean(s.study_seconds[k] for s in on_seqs)
                               for k in on_seqs[0].study_seconds},
             "tracker_start_seconds": startup,
@@ -516,8 +556,13 @@ def main(argv: list[str] | None = None) -> int:
               f"{sc['other_threads_cpu_on']:.1f} ms")
         print(f"measured delay to training (in tracking calls + extra run-queue wait + other threads' CPU, "
               f"the GIL bound) / untracked trial time: {summary['measured_delay_pct']:.2f} %")
+        print("training threads per trial, off / on: " + ", ".join(
+            f"{k} {v['off']:.3g} / {v['on']:.3g}" for k, v in summary["training_counters_per_trial"].items())
+            + " (CPU and steal in seconds; steal is the whole machine's)")
         print(f"measured wall: off {off:.2f} s, on {on:.2f} s -> {summary['wall_overhead_pct']:+.2f} % "
               f"(per repeat: {', '.join(f'{x:+.2f} %' for x in summary['wall_overhead_pct_per_repeat'])};"
+              f" their mean {100 * statistics.mean(per_pair):+.2f} % ± "
+              f"{summary['wall_overhead_pct_se']:.2f} % standard error;"
               f" on a busy machine this is mostly the other load's noise)")
         if summary["deferred_pngs_per_study"]:
             print(f"PNGs drawn after the trials (as at close): {summary['deferred_pngs_per_study']:.0f} per "
