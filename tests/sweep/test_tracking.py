@@ -259,12 +259,13 @@ def test_parent_run_holds_the_study_summary_table_and_plots(tracked, tmp_path):
 def test_a_runs_status_is_set_only_after_all_its_epochs_are_on_the_server(mlflow_server):
     study = optuna.create_study(study_name=f"order-{time.time_ns()}")
     tracker = Tracker(mlflow_server.uri, batch_seconds=60)  # epochs held until the trial ends
+    reader = MlflowClient(mlflow_server.uri)
     seen_at_status = {}
     set_terminated = tracker._sender.client.set_terminated
 
     def spy(run_id, **kwargs):
         # What the server holds at the moment the status is about to be set.
-        seen_at_status[run_id] = len(tracker._sender.client.get_metric_history(run_id, "val_loss"))
+        seen_at_status[run_id] = len(reader.get_metric_history(run_id, "val_loss"))
         return set_terminated(run_id, **kwargs)
 
     tracker._sender.client.set_terminated = spy
@@ -278,22 +279,35 @@ def test_a_runs_status_is_set_only_after_all_its_epochs_are_on_the_server(mlflow
 
 
 @pytest.mark.mlflow_server
-def test_artifacts_go_where_create_run_said_without_asking_the_server_for_the_run(mlflow_server):
+def test_artifacts_go_where_create_run_said_without_asking_the_server_for_the_run(mlflow_server, tmp_path):
     """One request less per trial: MlflowClient.log_artifact would get_run first to find the URI."""
-    study = optuna.create_study(study_name=f"no-get-run-{time.time_ns()}")
-    tracker = Tracker(mlflow_server.uri)
+    from sweep.tracking import _Calls
+
+    client = MlflowClient(mlflow_server.uri)
+    calls = _Calls(MlflowClient(mlflow_server.uri), mlflow_server.uri)  # as the sending process has
     asked: list[str] = []
-    service = tracker._sender.client._tracking_client  # where MlflowClient's requests go out
+    service = calls.client._tracking_client  # where MlflowClient's requests go out
     get_run = service.get_run
     service.get_run = lambda run_id: asked.append(run_id) or get_run(run_id)
+    experiment_id = client.create_experiment(f"no-get-run-{time.time_ns()}")
+    run_id, artifact_uri = calls.create_run(experiment_id, start_time=None, tags={}, run_name="r")
+    (tmp_path / "config.yaml").write_text("lr: 0.001\n")
+    calls.log_artifact(run_id, str(tmp_path / "config.yaml"), None, artifact_uri=artifact_uri)
+    assert asked == []
+    assert {a.path for a in client.list_artifacts(run_id)} == {"config.yaml"}
+    calls.log_artifact(run_id, str(tmp_path / "config.yaml"), "asked", artifact_uri=None)  # URI unknown
+    assert asked == [run_id]
+    assert {a.path for a in client.list_artifacts(run_id)} == {"config.yaml", "asked"}
+
+    # And through a Tracker (its calls in the sending process): both files of a trial arrive.
+    study = optuna.create_study(study_name=f"no-get-run-{time.time_ns()}")
+    tracker = Tracker(mlflow_server.uri)
     try:
         tracker.ensure_parent_run(study)
         trial = run_trial(study, tracker, "completed", wait=False)
         assert tracker.flush(30)
     finally:
         assert tracker.close() == 0
-    assert asked == []
-    client = MlflowClient(mlflow_server.uri)
     assert {a.path for a in client.list_artifacts(trial["run"].run_id)} == {"config.yaml", "curves.png"}
 
 
@@ -320,7 +334,7 @@ def test_a_short_trials_png_is_drawn_at_close_and_a_long_ones_before_its_status(
     set_terminated = tracker._sender.client.set_terminated
 
     def spy(run_id, **kwargs):
-        seen_at_status[run_id] = {a.path for a in tracker._sender.client.list_artifacts(run_id)}
+        seen_at_status[run_id] = {a.path for a in client.list_artifacts(run_id)}
         return set_terminated(run_id, **kwargs)
 
     tracker._sender.client.set_terminated = spy
@@ -362,6 +376,94 @@ def test_curves_are_drawn_even_if_the_drawing_process_dies(tmp_path):
         drawer.close()
     assert png_shape(first)[0] > 200 and png_shape(second)[0] > 200
     assert drawer.cpu_seconds > 0
+
+
+def metric_points(client: MlflowClient, trials: list[dict]) -> dict[str, list[tuple[int, float]]]:
+    return {t["run"].run_id: [(m.step, m.value)
+                              for m in client.get_metric_history(t["run"].run_id, "val_loss")]
+            for t in trials}
+
+
+def expected_points(trials: list[dict]) -> dict[str, list[tuple[int, float]]]:
+    return {t["run"].run_id: [(m.epoch, pytest.approx(stored(m.val_loss))) for m in t["history"]]
+            for t in trials}
+
+
+@pytest.mark.mlflow_server
+def test_mlflow_calls_are_made_in_a_child_process_that_may_die_without_losing_a_point(mlflow_server):
+    """Off this process's GIL; a sending process that dies is replaced and its call retried."""
+    client = MlflowClient(mlflow_server.uri)
+    study = optuna.create_study(study_name=f"send-worker-{time.time_ns()}")
+    tracker = Tracker(mlflow_server.uri, max_backoff=0.5)
+    sending = tracker._sender.client
+    try:
+        tracker.ensure_parent_run(study)  # starts the child; calls are made here until it is ready
+        first = sending._proc
+        assert first.pid != os.getpid() and first.poll() is None
+        deadline = time.monotonic() + 60
+        while not sending._ready:
+            assert time.monotonic() < deadline, "the sending process never said it was ready"
+            with sending._lock:
+                sending._child_ready(first)
+            time.sleep(0.1)
+        cpu = sending.cpu_seconds
+        assert cpu > 0.3  # the child's import of MLflow, reported with its "ready"
+        trials = [run_trial(study, tracker, "completed")]
+        assert sending.cpu_seconds > cpu  # that trial's calls were made in the child
+        first.kill()
+        first.wait()
+        trials += [run_trial(study, tracker, "completed", wait=False), run_trial(study, tracker, "pruned")]
+        deadline = time.monotonic() + 60
+        while not tracker.flush(5):  # flush returns at once while a failed call waits for its retry
+            assert time.monotonic() < deadline, f"{tracker.pending_metrics} metric points still waiting"
+            time.sleep(0.2)
+        assert sending._proc is not None and sending._proc.pid != first.pid
+    finally:
+        assert tracker.close() == 0
+    assert sending._proc is None
+    assert metric_points(client, trials) == expected_points(trials)
+    assert [client.get_run(t["run"].run_id).info.status for t in trials] == ["FINISHED", "FINISHED", "KILLED"]
+
+
+@pytest.mark.mlflow_server
+def test_without_a_sending_process_the_calls_are_made_from_the_thread(mlflow_server, monkeypatch):
+    import sweep.tracking as tracking
+
+    def no_process(*args, **kwargs):
+        raise OSError("no processes here")
+
+    monkeypatch.setattr(tracking.subprocess, "Popen", no_process)
+    client = MlflowClient(mlflow_server.uri)
+    study = optuna.create_study(study_name=f"send-thread-{time.time_ns()}")
+    tracker = Tracker(mlflow_server.uri, curves_png=False)
+    try:
+        tracker.ensure_parent_run(study)
+        trials = [run_trial(study, tracker, "completed")]
+        assert tracker.flush(30)
+        assert tracker._sender.client._proc is None and tracker._sender.client._local is not None
+    finally:
+        assert tracker.close() == 0
+    assert metric_points(client, trials) == expected_points(trials)
+
+
+@pytest.mark.mlflow_server
+def test_the_sending_process_reports_which_errors_are_worth_retrying(mlflow_server):
+    from sweep.tracking import _is_transient, _RemoteError, _SendingProcess
+
+    sending = _SendingProcess(mlflow_server.uri, None)
+    try:
+        with pytest.raises(_RemoteError, match="RESOURCE_DOES_NOT_EXIST|not found") as raised:
+            sending.set_terminated("0" * 32, status="FINISHED", end_time=None)
+        assert not _is_transient(raised.value)
+    finally:
+        sending.close()
+    down = _SendingProcess(f"http://127.0.0.1:{free_port()}", None)  # nothing listens there
+    try:
+        with pytest.raises(_RemoteError, match="onnection") as raised:
+            down.create_run("0", start_time=None, tags={}, run_name="r")
+        assert _is_transient(raised.value)
+    finally:
+        down.close()
 
 
 # ----------------------------------------------------------------------------------------------
