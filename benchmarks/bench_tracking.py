@@ -29,7 +29,8 @@ run is created before and finished after its timed trials. Reported:
   blurred by the hypervisor's noise, and it overstates the waits it sees (with two training
   threads one's wait counts in full while the other goes on taking shards), but it cannot see
   training running slower, nor the latency of each GIL hand-off.
-- per trial, CPU accounting: the tracker's sending thread and drawing process and the server's
+- per trial, CPU accounting: the tracker's sending thread and process (whose start-up, ~1.5 s of
+  CPU once, falls in the first tracked sequence), its drawing process and the server's
   CPU beyond its idle rate. Their sum over the untracked trial time is a cruder, conservative
   estimate: it counts each CPU second as a second of training lost.
 """
@@ -284,7 +285,7 @@ class Sequence:
     study_seconds: dict[str, float] = field(default_factory=dict)
     deferred_pngs: int = 0               # short trials' PNGs, drawn after the trials (as at close)
     deferred_drawing_cpu: float = 0.0
-    sending_cpu_seconds: float = 0.0     # the tracker's sending thread
+    sending_cpu_seconds: float = 0.0     # the tracker's sending thread and process
     drawing_cpu_seconds: float = 0.0     # the tracker's drawing process (SCHED_IDLE)
     server_cpu_seconds: float = math.nan   # the mlflow server's processes (if we started it)
     # From the threads' schedstat: CPU and run-queue wait of the training threads, CPU of the others
@@ -542,7 +543,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"per trial ({off_trial:.2f} s untracked): on the training thread "
               f"{ms['on_training_thread']:.1f} ms (start_trial {ms['start_trial']:.1f}, "
               f"end {ms['end']:.1f}, log_epoch "
-              f"{ms['log_epoch_per_epoch']:.2f} per epoch); CPU of the sending thread "
+              f"{ms['log_epoch_per_epoch']:.2f} per epoch); CPU of the sending thread and process "
               f"{ms['sending_thread_cpu']:.1f} ms, of the drawing process (SCHED_IDLE) "
               f"{ms['drawing_process_cpu_idle']:.1f} ms; server CPU {ms['server_cpu']:.1f} ms "
               f"(beyond its idle {summary['server_idle_cpu_pct']:.1f} % of a core)")

@@ -817,15 +817,19 @@ class _SendingProcess:
     """Makes the sender's MLflow calls in a child process, so that their Python work (building
     requests, JSON, HTTP: ~16 ms of CPU per trial) never holds this process's GIL.
 
-    In the training process that work cost training more than its own CPU time: a thread doing
-    16 ms of Python per 0.8 s fit made the fit 3.2 % slower, the same work in a child process
-    -0.2 % (``benchmarks/bench_gil.py``), because every GIL hand-off between the two threads
-    stalls the training thread. The child is ``python -m sweep.tracking --send-worker URI``;
-    each call is one length-prefixed pickle each way over its stdin and stdout (calls come from
-    the one sending thread, one at a time). Until the child has imported MLflow (~1.5 s) and said
-    so, calls are made in this process, so that the first trials' runs are not created late. If
-    the child dies the call fails as a transient error (the sender retries it) and the next call
-    starts a new child; if no child can be started the calls are made in this process, as before.
+    From a thread of the training process that work also costs training the GIL hand-offs, each
+    of which stalls the training thread: with one training thread, ``bench_tracking.py --trials 20
+    --epoch-seconds 0.1`` (short trials, so that tracking weighs heavily) gave +6.9 +- 1.4 % of
+    wall with the calls made from the thread and -0.8 +- 1.7 % with them in this child; in
+    ``benchmarks/bench_gil.py`` (16 ms of Python beside a 0.8 s fit) a thread cost 3.2-8.6 %, a
+    child process -5.5 to +2.5 % (three runs, standard errors 1.2-6.9 %).
+
+    The child is ``python -m sweep.tracking --send-worker URI``; each call is one length-prefixed
+    pickle each way over its stdin and stdout (calls come from the one sending thread, one at a
+    time). Until the child has imported MLflow (~1.5 s) and said so, calls are made in this
+    process, so that the first trials' runs are not created late. If the child dies the call
+    fails as a transient error (the sender retries it) and the next call starts a new child; if
+    no child can be started the calls are made in this process, as before.
     """
 
     METHODS = _Calls.METHODS
