@@ -824,7 +824,7 @@ class _SendingProcess:
     ``benchmarks/bench_gil.py`` (16 ms of Python beside a 0.8 s fit) a thread cost 3.2-8.6 %, a
     child process -5.5 to +2.5 % (three runs, standard errors 1.2-6.9 %).
 
-    The child is ``python -m sweep.tracking --send-worker URI``; each call is one length-prefixed
+    The child is ``python -m sweep.tracking --send-worker``; each call is one length-prefixed
     pickle each way over its stdin and stdout (calls come from the one sending thread, one at a
     time). Until the child has imported MLflow (~1.5 s) and said so, calls are made in this
     process, so that the first trials' runs are not created late. If the child dies the call
@@ -859,11 +859,13 @@ class _SendingProcess:
         if self._proc is None:
             root = str(Path(__file__).resolve().parents[1])
             path = os.environ.get("PYTHONPATH")
-            # MLflow's retries turned down as for this process (a value the user set wins).
-            env = {**_PROCESS_ENV, **os.environ, "PYTHONPATH": root + (os.pathsep + path if path else "")}
+            # MLflow's retries turned down as for this process (a value the user set wins). The URI
+            # goes in the environment, not the command line, where anyone could read a password in it.
+            env = {**_PROCESS_ENV, **os.environ, "MLFLOW_TRACKING_URI": self.uri,
+                   "PYTHONPATH": root + (os.pathsep + path if path else "")}
             try:
                 self._proc = subprocess.Popen(
-                    [sys.executable, "-m", "sweep.tracking", "--send-worker", self.uri],
+                    [sys.executable, "-m", "sweep.tracking", "--send-worker"],
                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
             except OSError as exc:
                 log.info("sending process unavailable, sending from a thread: %s", exc)
@@ -928,8 +930,16 @@ class _SendingProcess:
         self._ready = False
 
     def close(self) -> None:
-        with self._lock:
+        if not self._lock.acquire(timeout=5):  # a call hangs in the child: ending it ends the call
+            proc = self._proc
+            if proc is not None:
+                with contextlib.suppress(OSError):
+                    proc.kill()
+            self._lock.acquire()
+        try:
             self._stop_child()
+        finally:
+            self._lock.release()
 
     def find_run(self, experiment_id: str, key: str) -> tuple[str, str] | None:
         return self._call("find_run", experiment_id, key)
@@ -964,8 +974,9 @@ def _read_frame(stream: Any) -> bytes:
     return data
 
 
-def _send_worker(uri: str) -> int:
-    """The sending process: one pickled call per frame on stdin -> one pickled answer on stdout."""
+def _send_worker() -> int:
+    """The sending process: one pickled call per frame on stdin -> one pickled answer on stdout.
+    It sends to ``MLFLOW_TRACKING_URI``."""
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the sweep to handle, not us
@@ -974,6 +985,7 @@ def _send_worker(uri: str) -> int:
     sys.stdout = sys.stderr
     from mlflow import MlflowClient
 
+    uri = os.environ["MLFLOW_TRACKING_URI"]
     calls = _Calls(MlflowClient(tracking_uri=uri), uri)
     data = pickle.dumps(("ready", None, time.process_time()), protocol=pickle.HIGHEST_PROTOCOL)
     answers.write(_FRAME.pack(len(data)) + data)
@@ -1474,7 +1486,7 @@ class Tracker:
             self._client = None  # never used: ensure_parent_run, needed before any run, raises
         # The drawing process starts with the first PNG (~1 s of CPU importing matplotlib): with
         # short trials, when the tracker closes, where it delays no training.
-        # The sending process starts with the study (ensure_parent_run), before the first trial.
+        # The sending process starts with check_reachable or ensure_parent_run, before any trial.
         self._sender = _Sender(_SendingProcess(self.uri, self._client), self.uri, max_backoff=max_backoff,
                                warn_every=warn_every, batch_seconds=batch_seconds)
         _open_trackers.add(self)
@@ -1856,7 +1868,7 @@ def _close_open_trackers() -> None:
 if __name__ == "__main__":
     if sys.argv[1:] == ["--draw-worker"]:
         sys.exit(_draw_worker())
-    if len(sys.argv) == 3 and sys.argv[1] == "--send-worker":
-        sys.exit(_send_worker(sys.argv[2]))
-    sys.exit(f"usage: python -m sweep.tracking --draw-worker | --send-worker URI "
-             f"(internal helpers of {__name__})")
+    if sys.argv[1:] == ["--send-worker"]:
+        sys.exit(_send_worker())
+    sys.exit(f"usage: python -m sweep.tracking --draw-worker | --send-worker (internal helpers of "
+             f"{__name__})")

@@ -400,6 +400,8 @@ def test_mlflow_calls_are_made_in_a_child_process_that_may_die_without_losing_a_
         tracker.ensure_parent_run(study)  # starts the child; calls are made here until it is ready
         first = sending._proc
         assert first.pid != os.getpid() and first.poll() is None
+        # The URI (a password may be in it) is not on the command line, where anyone could read it.
+        assert mlflow_server.uri not in " ".join(first.args)
         deadline = time.monotonic() + 60
         while not sending._ready:
             assert time.monotonic() < deadline, "the sending process never said it was ready"
