@@ -832,12 +832,11 @@ class _SendingProcess:
     no child can be started the calls are made in this process, as before.
     """
 
-    METHODS = _Calls.METHODS
-
     def __init__(self, uri: str, local_client: MlflowClient | None):
         self.uri = uri
-        self._local_client = local_client
-        self._local: _Calls | None = None  # set if no child can be started
+        self._here = _Calls(local_client, uri)  # until the child is ready, or if none can start
+        self._can_here = local_client is not None
+        self._no_child = False  # set if no child can be started
         self._proc: subprocess.Popen | None = None
         self._ready = False  # the current child has said it is ready
         self._lock = threading.Lock()
@@ -854,7 +853,7 @@ class _SendingProcess:
             self._child()
 
     def _child(self) -> subprocess.Popen | None:
-        if self._local is not None:
+        if self._no_child:
             return None
         if self._proc is None:
             root = str(Path(__file__).resolve().parents[1])
@@ -869,21 +868,21 @@ class _SendingProcess:
                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
             except OSError as exc:
                 log.info("sending process unavailable, sending from a thread: %s", exc)
-                self._local = _Calls(self._local_client, self.uri)
+                self._no_child = True
                 return None
         return self._proc
 
     def _child_ready(self, proc: subprocess.Popen) -> bool:
         """Whether the child has said it is ready (without waiting for it)."""
         if not self._ready and select.select([proc.stdout], [], [], 0)[0]:
-            status, _, self._cpu_now = pickle.loads(_read_frame(proc.stdout))
+            status, _, self._cpu_now = _receive(proc.stdout)
             self._ready = status == "ready"
         return self._ready
 
     def _call(self, method: str, *args: Any, **kwargs: Any) -> Any:
         with self._lock:
             proc = self._child()
-            if proc is not None and self._local_client is not None:
+            if proc is not None and self._can_here:
                 try:
                     if not self._child_ready(proc):
                         proc = None  # still importing MLflow: this call is made here
@@ -891,14 +890,11 @@ class _SendingProcess:
                     self._stop_child(kill=True)  # it died starting: the next call starts another
                     proc = None
             if proc is None:
-                local = self._local or _Calls(self._local_client, self.uri)
-                return getattr(local, method)(*args, **kwargs)
-            request = pickle.dumps((method, args, kwargs), protocol=pickle.HIGHEST_PROTOCOL)
+                return getattr(self._here, method)(*args, **kwargs)
             try:
-                proc.stdin.write(_FRAME.pack(len(request)) + request)
-                proc.stdin.flush()
+                _send(proc.stdin, (method, args, kwargs))
                 while True:  # (with no client here, the child's "ready" may come first)
-                    status, payload, self._cpu_now = pickle.loads(_read_frame(proc.stdout))
+                    status, payload, self._cpu_now = _receive(proc.stdout)
                     if status != "ready":
                         break
                     self._ready = True
@@ -963,15 +959,22 @@ class _SendingProcess:
 _FRAME = struct.Struct("<Q")
 
 
-def _read_frame(stream: Any) -> bytes:
+def _send(stream: Any, message: Any) -> None:
+    """One length-prefixed pickle between the sending thread and the sending process."""
+    data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+    stream.write(_FRAME.pack(len(data)) + data)
+    stream.flush()
+
+
+def _receive(stream: Any) -> Any:
     header = stream.read(_FRAME.size)
     if len(header) < _FRAME.size:
-        raise EOFError("no answer")
+        raise EOFError("no message")
     (size,) = _FRAME.unpack(header)
     data = stream.read(size)
     if len(data) < size:
-        raise EOFError("a cut answer")
-    return data
+        raise EOFError("a cut message")
+    return pickle.loads(data)
 
 
 def _send_worker() -> int:
@@ -987,13 +990,11 @@ def _send_worker() -> int:
 
     uri = os.environ["MLFLOW_TRACKING_URI"]
     calls = _Calls(MlflowClient(tracking_uri=uri), uri)
-    data = pickle.dumps(("ready", None, time.process_time()), protocol=pickle.HIGHEST_PROTOCOL)
-    answers.write(_FRAME.pack(len(data)) + data)
-    answers.flush()
+    _send(answers, ("ready", None, time.process_time()))
     requests = sys.stdin.buffer
     while True:
         try:
-            method, args, kwargs = pickle.loads(_read_frame(requests))
+            method, args, kwargs = _receive(requests)
         except EOFError:
             return 0
         try:
@@ -1002,9 +1003,7 @@ def _send_worker() -> int:
             answer: tuple[str, Any] = ("ok", getattr(calls, method)(*args, **kwargs))
         except Exception as exc:  # noqa: BLE001 - every failure goes back to the sending thread
             answer = ("error", (_short_error(exc), _is_transient(exc)))
-        data = pickle.dumps((*answer, time.process_time()), protocol=pickle.HIGHEST_PROTOCOL)
-        answers.write(_FRAME.pack(len(data)) + data)
-        answers.flush()
+        _send(answers, (*answer, time.process_time()))
 
 
 _CURVES = ("train_loss", "val_loss", "lr")

@@ -442,7 +442,7 @@ def test_without_a_sending_process_the_calls_are_made_from_the_thread(mlflow_ser
         tracker.ensure_parent_run(study)
         trials = [run_trial(study, tracker, "completed")]
         assert tracker.flush(30)
-        assert tracker._sender.client._proc is None and tracker._sender.client._local is not None
+        assert tracker._sender.client._proc is None and tracker._sender.client._no_child
     finally:
         assert tracker.close() == 0
     assert metric_points(client, trials) == expected_points(trials)
