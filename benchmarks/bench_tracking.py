@@ -3,6 +3,7 @@
 Run by hand, never in CI::
 
     python benchmarks/bench_tracking.py                    # real mixer.train.fit, ~1 s epochs
+    python benchmarks/bench_tracking.py --trials 1 --repeats 80   # the wall comparison, to ~±0.6 %
     python benchmarks/bench_tracking.py --fake             # sleep-based 1 s epochs, no training
     python benchmarks/bench_tracking.py --tracking-uri http://127.0.0.1:5000   # an existing server
 
@@ -21,8 +22,11 @@ thread), ``log_epoch`` every epoch from the ``on_epoch`` callback, ``end``; each
 run is created before and finished after its timed trials. Reported:
 
 - wall seconds of the trials, off and on, and the overhead ``(on - off) / off``, per repeat and
-  over all repeats. On this machine (a virtual machine whose speed drifts by 10-15 % from one
-  trial to the next) this is mostly noise.
+  over all repeats, with the standard error of the per-repeat differences (and, from 30 repeats
+  on, a 95 % interval). On this machine (a virtual machine whose speed drifts by 10-15 % from one
+  trial to the next) one repeat's difference is mostly noise, -9 % to +8 %: it takes tens of
+  repeats to bound the overhead within 1 % (short sequences, ``--trials 1``, pair the two arms
+  closest in time).
 - per trial, from ``/proc/<pid>/task/*/schedstat``: how long the training threads waited for a
   CPU (run-queue wait, tracked minus untracked), plus the time spent inside tracking calls, plus
   the CPU of the process's other threads (bounding how long they held the GIL). It is not
@@ -530,6 +534,7 @@ def main(argv: list[str] | None = None) -> int:
             # The per-repeat differences' standard error: how far the wall comparison can be trusted.
             "wall_overhead_pct_se": (100 * statistics.stdev(per_pair) / math.sqrt(len(per_pair))
                                      if len(per_pair) > 1 else math.nan),
+            "trial_seconds_per_repeat": [{k: r[k].trial_seconds for k in ("off", "on")} for r in pairs],
             "study_seconds": {k: statistics.mean(s.study_seconds[k] for s in on_seqs)
                               for k in on_seqs[0].study_seconds},
             "tracker_start_seconds": startup,
@@ -539,6 +544,16 @@ def main(argv: list[str] | None = None) -> int:
             / max(1, sum(s.deferred_pngs for s in on_seqs)),
             "undelivered": tracker.close(),
         }
+        if not args.fake:
+            # mixer.model times one thread against two for each kind of work at the start; on a
+            # noisy machine that choice can differ from run to run, and with it the trial's speed.
+            from mixer.model import threads_chosen
+
+            chosen = list(threads_chosen().values())
+            summary["threads_chosen"] = {str(n): chosen.count(n) for n in sorted(set(chosen))}
+            print("thread counts chosen (both arms share them): " + ", ".join(
+                f"{n} for {k} kind{'s' if k > 1 else ''} of work"
+                for n, k in summary["threads_chosen"].items()))
         ms = summary["per_trial_ms"]
         print(f"per trial ({off_trial:.2f} s untracked): on the training thread "
               f"{ms['on_training_thread']:.1f} ms (start_trial {ms['start_trial']:.1f}, "
@@ -565,6 +580,11 @@ def main(argv: list[str] | None = None) -> int:
               f" their mean {100 * statistics.mean(per_pair):+.2f} % ± "
               f"{summary['wall_overhead_pct_se']:.2f} % standard error;"
               f" on a busy machine this is mostly the other load's noise)")
+        if len(per_pair) >= 30:  # enough repeats for the normal approximation to hold
+            mean, se = 100 * statistics.mean(per_pair), summary["wall_overhead_pct_se"]
+            summary["wall_overhead_pct_ci95"] = [mean - 1.96 * se, mean + 1.96 * se]
+            print(f"95 % interval of the mean over {len(per_pair)} repeats: "
+                  f"{mean - 1.96 * se:+.2f} % to {mean + 1.96 * se:+.2f} %")
         if summary["deferred_pngs_per_study"]:
             print(f"PNGs drawn after the trials (as at close): {summary['deferred_pngs_per_study']:.0f} per "
                   f"study, {summary['deferred_drawing_cpu_per_png_ms']:.0f} ms of CPU each; the drawing "
