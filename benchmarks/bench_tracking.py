@@ -24,7 +24,7 @@ run is created before and finished after its timed trials. Reported:
 - wall seconds of the trials, off and on, and the overhead ``(on - off) / off``, per repeat and
   over all repeats, with the standard error of the per-repeat differences (and, from 30 repeats
   on, a 95 % interval). On this machine (a virtual machine whose speed drifts by 10-15 % from one
-  trial to the next) one repeat's difference is mostly noise, -9 % to +8 %: it takes tens of
+  trial to the next) one repeat's difference is mostly noise, -10 % to +9 %: it takes tens of
   repeats to bound the overhead within 1 % (short sequences, ``--trials 1``, pair the two arms
   closest in time).
 - per trial, from ``/proc/<pid>/task/*/schedstat``: how long the training threads waited for a
