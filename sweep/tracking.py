@@ -55,6 +55,7 @@ import collections
 import concurrent.futures
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import itertools
 import json
@@ -937,23 +938,12 @@ class _SendingProcess:
         finally:
             self._lock.release()
 
-    def find_run(self, experiment_id: str, key: str) -> tuple[str, str] | None:
-        return self._call("find_run", experiment_id, key)
-
-    def create_run(self, experiment_id: str, *, start_time: int | None, tags: dict[str, str],
-                   run_name: str | None) -> tuple[str, str]:
-        return self._call("create_run", experiment_id, start_time=start_time, tags=tags, run_name=run_name)
-
-    def log_batch(self, run_id: str, *, metrics: Sequence[Any] = (), params: Sequence[Any] = (),
-                  tags: Sequence[Any] = ()) -> None:
-        self._call("log_batch", run_id, metrics=list(metrics), params=list(params), tags=list(tags))
-
-    def set_terminated(self, run_id: str, *, status: str | None, end_time: int | None) -> None:
-        self._call("set_terminated", run_id, status=status, end_time=end_time)
-
-    def log_artifact(self, run_id: str, path: str, artifact_path: str | None, *,
-                     artifact_uri: str | None) -> None:
-        self._call("log_artifact", run_id, path, artifact_path, artifact_uri=artifact_uri)
+    def __getattr__(self, method: str) -> Any:
+        """``find_run``, ``create_run``, ``log_batch``, ``set_terminated``, ``log_artifact``: the
+        ``_Calls`` method of that name, made in the child."""
+        if method not in _Calls.METHODS:
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {method!r}")
+        return functools.partial(self._call, method)
 
 
 _FRAME = struct.Struct("<Q")
