@@ -81,8 +81,9 @@ def run_numpy(arrays: dict[str, np.ndarray], args: argparse.Namespace) -> dict:
     """One fit() of ``--epochs`` epochs; the validation part is timed again on its own."""
     from mixer.config import MixerConfig, TrainConfig
     from mixer.data import Dataset
+    from mixer.metrics import bce_with_logits
     from mixer.model import flops_per_example, get_num_threads, predict_logits, set_num_threads
-    from mixer.train import _bce_with_logits, fit
+    from mixer.train import fit
 
     set_num_threads(args.threads, adaptive=False)  # exactly as many threads as torch gets
 
@@ -110,8 +111,8 @@ def run_numpy(arrays: dict[str, np.ndarray], args: argparse.Namespace) -> dict:
     val_times = []
     for _ in range(3):
         t = time.perf_counter()
-        _bce_with_logits(predict_logits(result.params, data.x_val, model), data.y_val.astype(np.float64),
-                         model.pos_weight)
+        bce_with_logits(predict_logits(result.params, data.x_val, model), data.y_val.astype(np.float64),
+                        pos_weight=model.pos_weight)
         val_times.append(time.perf_counter() - t)
     epoch = float(np.mean([m.epoch_seconds for m in result.history]))
     val = float(np.median(val_times))

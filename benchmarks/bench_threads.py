@@ -9,7 +9,7 @@ Each shape's step (``mixer.model.loss_and_grads`` with ``train=True``) is repeat
 one thread, then on two (``set_num_threads(n, adaptive=False)``), three times over; the best
 time per step of each is printed with their ratio. A ratio above 1 means two threads lose: their
 shards are so small that the threads mostly pass the GIL back and forth. This is what
-``mixer.model`` decides per shape at run time (see its docstring).
+``mixer._parallel`` decides per shape at run time (see its docstring).
 """
 
 from __future__ import annotations

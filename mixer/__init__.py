@@ -9,7 +9,10 @@ from typing import Any
 
 from mixer.config import DataConfig, MixerConfig, TrainConfig
 from mixer.data import DataError, Dataset, Pipeline, load
+from mixer.metrics import bce_with_logits, binary_metrics, roc_auc
 from mixer.model import flops_per_example, init_params, loss_and_grads, predict_logits
+from mixer.synthetic import synthetic_frame
+from mixer.yaml_io import load_yaml
 
 # mixer.train is imported on first use, not here: `python -m mixer.train` runs that module as
 # __main__, and importing it from the package first would load it twice (runpy warns about that).
@@ -32,10 +35,15 @@ __all__ = [
     "MixerConfig",
     "Pipeline",
     "TrainConfig",
+    "bce_with_logits",
+    "binary_metrics",
     "fit",
     "flops_per_example",
     "init_params",
     "load",
+    "load_yaml",
     "loss_and_grads",
     "predict_logits",
+    "roc_auc",
+    "synthetic_frame",
 ]

@@ -14,14 +14,16 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 import pandas as pd
 
-from mixer.checkpoint import CheckpointError, atomic_savez, check_param_shapes
 from mixer.config import MixerConfig
 from mixer.data import Pipeline
 
@@ -35,6 +37,39 @@ PREDICT_BATCH = 4096
 
 class BundleError(ValueError):
     """A model bundle is unreadable or its parts disagree; the message names the file and the part."""
+
+
+def atomic_write(path: str | Path, write: Callable[[IO], Any], *, mode: str = "wb") -> Path:
+    """Call ``write`` on a temporary file in ``path``'s folder, then rename it to ``path``.
+
+    A failed write leaves no half-written ``path`` (an existing one is kept). Text modes
+    (``mode="w"``) open with ``newline=""``, as the csv module and pandas expect.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, mode, newline=None if "b" in mode else "") as fh:
+            write(fh)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _check_param_shapes(params: dict[str, np.ndarray], expected: dict[str, tuple[int, ...]],
+                       *, source: str) -> None:
+    """Raise BundleError naming the first key missing, unexpected or of the wrong shape."""
+    for key, shape in expected.items():
+        if key not in params:
+            raise BundleError(f"{source}: parameter {key!r} is missing")
+        if tuple(params[key].shape) != tuple(shape):
+            raise BundleError(f"{source}: parameter {key!r} has shape {tuple(params[key].shape)}, "
+                              f"the config needs {tuple(shape)}")
+    for key in params:
+        if key not in expected:
+            raise BundleError(f"{source}: unexpected parameter {key!r} for this config")
 
 
 def sigmoid(logits: np.ndarray) -> np.ndarray:
@@ -66,7 +101,7 @@ class ModelBundle:
 
     def check(self, *, source: str = "bundle") -> None:
         """Raise BundleError if the config, pipeline and parameters do not belong together."""
-        from mixer.model import init_params
+        from mixer.model import param_shapes
 
         n_pipeline = len(self.pipeline.feature_names)
         if self.config.n_features != n_pipeline:
@@ -74,11 +109,7 @@ class ModelBundle:
                 f"{source}: config has n_features={self.config.n_features} but the pipeline "
                 f"produces {n_pipeline} features"
             )
-        expected = {k: v.shape for k, v in init_params(self.config, 0).items()}
-        try:
-            check_param_shapes(self.params, expected, source=source)
-        except CheckpointError as exc:
-            raise BundleError(str(exc)) from None
+        _check_param_shapes(self.params, param_shapes(self.config), source=source)
 
     def save(self, path: str | Path) -> Path:
         """Write the bundle to ``path`` atomically (temporary file, then rename)."""
@@ -96,7 +127,7 @@ class ModelBundle:
             raise BundleError(f"{path}: bundle metadata is not JSON-serialisable: {exc}") from None
         arrays = {_META: np.array(blob)}
         arrays.update({_PARAM + k: np.asarray(v) for k, v in self.params.items()})
-        return atomic_savez(path, arrays)
+        return atomic_write(path, lambda fh: np.savez(fh, **arrays))
 
     @classmethod
     def load(cls, path: str | Path) -> ModelBundle:

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mixer.yaml_io import YamlError, load_yaml
+
 GELU_FORMS = ("tanh", "erf")
 SCHEDULERS = ("constant", "cosine", "cosine_warm_restarts", "sharp_cosine")
 OPTIMIZERS = ("adam", "adamw")
@@ -196,18 +198,16 @@ class ConfigError(ValueError):
 def load_run_config(path: str | Path) -> tuple[DataConfig, TrainConfig, int]:
     """Read a single-run YAML (``data:``, ``train:``, ``seed:``), as ``python -m mixer.train`` takes.
 
+    Read with ``mixer.yaml_io.load_yaml``, the search spaces' loader: ``lr: 1e-4`` is a float.
+
     Raises:
         ConfigError: naming the file and the key, for anything missing, unknown or out of range.
     """
-    import yaml
-
     path = Path(path)
     try:
-        doc = yaml.safe_load(path.read_text())
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        doc = load_yaml(path)
+    except YamlError as exc:
+        raise ConfigError(str(exc)) from None
     if not isinstance(doc, dict):
         raise ConfigError(f"{path}: expected a mapping with keys data, train, seed")
     unknown = sorted(set(doc) - {"data", "train", "seed"})

@@ -9,15 +9,13 @@ the Hessian (400k parameters would need 1.3 TB): it only needs products ``H v``.
   round-off of the probe's dtype): a step relative to the size of the weights and independent of
   the length of ``v``. The textbook optimum for central differences is ``u^(1/3)`` (truncation
   O(ε²) against rounding O(u/ε)), but it assumes third derivatives no larger than the loss; along
-  a Mixer's sharp directions they are far larger. Measured on the headline model at init (probe
-  batch 256, 20 iterations): in float32 the ``u^(1/3)`` step put λ_max at 12.0 instead of 19.1,
-  the ``u^(1/2)`` step at 19.06 (products within ~1e-4 of float64's); in float64 the products
-  agree to ~1e-9 for any step from 1/1000 to 10 times the default. The gradient is taken in
-  eval mode (``train=False``: no dropout, no drop-path) so that ``H`` is the Hessian of one
-  deterministic function; the probe runs in float64 unless asked otherwise.
+  a Mixer's sharp directions they are far larger, and in float32 that step understates λ_max
+  badly where ``u^(1/2)`` does not. The gradient is taken in eval mode (``train=False``: no
+  dropout, no drop-path) so that ``H`` is the Hessian of one deterministic function; the probe
+  runs in float64 unless asked otherwise.
 * ``lanczos`` runs ``iters`` steps of the Lanczos iteration with full reorthogonalisation (every
   new vector is made orthogonal to all previous ones, twice, because finite-difference products
-  are only symmetric up to ~1e-10 and plain three-term Lanczos would grow ghost copies of the
+  are only nearly symmetric and plain three-term Lanczos would grow ghost copies of the
   extreme eigenvalues). The eigenvalues of the small tridiagonal ``T`` (Ritz values) converge
   to the extreme eigenvalues of ``H`` first; with ``iters = n`` they are all of ``H``'s.
 * ``extreme_eigenvalues`` puts the two together on a probe batch and reports ``λ_max``,
@@ -27,10 +25,8 @@ the Hessian (400k parameters would need 1.3 TB): it only needs products ``H v``.
   least that negative (up to the finite-difference error), while an unconverged probe can only
   under-state the negative curvature, never invent it.
 
-Cost: ``iters`` Hessian-vector products, each two forward+backward passes on the probe batch
-(40 gradients of 256 rows for the defaults: 528 GFLOP on the headline model), plus O(iters² · n)
-for the reorthogonalisation (small next to the passes). Measured on the headline model (420,697
-parameters), 20 iterations, batch 256: 34 CPU-seconds in float64, 16 in float32.
+Cost: ``iters`` Hessian-vector products, each two forward+backward passes on the probe batch,
+plus O(iters² · n) for the reorthogonalisation (small next to the passes); float32 is cheaper.
 """
 
 from __future__ import annotations

@@ -6,8 +6,8 @@ same as dicts, as stored in a trial's ``history`` user attribute) and measures:
 * **plateau** — the longest run of consecutive epochs none of which improved the train loss by
   ``plateau_tol`` relative to the best loss before it, ``(min L[<t] - L[t]) / min L[<t] <
   plateau_tol`` (no progress), and none rose ``plateau_band`` or more above it (a spike is not a
-  plateau). Against the best so far rather than the epoch before, so that mini-batch noise of a
-  few tenths of a percent does not cut one plateau into pieces. ``plateau_length`` counts those
+  plateau). Against the best so far rather than the epoch before, so that mini-batch noise does
+  not cut one plateau into pieces. ``plateau_length`` counts those
   epochs, ``plateau_start_epoch`` is the first of them. Over the plateau: the mean gradient norm
   (``plateau_grad_norm``, from ``grad_norm_mean``), the same relative to the largest epoch-mean
   gradient norm of the run (``plateau_grad_ratio``), the mean learning rate (``plateau_lr``: a
@@ -20,13 +20,11 @@ same as dicts, as stored in a trial's ``history`` user attribute) and measures:
   level (0 for a monotone curve; it adds up over epochs).
 
 ``grad_norm_mean`` is the mean *mini-batch* gradient norm, which mini-batch noise keeps well above
-the full-batch gradient on a plateau; hence "small" is relative to the run's own peak and loose
-(0.75). Calibration: on the real sample, the notebook's experiment 1 (patch 1, dim 48, lr 0.01,
-global scaling, probes every 4 epochs) sat at train loss 0.52 from epoch 5 to 20 with its gradient
-norm at 0.58 of its epoch-1 value and λ_min/λ_max = -0.15/0.64, -0.98/0.56, -0.11/0.63,
--0.37/0.51, -0.43/3.8 at epochs 4, 8, 12, 16, 20: a saddle region by any reading. The Mixer's
-Hessian at initialisation has |λ_min|/λ_max ≈ 0.05 (headline model, probe batch 256), so
-``saddle_neg_ratio`` = 0.1 asks for clearly more negative curvature than a fresh network has.
+the full-batch gradient on a plateau; hence "small" is relative to the run's own peak and loose.
+The defaults were calibrated on the real sample, on the notebook's experiment 1 (patch 1, dim 48,
+lr 0.01, global scaling), whose long plateau at a gradient well below its peak, with clearly
+negative curvature at every probe, is a saddle region by any reading. A freshly initialised Mixer
+already shows a little negative curvature, so ``saddle_neg_ratio`` asks for clearly more.
 
 Rules, first match wins:
 
@@ -40,19 +38,7 @@ Rules, first match wins:
 4. ``oscillating`` — ``val_wiggle >= oscillation_wiggle``.
 5. ``healthy`` — none of the above.
 
-Thresholds (``Thresholds``, frozen; defaults):
-
-==================== ======= =================================================================
-name                 default meaning
-==================== ======= =================================================================
-plateau_tol          0.005   an epoch is flat if it beat the best train loss so far by < 0.5 %
-plateau_band         0.05    ... and did not rise 5 % or more above it
-min_plateau_epochs   4       flat epochs in a row needed to call a plateau
-small_grad_ratio     0.75    plateau grad norm <= this × the run's largest epoch-mean grad norm
-saddle_neg_ratio     0.1     |λ_min| / λ_max at the plateau for "clearly negative" curvature
-probe_slack          2       probes up to this many epochs outside the plateau still count
-oscillation_wiggle   0.25    val_wiggle at or above this is oscillating
-==================== ======= =================================================================
+The thresholds are the fields of ``Thresholds`` (frozen; defaults there).
 """
 
 from __future__ import annotations
@@ -62,6 +48,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from mixer.curvature import neg_ratio
+
 __all__ = ["LABELS", "Diagnosis", "Thresholds", "diagnose", "plateau_run", "val_wiggle"]
 
 LABELS = ("healthy", "plateau", "saddle", "oscillating", "diverged")
@@ -69,7 +57,17 @@ LABELS = ("healthy", "plateau", "saddle", "oscillating", "diverged")
 
 @dataclass(frozen=True)
 class Thresholds:
-    """The settings behind the rules; see the module docstring for their meaning."""
+    """The settings behind the rules (see the module docstring).
+
+    Attributes:
+        plateau_tol: an epoch is flat if it beat the best train loss so far by less than this share.
+        plateau_band: ... and did not rise this share or more above it.
+        min_plateau_epochs: flat epochs in a row needed to call a plateau.
+        small_grad_ratio: plateau grad norm <= this × the run's largest epoch-mean grad norm is small.
+        saddle_neg_ratio: |λ_min| / λ_max at the plateau for "clearly negative" curvature.
+        probe_slack: probes up to this many epochs outside the plateau still count.
+        oscillation_wiggle: val_wiggle at or above this is oscillating.
+    """
 
     plateau_tol: float = 0.005
     plateau_band: float = 0.05
@@ -117,10 +115,9 @@ def plateau_run(losses: Sequence[float], *, tol: float, band: float = math.inf) 
 
     Epoch ``i`` (``i >= 1``) is flat when it neither beats the best loss before it by ``tol``
     relative nor rises above it by ``band`` relative:
-    ``-band < (best - losses[i]) / |best| < tol`` with ``best = min(losses[:i])``. Comparing with
-    the best so far (not the previous epoch) keeps mini-batch noise from cutting a plateau in
-    pieces: a loss bouncing ±0.5 % around 0.52 is one plateau, not several short ones; a jump far
-    above the best (a restart's spike, a blow-up) is not flat. A non-finite loss ends a run.
+    ``-band < (best - losses[i]) / |best| < tol`` with ``best = min(losses[:i])`` (the module
+    docstring says why); a jump far above the best (a restart's spike, a blow-up) is not flat.
+    A non-finite loss ends a run.
     ``(-1, 0)`` if no epoch is flat; ties go to the earliest run.
     """
     best_start, best_len = -1, 0
@@ -228,7 +225,7 @@ def diagnose(history: Sequence[Any], *, diverged: bool = False,
             lam_min, lam_max = _get(probe, "hessian_min_eig"), _get(probe, "hessian_max_eig")
             ratio = _get(probe, "neg_curvature_ratio")
             if ratio is None:
-                ratio = 0.0 if lam_min >= 0 else (abs(lam_min) / lam_max if lam_max > 0 else math.inf)
+                ratio = neg_ratio(lam_min, lam_max)
             metrics.update(plateau_min_eig=lam_min, plateau_max_eig=lam_max,
                            plateau_neg_ratio=ratio, plateau_probe_epoch=float(probe_epoch))
         plateau_note = (f"train loss improved < {th.plateau_tol:.2%}/epoch for {length} epochs from "

@@ -11,88 +11,11 @@ import argparse
 import json
 import math
 import sys
-from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
-
-import numpy as np
 
 from mixer.bundle import BundleError, ModelBundle
 from mixer.data import DataError, labels, read_csv
-
-
-@dataclass(frozen=True)
-class BinaryMetrics:
-    """Classification quality of probabilities against 0/1 labels at one threshold.
-
-    ``roc_auc`` is NaN when the labels hold a single class (it is undefined there); precision,
-    recall and F1 are 0 when their denominator is 0.
-    """
-
-    rows: int
-    positives: int
-    threshold: float
-    accuracy: float
-    precision: float
-    recall: float
-    f1: float
-    roc_auc: float
-    tn: int
-    fp: int
-    fn: int
-    tp: int
-
-    def as_dict(self) -> dict[str, Any]:
-        """Plain dict; NaN becomes None so that the result is valid JSON."""
-        return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in asdict(self).items()}
-
-
-def roc_auc(y_true: np.ndarray, scores: np.ndarray) -> float:
-    """Area under the ROC curve by the rank statistic (Mann-Whitney U), ties counted as half.
-
-    AUC = P(score of a random positive > score of a random negative). NaN if a class is absent.
-    """
-    y = np.asarray(y_true).astype(bool)
-    s = np.asarray(scores, dtype=np.float64)
-    if y.shape != s.shape or y.ndim != 1:
-        raise ValueError(f"y_true and scores must be 1-D of one length, got {y.shape} and {s.shape}")
-    n_pos = int(y.sum())
-    n_neg = len(y) - n_pos
-    if n_pos == 0 or n_neg == 0:
-        return float("nan")
-    order = np.argsort(s, kind="mergesort")
-    sorted_s = s[order]
-    # Tied scores share the mean of the 1-based ranks they span.
-    starts = np.r_[0, np.flatnonzero(np.diff(sorted_s)) + 1]
-    ends = np.r_[starts[1:], len(s)]
-    ranks = np.empty(len(s), dtype=np.float64)
-    ranks[order] = np.repeat((starts + ends + 1) / 2.0, ends - starts)
-    u = ranks[y].sum() - n_pos * (n_pos + 1) / 2.0
-    return float(u / (n_pos * n_neg))
-
-
-def binary_metrics(y_true: np.ndarray, proba: np.ndarray, *, threshold: float = 0.5) -> BinaryMetrics:
-    """Accuracy, precision, recall, F1, ROC AUC and confusion counts; predicted 1 iff proba >= threshold."""
-    if not 0.0 <= threshold <= 1.0:
-        raise ValueError(f"threshold must be in [0, 1], got threshold={threshold}")
-    y = np.asarray(y_true).astype(bool)
-    p = np.asarray(proba, dtype=np.float64)
-    if y.shape != p.shape:
-        raise ValueError(f"y_true and proba must have one shape, got {y.shape} and {p.shape}")
-    pred = p >= threshold
-    tp = int(np.sum(pred & y))
-    fp = int(np.sum(pred & ~y))
-    fn = int(np.sum(~pred & y))
-    tn = int(np.sum(~pred & ~y))
-    precision = tp / (tp + fp) if tp + fp else 0.0
-    recall = tp / (tp + fn) if tp + fn else 0.0
-    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-    return BinaryMetrics(
-        rows=len(y), positives=int(y.sum()), threshold=float(threshold),
-        accuracy=(tp + tn) / len(y) if len(y) else float("nan"),
-        precision=precision, recall=recall, f1=f1, roc_auc=roc_auc(y, p),
-        tn=tn, fp=fp, fn=fn, tp=tp,
-    )
+from mixer.metrics import BinaryMetrics, binary_metrics
 
 
 def evaluate_csv(bundle: ModelBundle, path: str | Path, *, threshold: float = 0.5) -> BinaryMetrics:

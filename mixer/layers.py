@@ -1,25 +1,16 @@
-"""Pure forward/backward pairs for the Mixer: linear, layernorm, GELU, dropout, drop-path, BCE.
+"""Pure forward/backward pairs for the Mixer: linear, layernorm, GELU with fused dropout, BCE.
 
 Every differentiable op is a pair ``op_forward(...) -> (out, cache)`` and
 ``op_backward(dout, cache) -> (dx, ...)`` with shapes in the docstring (CS231n
 ``layers.py``). Nothing here holds state; randomness comes from the
-``np.random.Generator`` the caller passes.
+``np.random.Generator`` the caller passes. Dropout on a residual branch and drop-path are
+applied by the model (``mixer.model``), with ``dropout_mask``, so that it can skip dropped work.
 
-Written for speed as much as clarity, because a training step is a few hundred
-NumPy calls on arrays of ~10^5 elements and every full pass over memory counts:
-
-- results are computed in place (``out=`` / augmented assignment) where the
-  operand is a temporary of our own, never in an array the caller passed;
-- Python float constants are "weak" scalars (NEP 50), so float32 stays float32;
-  no ``np.float64`` scalar ever meets an activation;
-- dropout masks come from 16-bit random integers (four per 64-bit draw of the
-  bit generator), ~4x cheaper than ``Generator.random`` floats;
-- the GELU caches its own derivative (dropout mask folded in), so its backward
-  pass is a single multiply;
-- the long token-mixing matmuls run in column blocks that stay in L2, and sums
-  over an axis are BLAS matrix-vector products with a vector of ones.
-
-See benchmarks/README.md for the measurements behind each of these.
+Written for speed as much as clarity, because a training step is a few hundred NumPy calls on
+arrays of ~10^5 elements and every full pass over memory counts: results are computed in place
+where the operand is a temporary of our own (never in an array the caller passed), and Python
+float constants are "weak" scalars (NEP 50), so float32 stays float32. Each op's docstring or
+comment says what else it does for speed; benchmarks/README.md has the measurements.
 
 Dtype follows the input: float32 for training, float64 for gradient checks.
 """
@@ -36,11 +27,6 @@ __all__ = [
     "TOKEN_BLOCK_COLUMNS",
     "bce_with_logits_backward",
     "bce_with_logits_forward",
-    "drop_path_backward",
-    "drop_path_forward",
-    "drop_path_mask",
-    "dropout_backward",
-    "dropout_forward",
     "dropout_mask",
     "erf",
     "gelu_backward",
@@ -65,16 +51,15 @@ _MASK_LEVELS = 1 << 16
 
 # --------------------------------------------------------------------------- linear
 # Token-mixing matmuls have one long axis (batch*dim columns) and two short ones (tokens,
-# hidden). OpenBLAS runs them ~2x faster on column blocks of this size than in one call
-# (measured on the headline shapes: weight gradient 137 -> 65 us, input gradient 78 -> 51 us
-# for 16 rows), as a block's operands then stay in L2.
+# hidden). OpenBLAS runs them faster on column blocks of this size than in one call, as a
+# block's operands then stay in L2.
 TOKEN_BLOCK_COLUMNS = 1024
 
 
 @functools.lru_cache(maxsize=64)
 def _ones(n: int, dtype: np.dtype) -> np.ndarray:
-    """A read-only vector of ones: sums over an axis as a BLAS matrix-vector product (3-4x faster
-    than ``ndarray.sum`` on these shapes)."""
+    """A read-only vector of ones: sums over an axis as a BLAS matrix-vector product, which beats
+    ``ndarray.sum`` on these shapes."""
     ones = np.ones(n, dtype=dtype)
     ones.flags.writeable = False
     return ones
@@ -229,13 +214,8 @@ _ERFC_S = (2.26052863220117276590e0, 9.39603524938001434673e0, 1.204895398080966
 
 def _polevl(x: np.ndarray, coefs: tuple[float, ...], *, monic: bool = False) -> np.ndarray:
     """Horner's rule; ``monic`` prepends an implicit leading coefficient 1 (Cephes p1evl)."""
-    if monic:
-        acc = x + coefs[0]
-        rest = coefs[1:]
-    else:
-        acc = np.full_like(x, coefs[0])
-        rest = coefs[1:]
-    for c in rest:
+    acc = x + coefs[0] if monic else np.full_like(x, coefs[0])
+    for c in coefs[1:]:
         acc *= x
         acc += c
     return acc
@@ -243,7 +223,7 @@ def _polevl(x: np.ndarray, coefs: tuple[float, ...], *, monic: bool = False) -> 
 
 # Eigen's single-precision erf (also XLA's and oneDNN's): x P(x^2) / Q(x^2) on x clamped to
 # [-4, 4], where erf is +-1 in float32. Within a few float32 ulps of the true erf, branch-free,
-# and ~15x faster in NumPy than the Cephes branches, which need masked gathers.
+# and so much faster in NumPy than the Cephes branches, which need masked gathers.
 _ERF32_P = (-2.72614225801306e-10, 2.77068142495902e-08, -2.10102402082508e-06, -5.69250639462346e-05,
             -7.34990630326855e-04, -2.95459980854025e-03, -1.60960333262415e-02)
 _ERF32_Q = (-1.45660718464996e-05, -2.13374055278905e-04, -1.68282697438203e-03, -7.37332916720468e-03,
@@ -254,7 +234,7 @@ def erf(x: np.ndarray) -> np.ndarray:
     """The error function, elementwise, in x's dtype, with NumPy only.
 
     scipy is not a runtime dependency (and its erf is slower than this on float32), and
-    ``np.vectorize(math.erf)`` is ~100x slower. float64 (and anything that is not float32):
+    ``np.vectorize(math.erf)`` is far slower. float64 (and anything that is not float32):
     Cephes' algorithm, the one scipy.special.erf uses, a rational function for |x| <= 1 and
     1 - erfc(|x|) with erfc = exp(-x^2) P(x)/Q(x) beyond; error ~1e-16, which keeps the
     exact-GELU gradient check in float64 exact to ~1e-10. float32: Eigen's rational
@@ -296,7 +276,7 @@ def gelu_forward(
     """GELU, optionally followed by dropout, fused: one pass over the hidden activation.
 
     ``form="tanh"``: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))) (the default: one tanh).
-    ``form="erf"``: 0.5 x (1 + erf(x / sqrt(2))), exact (see ``erf``), ~2x the time in float32.
+    ``form="erf"``: 0.5 x (1 + erf(x / sqrt(2))), exact (see ``erf``), slower.
     With ``p > 0`` and an ``rng`` the result is multiplied by a dropout mask (0, or 1/(1-p)).
 
     The cache is the local derivative d(out)/dx itself, mask included, computed here from the
@@ -370,7 +350,7 @@ def gelu_backward(dout: np.ndarray, cache: np.ndarray) -> np.ndarray:
     return dout * cache
 
 
-# --------------------------------------------------------------------------- dropout, drop-path
+# --------------------------------------------------------------------------- dropout
 def dropout_mask(
     shape: tuple[int, ...], p: float, rng: np.random.Generator, *, dtype=np.float32, scale: float = 1.0
 ) -> np.ndarray:
@@ -389,48 +369,6 @@ def dropout_mask(
     mask = (bits >= threshold).astype(dtype)
     mask *= scale * _MASK_LEVELS / (_MASK_LEVELS - threshold)
     return mask
-
-
-def dropout_forward(x: np.ndarray, p: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """Inverted dropout: x (any) -> (x * mask, mask), mask as ``dropout_mask``."""
-    mask = dropout_mask(x.shape, p, rng, dtype=x.dtype)
-    return x * mask, mask
-
-
-def dropout_backward(dout: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """Gradient of ``dropout_forward`` (and of ``drop_path_forward``): dout * mask."""
-    return dout * mask
-
-
-def drop_path_mask(
-    shape: tuple[int, ...], p: float, rng: np.random.Generator, *, batch_axis: int = 0, dtype=np.float32
-) -> np.ndarray:
-    """Stochastic depth: per sample, 0 with probability p, else 1/(1-p).
-
-    Returns:
-        An array of x's rank, of size 1 on every axis but ``batch_axis``, for broadcasting.
-    """
-    if not 0.0 <= p < 1.0:
-        raise ValueError(f"drop-path probability must be in [0, 1), got p={p}")
-    n = shape[batch_axis]
-    keep = (rng.random(n) >= p).astype(dtype)
-    keep *= 1.0 / (1.0 - p)
-    bshape = [1] * len(shape)
-    bshape[batch_axis] = n
-    return keep.reshape(bshape)
-
-
-def drop_path_forward(
-    x: np.ndarray, p: float, rng: np.random.Generator, *, batch_axis: int = 0
-) -> tuple[np.ndarray, np.ndarray]:
-    """Drop a whole residual branch per sample: x (any) -> (x * mask, mask), see ``drop_path_mask``."""
-    mask = drop_path_mask(x.shape, p, rng, batch_axis=batch_axis, dtype=x.dtype)
-    return x * mask, mask
-
-
-def drop_path_backward(dout: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """Gradient of ``drop_path_forward``: dout * mask (broadcast)."""
-    return dout * mask
 
 
 # --------------------------------------------------------------------------- loss

@@ -11,51 +11,29 @@ Parameters are one flat dict with dotted names (``blocks.3.token.fc1.w``), weigh
 shaped (out, in) like torch ``nn.Linear``. Gradients come back in a dict with the
 same keys. Float32 for training; float64 works the same (gradient checks).
 
-Speed (see DESIGN.md, "Speed", and benchmarks/README.md for measurements):
+How it is kept fast (benchmarks/README.md has the measurements):
 
 - Activations are token-major, (tokens, batch, dim), stored as 2-D
   (tokens*batch, dim). Token mixing is then one matmul ``W @ X.reshape(tokens,
   batch*dim)`` and channel mixing one matmul ``X @ W.T``; neither needs a transpose.
-- A batch is cut into shards of ``SHARD_ROWS`` rows that run on a small thread
-  pool (NumPy releases the GIL inside BLAS calls and ufunc loops), and their
-  gradients are summed. BLAS itself is kept single-threaded: multi-threaded
-  OpenBLAS is *slower* than one thread on these skinny matrices (measured 3-20x
-  on the token-mixing shapes), so parallelism over shards is the only kind used.
-  The shard size is fixed, and each shard draws its dropout masks from its own
-  generator seeded from the caller's ``rng``, so results do not depend on the
-  number of threads.
-- The thread count is ``MIXER_NUM_THREADS`` if set, else the CPUs this process may
-  run on; ``set_num_threads`` changes it. Sweep workers sharing a machine should
-  set it to the cores each one owns. It is a ceiling: for each kind of work
-  (training or prediction) and model shape, the first calls alternate between one
-  thread and all of them, timed, and the faster is kept for the rest of the process.
-  A small model's shards hold the GIL most of the time, and two threads passing it
-  back and forth were measured 1.3-2.1x slower than one (dim 32, depth 1-2); from
-  dim 128 on, two are faster (1.2x, and 1.7x for the headline model):
-  ``benchmarks/bench_threads.py``.
+- A batch is cut into shards of ``SHARD_ROWS`` rows whose gradients are summed; the shards
+  run on the thread pool of ``mixer._parallel`` (``set_num_threads``). The shard size is fixed,
+  and each shard draws its dropout masks from its own generator seeded from the caller's
+  ``rng``, so results do not depend on the number of threads.
 - Drop-path skips the dropped samples' branch work instead of multiplying it by 0
-  (``_residual_forward``); the GELU caches its own derivative, so its backward pass
-  is one multiply (``layers.gelu_forward``); the first call tunes the process
-  (single-threaded BLAS, an allocator that keeps freed buffers: ``_tune_process``).
+  (``_residual_forward``).
 """
 
 from __future__ import annotations
 
-import ctypes
 import functools
-import itertools
 import math
-import os
-import statistics
-import threading
-import time
-from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 
 from mixer import layers as L
+from mixer._parallel import bounds, get_num_threads, parallel_map, set_num_threads, threads_chosen
 from mixer.config import MixerConfig
 
 __all__ = [
@@ -77,9 +55,8 @@ __all__ = [
 # Rows per shard of a training batch. Fixed (not derived from the thread count) so that the
 # masks and the order of the gradient sum, hence the results, are the same on any machine.
 SHARD_ROWS = 16
-# Rows per chunk in predict_logits: small enough for a chunk's activations to stay in cache
-# (measured: 32 rows 2.5 s of CPU per 4,000 rows of the headline model, 256 rows 3.0 s), and
-# memory stays flat however many rows come in.
+# Rows per chunk in predict_logits: small enough for a chunk's activations to stay in cache,
+# and memory stays flat however many rows come in.
 EVAL_ROWS = 32
 
 
@@ -155,209 +132,6 @@ def drop_path_rates(config: MixerConfig) -> list[float]:
     return [config.stochastic_depth * i / (config.depth - 1) for i in range(config.depth)]
 
 
-# --------------------------------------------------------------------------- threads
-_T = TypeVar("_T")
-_R = TypeVar("_R")
-_lock = threading.Lock()
-_num_threads: int | None = None
-_pool: ThreadPoolExecutor | None = None
-_pool_size = 0  # worker threads besides the caller's
-_tuned = False
-_adaptive = True
-# Timed calls of each thread count before one is chosen (after one untimed warm-up call).
-PROBES = 3
-_chosen: dict[tuple, int] = {}                   # (work, shape, dtype, ..., items, ceiling) -> threads
-_timings: dict[tuple, dict[int, list[float]]] = {}  # the same keys while still probing
-
-
-def _default_threads() -> int:
-    env = os.environ.get("MIXER_NUM_THREADS")
-    if env:
-        try:
-            n = int(env)
-        except ValueError:
-            raise ValueError(f"MIXER_NUM_THREADS must be a positive integer, got {env!r}") from None
-        if n < 1:
-            raise ValueError(f"MIXER_NUM_THREADS must be a positive integer, got {env!r}")
-        return n
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
-
-
-def get_num_threads() -> int:
-    """Threads the model runs shards on (see the module docstring)."""
-    global _num_threads
-    if _num_threads is None:
-        _num_threads = _default_threads()
-    return _num_threads
-
-
-def set_num_threads(n: int | None, *, adaptive: bool = True) -> None:
-    """Run shards on up to ``n`` threads (None: back to the default). Results do not depend on it.
-
-    Args:
-        adaptive: use fewer threads for work that measured faster on one (see the module
-            docstring); False: always ``n`` (benchmarks comparing thread counts).
-    """
-    global _num_threads, _pool, _adaptive
-    if n is not None and (not isinstance(n, int) or n < 1):
-        raise ValueError(f"n must be a positive integer or None, got n={n!r}")
-    with _lock:
-        if _pool is not None:
-            _pool.shutdown(wait=True)
-            _pool = None
-        _num_threads = n
-        _adaptive = adaptive
-        _chosen.clear()
-        _timings.clear()
-
-
-def threads_chosen() -> dict[tuple, int]:
-    """The thread count chosen so far per kind of work.
-
-    Keys are ``(work, shape, dtype, ..., items, ceiling)``: work is "train" (then also whether
-    dropout is on) or "predict", shape as ``_shape`` gives it, items the shards or chunks per call.
-    """
-    with _lock:
-        return dict(_chosen)
-
-
-def _threads_for(key: tuple | None, ceiling: int) -> tuple[int, bool]:
-    """(threads to use for this call, whether to time it): the chosen count, or the next probe."""
-    if key is None or not _adaptive:
-        return ceiling, False
-    chosen = _chosen.get(key)  # once chosen, no lock on this per-batch path (a dict read is atomic)
-    if chosen is not None:
-        return chosen, False
-    with _lock:
-        timings = _timings.get(key)
-        if timings is None:  # the first call warms caches and the pool: not timed
-            _timings[key] = {1: [], ceiling: []}
-            return ceiling, False
-    ones, alls = len(timings[1]), len(timings[ceiling])
-    return (1 if ones <= alls else ceiling), True
-
-
-def _record(key: tuple, threads: int, seconds: float) -> None:
-    with _lock:
-        timings = _timings.get(key)
-        if timings is None:  # set_num_threads cleared it meanwhile
-            return
-        timings[threads].append(seconds)
-        if all(len(t) >= PROBES for t in timings.values()):
-            _chosen[key] = _faster(timings)
-            del _timings[key]
-
-
-def _faster(timings: dict[int, list[float]]) -> int:
-    """The thread count with the lowest median time; the fewer threads on a tie."""
-    return min(timings, key=lambda t: (statistics.median(timings[t]), t))
-
-
-def _after_fork_in_child() -> None:
-    # A forked child has no pool threads; an inherited executor would wait for them forever.
-    global _pool
-    _pool = None
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_after_fork_in_child)
-
-
-def _tune_process() -> None:
-    """Once per process: single-threaded BLAS, and an allocator that keeps freed buffers.
-
-    BLAS: see the module docstring. Uses threadpoolctl when it is installed; otherwise BLAS keeps
-    its own thread count (set OPENBLAS_NUM_THREADS=1 before starting Python for the same effect).
-
-    Allocator: a step allocates and frees a few hundred activation arrays of 0.1-1 MB. glibc
-    serves those from fresh mmap()s (or trims them from the heap on free), so every new array
-    page-faults: measured 250 us for a 710 kB array versus 17 us with the memory kept, which made
-    the token-mixing GELU 5x slower. Raising the mmap and trim thresholds keeps the memory in the
-    heap for reuse; peak RSS is unchanged (it is the high-water mark either way).
-    """
-    global _tuned
-    if _tuned:
-        return
-    _tuned = True
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:
-        pass
-    else:
-        threadpool_limits(limits=1, user_api="blas")
-    try:
-        libc = ctypes.CDLL(None)
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):  # not glibc
-        return
-    m_trim_threshold, m_mmap_threshold = -1, -3
-    mallopt(m_mmap_threshold, 32 << 20)  # glibc's maximum on 64-bit
-    mallopt(m_trim_threshold, 512 << 20)
-
-
-def _map(fn: Callable[[_T], _R], items: Sequence[_T], key: tuple | None = None) -> list[_R]:
-    """``[fn(i) for i in items]`` on up to ``get_num_threads()`` threads, the calling one included.
-
-    Items are handed out one at a time (shards of a batch, or chunks of rows to predict), so a
-    thread slowed by other load on the machine simply takes fewer. Results are in item order.
-    ``key`` names the kind of work: the first calls with a key are timed on one thread and on
-    all of them, and the faster count is used from then on.
-    """
-    _tune_process()
-    n = len(items)
-    ceiling = min(get_num_threads(), n)
-    if ceiling <= 1:
-        return [fn(item) for item in items]
-    if key is not None:
-        key = (*key, n, ceiling)
-    threads, timed = _threads_for(key, ceiling)
-    if not timed:
-        return _run(fn, items, threads)
-    started = time.perf_counter()
-    results = _run(fn, items, threads)
-    _record(key, threads, time.perf_counter() - started)
-    return results
-
-
-def _run(fn: Callable[[_T], _R], items: Sequence[_T], threads: int) -> list[_R]:
-    global _pool, _pool_size
-    n = len(items)
-    if threads <= 1:
-        return [fn(item) for item in items]
-    with _lock:
-        if _pool is None or _pool_size < threads - 1:
-            if _pool is not None:
-                _pool.shutdown(wait=False)
-            _pool_size = get_num_threads() - 1
-            _pool = ThreadPoolExecutor(_pool_size, thread_name_prefix="mixer")
-        pool = _pool
-    results: list = [None] * n
-    counter = itertools.count()  # next() on it is atomic under the GIL
-
-    def work() -> None:
-        for k in iter(counter.__next__, None):
-            if k >= n:
-                return
-            results[k] = fn(items[k])
-
-    helpers = [pool.submit(work) for _ in range(threads - 1)]
-    try:
-        work()
-    finally:
-        for future in helpers:
-            future.result()
-    return results
-
-
-def _shape(config: MixerConfig) -> tuple[int, ...]:
-    """What a step's cost depends on, for choosing its thread count."""
-    return (config.n_tokens, config.patch_size, config.dim, config.depth, config.token_hidden,
-            config.channel_hidden)
-
-
 # --------------------------------------------------------------------------- forward / backward
 _TOKEN_KEYS = ("token.norm.w", "token.norm.b", "token.fc1.w", "token.fc1.b", "token.fc2.w", "token.fc2.b")
 _CHANNEL_KEYS = ("channel.norm.w", "channel.norm.b", "channel.fc1.w", "channel.fc1.b",
@@ -378,62 +152,44 @@ def _block_weights(params: dict[str, np.ndarray], depth: int) -> list[tuple[Weig
     return [(tuple(params[k] for k in tk), tuple(params[k] for k in ck)) for tk, ck in _block_keys(depth)]
 
 
-def _token_mlp_forward(
-    h: np.ndarray, w: Weights, shape3: Shape3, form: str, drop: float,
+def _mlp_forward(
+    h: np.ndarray, tokens: bool, w: Weights, shape3: Shape3, form: str, drop: float,
     rng: np.random.Generator | None, need_grad: bool,
 ) -> tuple[np.ndarray, tuple]:
-    """LayerNorm -> Linear over tokens -> GELU -> Dropout -> Linear: (T*b, D) -> (T*b, D)."""
+    """LayerNorm -> Linear -> GELU -> Dropout -> Linear: (T*b, D) -> (T*b, D).
+
+    ``tokens``: the linears mix the tokens, applied to the normalised h viewed as (T, b*D);
+    otherwise they mix the channels of each token (features last).
+    """
     T, b, D = shape3
     n, ln = L.layernorm_forward(h, w[0], w[1])
-    x = n.reshape(T, b * D)
-    z, _ = L.token_linear_forward(x, w[2], w[3])
+    x, linear = (n.reshape(T, b * D), L.token_linear_forward) if tokens else (n, L.linear_forward)
+    z, _ = linear(x, w[2], w[3])
     a, g = L.gelu_forward(z, form=form, p=drop, rng=rng, need_grad=need_grad)
-    out, _ = L.token_linear_forward(a, w[4], w[5])
+    out, _ = linear(a, w[4], w[5])
     return out.reshape(T * b, D), (ln, x, g, a)
 
 
-def _token_mlp_backward(
-    dout: np.ndarray, cache: tuple, w: Weights, shape3: Shape3
+def _mlp_backward(
+    dout: np.ndarray, tokens: bool, cache: tuple, w: Weights, shape3: Shape3
 ) -> tuple[np.ndarray, Weights]:
     T, b, D = shape3
     ln, x, g, a = cache
-    da, dw2, db2 = L.token_linear_backward(dout.reshape(T, b * D), (a, w[4]))
+    linear_backward = L.token_linear_backward if tokens else L.linear_backward
+    da, dw2, db2 = linear_backward(dout.reshape(T, b * D) if tokens else dout, (a, w[4]))
     dz = L.gelu_backward(da, g)
-    dx, dw1, db1 = L.token_linear_backward(dz, (x, w[2]))
+    dx, dw1, db1 = linear_backward(dz, (x, w[2]))
     dh, dnw, dnb = L.layernorm_backward(dx.reshape(T * b, D), ln)
     return dh, (dnw, dnb, dw1, db1, dw2, db2)
 
 
-def _channel_mlp_forward(
-    h: np.ndarray, w: Weights, shape3: Shape3, form: str, drop: float,
-    rng: np.random.Generator | None, need_grad: bool,
-) -> tuple[np.ndarray, tuple]:
-    """LayerNorm -> Linear over channels -> GELU -> Dropout -> Linear: (T*b, D) -> (T*b, D)."""
-    n, ln = L.layernorm_forward(h, w[0], w[1])
-    z, _ = L.linear_forward(n, w[2], w[3])
-    a, g = L.gelu_forward(z, form=form, p=drop, rng=rng, need_grad=need_grad)
-    out, _ = L.linear_forward(a, w[4], w[5])
-    return out, (ln, n, g, a)
-
-
-def _channel_mlp_backward(
-    dout: np.ndarray, cache: tuple, w: Weights, shape3: Shape3
-) -> tuple[np.ndarray, Weights]:
-    ln, n, g, a = cache
-    da, dw2, db2 = L.linear_backward(dout, (a, w[4]))
-    dz = L.gelu_backward(da, g)
-    dn, dw1, db1 = L.linear_backward(dz, (n, w[2]))
-    dh, dnw, dnb = L.layernorm_backward(dn, ln)
-    return dh, (dnw, dnb, dw1, db1, dw2, db2)
-
-
 # Drop-path runs a branch on the kept samples only once at least this many are dropped; a single
-# dropped sample is cheaper to zero through the output mask than to gather around (measured).
+# dropped sample is cheaper to zero through the output mask than to gather around.
 GATHER_MIN_DROPPED = 2
 
 
 def _residual_forward(
-    h: np.ndarray, mlp: Callable, w: Weights, shape3: Shape3, config: MixerConfig,
+    h: np.ndarray, tokens: bool, w: Weights, shape3: Shape3, config: MixerConfig,
     rate: float, rng: np.random.Generator | None, need_grad: bool,
 ) -> tuple | None:
     """h (T*b, D) += drop_path(dropout(mlp(h))), in place. Returns the cache (None: branch skipped).
@@ -463,7 +219,7 @@ def _residual_forward(
     else:
         shape_k = (T, len(idx), D)
         hk = h.reshape(shape3).take(idx, axis=1).reshape(T * len(idx), D)
-    out, cache = mlp(hk, w, shape_k, config.gelu, drop, rng, need_grad)
+    out, cache = _mlp_forward(hk, tokens, w, shape_k, config.gelu, drop, rng, need_grad)
     out3 = out.reshape(shape_k)
     mask: np.ndarray | float | None = None
     if drop > 0:
@@ -476,18 +232,12 @@ def _residual_forward(
         mask = scale
     if mask is not None:
         out3 *= mask
-    if idx is None:
-        h += out
-    else:
-        h3 = h.reshape(shape3)
-        part = h3.take(idx, axis=1)
-        part += out3
-        h3[:, idx] = part
+    _add_samples(h, idx, shape3, out3)
     return idx, mask, cache, shape_k
 
 
 def _residual_backward(
-    dh: np.ndarray, rcache: tuple | None, mlp_backward: Callable, w: Weights, shape3: Shape3
+    dh: np.ndarray, rcache: tuple | None, tokens: bool, w: Weights, shape3: Shape3
 ) -> Weights:
     """Gradients of a residual branch's weights; adds the branch's input gradient into dh."""
     if rcache is None:
@@ -500,15 +250,20 @@ def _residual_backward(
         if mask is not None:
             dk3 *= mask
         dk = dk3.reshape(shape_k[0] * shape_k[1], shape_k[2])
-    dx, grads = mlp_backward(dk, cache, w, shape_k)
-    if idx is None:
-        dh += dx
-    else:
-        dh3 = dh.reshape(shape3)
-        part = dh3.take(idx, axis=1)
-        part += dx.reshape(shape_k)
-        dh3[:, idx] = part
+    dx, grads = _mlp_backward(dk, tokens, cache, w, shape_k)
+    _add_samples(dh, idx, shape3, dx.reshape(shape_k))
     return grads
+
+
+def _add_samples(h: np.ndarray, idx: np.ndarray | None, shape3: Shape3, delta: np.ndarray) -> None:
+    """h (T*b, D) += delta (T, k, D) in place, on the samples ``idx`` only (None: all b of them)."""
+    if idx is None:
+        h += delta.reshape(h.shape)
+        return
+    h3 = h.reshape(shape3)
+    part = h3.take(idx, axis=1)
+    part += delta
+    h3[:, idx] = part
 
 
 def _forward(
@@ -532,8 +287,8 @@ def _forward(
     xt = np.ascontiguousarray(x.reshape(b, T, P).transpose(1, 0, 2)).reshape(T * b, P)
     h, _ = L.linear_forward(xt, p["embed.w"], p["embed.b"])
     for (wt, wc), rate in zip(blocks, drop_path_rates(config), strict=True):
-        ct = _residual_forward(h, _token_mlp_forward, wt, shape3, config, rate, rng, need_grad)
-        cc = _residual_forward(h, _channel_mlp_forward, wc, shape3, config, rate, rng, need_grad)
+        ct = _residual_forward(h, True, wt, shape3, config, rate, rng, need_grad)
+        cc = _residual_forward(h, False, wc, shape3, config, rate, rng, need_grad)
         if caches is not None:
             caches.append((ct, cc))
     nf, lnf = L.layernorm_forward(h, p["norm.w"], p["norm.b"])
@@ -567,9 +322,9 @@ def _backward(
     for i in reversed(range(config.depth)):
         wt, wc = blocks[i]
         ct, cc = caches.pop()
-        grads_c = _residual_backward(dh, cc, _channel_mlp_backward, wc, shape3)
+        grads_c = _residual_backward(dh, cc, False, wc, shape3)
         g.update(zip(keys[i][1], grads_c, strict=True))
-        grads_t = _residual_backward(dh, ct, _token_mlp_backward, wt, shape3)
+        grads_t = _residual_backward(dh, ct, True, wt, shape3)
         g.update(zip(keys[i][0], grads_t, strict=True))
     # The patch embedding's input is data: only its weight and bias need gradients.
     g["embed.w"] = dh.T @ xt
@@ -594,11 +349,10 @@ def _check_inputs(
     return np.ascontiguousarray(x, dtype=dtype)
 
 
-def _bounds(n: int, rows: int) -> list[tuple[int, int]]:
-    """Cut n rows into ceil(n / rows) contiguous, near-equal shards."""
-    k = -(-n // rows)
-    cuts = [i * n // k for i in range(k + 1)]
-    return list(zip(cuts[:-1], cuts[1:], strict=True))
+def _shape(config: MixerConfig) -> tuple[int, ...]:
+    """What a step's cost depends on: part of the key under which its thread count is chosen."""
+    return (config.n_tokens, config.patch_size, config.dim, config.depth, config.token_hidden,
+            config.channel_hidden)
 
 
 def loss_and_grads(
@@ -633,20 +387,20 @@ def loss_and_grads(
     if train and rng is None:
         raise ValueError("train=True needs rng (a np.random.Generator) to draw dropout and drop-path masks")
     n = x.shape[0]
-    bounds = _bounds(n, SHARD_ROWS)
+    shards = bounds(n, SHARD_ROWS)
     random = train and (config.dropout > 0 or config.stochastic_depth > 0)
     if random:
-        seeds = rng.integers(0, 2**63, size=len(bounds))
-        # SFC64: the fastest of NumPy's bit generators (dropout masks are ~10% of a step).
+        seeds = rng.integers(0, 2**63, size=len(shards))
+        # SFC64: the fastest of NumPy's bit generators (drawing dropout masks is a visible part of a step).
         shard_rngs: list[np.random.Generator | None] = [
             np.random.Generator(np.random.SFC64(int(s))) for s in seeds]
     else:
-        shard_rngs = [None] * len(bounds)
+        shard_rngs = [None] * len(shards)
 
     blocks = _block_weights(params, config.depth)
 
     def run(k: int) -> tuple[float, dict[str, np.ndarray]]:
-        lo, hi = bounds[k]
+        lo, hi = shards[k]
         caches: list = []
         logits, head_cache = _forward(params, blocks, x[lo:hi], config, shard_rngs[k], caches)
         loss_sum, bce_cache = L.bce_with_logits_forward(
@@ -654,7 +408,7 @@ def loss_and_grads(
         dlogits = L.bce_with_logits_backward(bce_cache, 1.0 / n)
         return loss_sum, _backward(params, blocks, config, dlogits, head_cache, caches)
 
-    results = _map(run, range(len(bounds)), key=("train", _shape(config), x.dtype.char, random))
+    results = parallel_map(run, range(len(shards)), key=("train", _shape(config), x.dtype.char, random))
     loss = sum(r[0] for r in results) / n
     total = results[0][1]
     for _, grads in results[1:]:
@@ -668,8 +422,7 @@ def predict_logits(params: dict[str, np.ndarray], x: np.ndarray, config: MixerCo
     x = _check_inputs(params, x, config, allow_empty=True)
     if x.shape[0] == 0:
         return np.empty(0, dtype=x.dtype)
-    bounds = _bounds(x.shape[0], EVAL_ROWS)
     blocks = _block_weights(params, config.depth)
-    chunks = _map(lambda b: _forward(params, blocks, x[b[0]:b[1]], config, None, None)[0], bounds,
-                  key=("predict", _shape(config), x.dtype.char))
+    chunks = parallel_map(lambda b: _forward(params, blocks, x[b[0]:b[1]], config, None, None)[0],
+                          bounds(x.shape[0], EVAL_ROWS), key=("predict", _shape(config), x.dtype.char))
     return np.concatenate(chunks)

@@ -125,7 +125,7 @@ class Adam:
                    grad_noise_decay=config.grad_noise_decay, rng=rng)
 
     def _check_keys(self, params: dict[str, np.ndarray], grads: dict[str, np.ndarray]) -> None:
-        """KeyError naming the first missing or unexpected key (the loops catch renamed keys)."""
+        """KeyError naming the first missing or unexpected key of ``params`` or ``grads``."""
         for name, d in (("params", params), ("grads", grads)):
             missing = [k for k in self.keys if k not in d]
             extra = [k for k in d if k not in self.shapes]
@@ -143,13 +143,11 @@ class Adam:
         lr = self.lr if lr is None else float(lr)
         if not lr >= 0:
             raise ValueError(f"lr must be >= 0, got lr={lr}")
-        if len(params) != len(self.keys) or len(grads) != len(self.keys):
+        if params.keys() != self.shapes.keys() or grads.keys() != self.shapes.keys():
             self._check_keys(params, grads)
         g, tmp, m, v = self._g, self._tmp, self._m, self._v
         for k in self.keys:
             # Assigning into the view checks the shape and casts float64 grads to the state dtype.
-            if k not in grads:
-                self._check_keys(params, grads)
             try:
                 self._g_views[k][...] = grads[k]
             except ValueError:
@@ -171,9 +169,7 @@ class Adam:
         p_sq = 0.0
         pflat = self._p_flat
         for k in self.keys:
-            p = params.get(k)
-            if p is None:
-                self._check_keys(params, grads)
+            p = params[k]
             if p.shape != self.shapes[k]:
                 raise ValueError(f"params[{k!r}]: shape {p.shape}, expected {self.shapes[k]}")
             if pflat is not None:

@@ -15,19 +15,16 @@ positives) goes to stderr.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from mixer.bundle import BundleError, ModelBundle
+from mixer.bundle import BundleError, ModelBundle, atomic_write
 from mixer.data import DataError, read_csv
 from mixer.evaluate import threshold_arg
 
-OUTPUT_COLUMNS = ("id", "probability", "prediction")
 # Seven significant digits: what a float32 model's probabilities carry (more would print noise).
 FLOAT_FORMAT = "%.7g"
 
@@ -52,21 +49,6 @@ def predict_csv(bundle: ModelBundle, path: str | Path, *, threshold: float = 0.5
     if not Path(path).is_file():
         raise DataError(f"{path}: file not found")
     return predict_frame(bundle, read_csv(path), source=str(path), threshold=threshold)
-
-
-def write_csv_atomic(frame: pd.DataFrame, path: str | Path) -> Path:
-    """Write ``frame`` as CSV through a temporary file in the same folder, then rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", newline="") as fh:
-            frame.to_csv(fh, index=False, float_format=FLOAT_FORMAT)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -96,7 +78,8 @@ def main(argv: list[str] | None = None) -> int:
         where = "stdout"
     else:
         try:
-            write_csv_atomic(out, args.out)
+            atomic_write(args.out, lambda fh: out.to_csv(fh, index=False, float_format=FLOAT_FORMAT),
+                         mode="w")
         except OSError as exc:
             print(f"error: {args.out}: cannot write: {exc.strerror or exc}", file=sys.stderr)
             return 2

@@ -15,8 +15,7 @@ import numpy as np
 
 from mixer.config import TrainConfig
 from mixer.data import Dataset
-
-STATUSES = ("completed", "stopped", "diverged")
+from mixer.metrics import bce_with_logits, classification_metrics
 
 
 @dataclass(frozen=True)
@@ -72,27 +71,6 @@ class FitResult:
 
 
 OnEpoch = Callable[[EpochMetrics], "bool | None"]
-
-
-def _bce_with_logits(logits: np.ndarray, y: np.ndarray, pos_weight: float) -> float:
-    """Mean binary cross-entropy from logits, stable for any logit (softplus via logaddexp)."""
-    z = logits.astype(np.float64, copy=False)
-    loss = pos_weight * y * np.logaddexp(0.0, -z) + (1.0 - y) * np.logaddexp(0.0, z)
-    return float(loss.mean())
-
-
-def classification_metrics(logits: np.ndarray, y: np.ndarray) -> dict[str, float]:
-    """Accuracy, precision, recall and F1 of ``logits > 0`` against labels ``y`` in {0, 1}."""
-    pred = logits > 0
-    truth = y > 0.5
-    tp = float(np.count_nonzero(pred & truth))
-    fp = float(np.count_nonzero(pred & ~truth))
-    fn = float(np.count_nonzero(~pred & truth))
-    precision = tp / (tp + fp) if tp + fp else 0.0
-    recall = tp / (tp + fn) if tp + fn else 0.0
-    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-    return {"accuracy": float(np.mean(pred == truth)) if len(y) else 0.0,
-            "precision": precision, "recall": recall, "f1": f1}
 
 
 def fit(config: TrainConfig, data: Dataset, *, seed: int, on_epoch: OnEpoch | None = None) -> FitResult:
@@ -161,7 +139,7 @@ def fit(config: TrainConfig, data: Dataset, *, seed: int, on_epoch: OnEpoch | No
         if status == "diverged":
             break
         logits = predict_logits(params, x_val, model)
-        val_loss = _bce_with_logits(logits, y_val, model.pos_weight)
+        val_loss = bce_with_logits(logits, y_val, pos_weight=model.pos_weight)
         if not np.isfinite(val_loss):
             status, reason = "diverged", f"validation loss is {val_loss} at epoch {epoch}"
             break
@@ -208,7 +186,6 @@ def format_epoch(m: EpochMetrics, epochs: int) -> str:
 def main(argv: list[str] | None = None) -> int:
     """``python -m mixer.train CONFIG.yaml``: train one configuration, a line per epoch."""
     import argparse
-    import dataclasses as dc
     import sys
 
     from mixer.config import ConfigError, load_run_config
@@ -230,10 +207,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         data_config, config, seed = load_run_config(args.config)
         if args.epochs is not None:
-            config = dc.replace(config, epochs=args.epochs)
+            config = dataclasses.replace(config, epochs=args.epochs)
         data = load(data_config)
         if data.n_features != config.model.n_features:
-            config = dc.replace(config, model=dc.replace(config.model, n_features=data.n_features))
+            model = dataclasses.replace(config.model, n_features=data.n_features)
+            config = dataclasses.replace(config, model=model)
     except (ConfigError, DataError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

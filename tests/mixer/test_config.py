@@ -88,3 +88,17 @@ def test_field_names_are_unique_across_records():
     names = [f.name for cls in (MixerConfig, DataConfig) for f in dataclasses.fields(cls)]
     names += [n for n in TrainConfig().to_flat() if n not in names]
     assert len(names) == len(set(names))
+
+
+def test_run_config_reads_exponent_notation_as_a_float(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("train: {lr: 1e-4, eta_min: 1e-6}\n")
+    _, train, _ = load_run_config(path)
+    assert train.lr == 1e-4 and train.eta_min == 1e-6
+
+
+def test_run_config_refuses_a_duplicate_key(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("train:\n  lr: 0.1\n  lr: 0.2\n")
+    with pytest.raises(ConfigError, match=rf"{path}.*duplicate key 'lr'"):
+        load_run_config(path)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import json
-from itertools import product
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -16,7 +15,7 @@ from mixer import evaluate, predict
 from mixer.bundle import ModelBundle
 from mixer.config import DataConfig, MixerConfig, TrainConfig
 from mixer.data import load
-from mixer.evaluate import binary_metrics, roc_auc
+from mixer.metrics import roc_auc
 from mixer.train import fit
 
 TRAIN = TrainConfig(model=MixerConfig(patch_size=6, dim=16, depth=2), epochs=3, batch_size=64, lr=3e-3)
@@ -40,36 +39,6 @@ def trained(real_csv, tmp_path_factory) -> SimpleNamespace:
 def _write(frame: pd.DataFrame, path: Path) -> Path:
     frame.to_csv(path, index=False)
     return path
-
-
-# --------------------------------------------------------------------------- metrics
-
-
-def test_roc_auc_equals_the_pairwise_count_with_ties():
-    rng = np.random.default_rng(0)
-    y = rng.integers(0, 2, 300)
-    scores = np.round(rng.random(300) + 0.3 * y, 1)  # coarse rounding: many ties
-    pos, neg = scores[y == 1], scores[y == 0]
-    pairs = [(1.0 if p > n else 0.5 if p == n else 0.0) for p, n in product(pos, neg)]
-    assert roc_auc(y, scores) == pytest.approx(np.mean(pairs), abs=1e-12)
-
-
-def test_roc_auc_is_one_for_a_perfect_ranking_and_nan_for_one_class():
-    y = np.array([0, 0, 1, 1])
-    assert roc_auc(y, np.array([0.1, 0.2, 0.3, 0.9])) == 1.0
-    assert roc_auc(y, np.array([0.9, 0.8, 0.3, 0.1])) == 0.0
-    assert np.isnan(roc_auc(np.ones(4), np.arange(4.0)))
-
-
-def test_binary_metrics_count_the_confusion_matrix_at_the_threshold():
-    y = np.array([1, 1, 1, 0, 0, 0, 0])
-    p = np.array([0.9, 0.6, 0.4, 0.7, 0.2, 0.1, 0.5])
-    m = binary_metrics(y, p, threshold=0.5)
-    assert (m.tp, m.fn, m.fp, m.tn) == (2, 1, 2, 2)
-    assert m.accuracy == pytest.approx(4 / 7)
-    assert m.precision == pytest.approx(0.5) and m.recall == pytest.approx(2 / 3)
-    assert m.f1 == pytest.approx(2 * 0.5 * (2 / 3) / (0.5 + 2 / 3))
-    assert binary_metrics(y, p, threshold=0.95).tp == 0
 
 
 # --------------------------------------------------------------------------- evaluate

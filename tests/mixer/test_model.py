@@ -1,11 +1,9 @@
-"""The whole Mixer: gradient checks, initialisation, dtypes, eval path, threads, and torch parity."""
+"""The whole Mixer: gradient checks, initialisation, dtypes, eval path, drop-path, torch parity."""
 
 from __future__ import annotations
 
 import functools
 import math
-import threading
-import time
 
 import numpy as np
 import pytest
@@ -93,30 +91,37 @@ def test_model_gradients_match_centred_differences(case):
         assert rel_error(grads[key], numeric, scale=grad_scale(grads)) < 1e-6, key
 
 
-def test_drop_path_zeroes_whole_branches_of_some_samples_and_rescales_the_rest():
-    # The model skips dropped samples instead of multiplying them by 0 (three code paths: all
-    # dropped, one dropped, several gathered). All must equal h + mask * branch(h) / (1 - rate).
-    T, D, rate = 3, 5, 0.5
-    config = MixerConfig(n_features=6, patch_size=2, dim=D, depth=1)
-    wt = M._block_weights(M.init_params(config, 0, dtype=np.float64), 1)[0][0]
+def test_drop_path_drops_whole_branches_of_some_samples_and_rescales_the_rest():
+    # Block 1's only live branch adds a constant c to every token of a row: kept, the row ends as
+    # in eval mode with c / (1 - rate) there; dropped, as with nothing there. For b identical rows
+    # the training loss must then be (k * kept + (b - k) * dropped) / b for a whole number k of
+    # kept rows: a branch half applied, or kept without the rescaling, would break that. The model
+    # has three ways of dropping (every row, a single row zeroed, the kept rows gathered): all run.
+    rate = 0.5
+    config = MixerConfig(n_features=4, patch_size=2, dim=3, depth=2, stochastic_depth=rate)
+    assert M.drop_path_rates(config) == [0.0, rate]
+    params = M.init_params(config, 0, dtype=np.float64)
+    for key in ("token.fc2.w", "token.fc2.b", "channel.fc2.w"):
+        params[f"blocks.1.{key}"][:] = 0.0
+    c = np.random.default_rng(1).standard_normal(config.dim)
+    x = np.random.default_rng(2).standard_normal((1, config.n_features))
+
+    def eval_loss(bias: np.ndarray) -> float:
+        return M.loss_and_grads({**params, "blocks.1.channel.fc2.b": bias}, x, np.ones(1), config)[0]
+
+    kept, dropped = eval_loss(c / (1 - rate)), eval_loss(np.zeros_like(c))
+    params["blocks.1.channel.fc2.b"] = c
     paths = set()
     for seed in range(40):
         b = 1 + seed % 6
-        shape3 = (T, b, D)
-        h = np.random.default_rng(seed).standard_normal((T * b, D))
-        before = h.copy()
-        cache = M._residual_forward(h, M._token_mlp_forward, wt, shape3, config, rate,
-                                    np.random.default_rng(seed), True)
-        full = M._token_mlp_forward(before, wt, shape3, "tanh", 0.0, None, False)[0].reshape(shape3)
-        delta = (h - before).reshape(shape3)
-        dropped = np.all(delta == 0, axis=(0, 2))
-        if cache is None:
-            paths.add("all dropped")
-            assert dropped.all()
-            continue
-        paths.add("gathered" if cache[0] is not None else "masked" if dropped.any() else "none dropped")
-        np.testing.assert_allclose(delta[:, ~dropped], full[:, ~dropped] / (1 - rate), rtol=1e-12)
-    assert paths == {"all dropped", "gathered", "masked", "none dropped"}
+        loss, _ = M.loss_and_grads(params, np.repeat(x, b, axis=0), np.ones(b), config, train=True,
+                                   rng=np.random.default_rng(seed))
+        k = b * (loss - dropped) / (kept - dropped)
+        assert k == pytest.approx(round(k), abs=1e-9), (seed, k)
+        k = round(k)
+        paths.add("all dropped" if k == 0 else "none dropped" if k == b else
+                  "one dropped" if k == b - 1 else "several dropped")
+    assert paths == {"all dropped", "none dropped", "one dropped", "several dropped"}
 
 
 def test_training_mode_actually_drops():
@@ -276,87 +281,6 @@ def test_results_do_not_depend_on_the_thread_count():
     assert runs[0][0] == runs[2][0]
     assert all(np.array_equal(runs[0][1][k], runs[2][1][k]) for k in params)
     np.testing.assert_array_equal(runs[1], runs[3])
-
-
-def _map_until_chosen(fn, key, items=8) -> tuple[int, list[int]]:
-    """Call M._map with ``key`` until a thread count is chosen; (chosen, threads used per later call)."""
-    calls = 0
-    while not any(k[0] == key[0] for k in M.threads_chosen()):
-        M._map(fn, range(items), key=key)
-        calls += 1
-        assert calls <= 2 * M.PROBES + 1, "no thread count chosen after the warm-up and the probes"
-    assert calls == 2 * M.PROBES + 1
-    (chosen,) = [v for k, v in M.threads_chosen().items() if k[0] == key[0]]
-    used = []
-    for _ in range(3):
-        names = set()
-
-        def recorded(i, names=names):
-            names.add(threading.current_thread().name)
-            fn(i)
-
-        M._map(recorded, range(items), key=key)
-        used.append(len(names))
-    return chosen, used
-
-
-def test_adaptive_threads_keep_two_where_two_are_faster():
-    # sleep releases the GIL, like NumPy's big matmuls: two threads take half the time.
-    M.set_num_threads(2)
-    try:
-        chosen, used = _map_until_chosen(lambda i: time.sleep(0.004), ("sleepy",))
-    finally:
-        M.set_num_threads(None)
-    assert chosen == 2
-    assert max(used) == 2
-
-
-def test_adaptive_threads_fall_back_to_one_where_more_are_slower():
-    # Items are slow off the calling thread, as a small model's shards are when two threads
-    # pass the GIL back and forth: one thread is faster.
-    def work(i):
-        time.sleep(0.002 if threading.current_thread() is threading.main_thread() else 0.06)
-
-    M.set_num_threads(2)
-    try:
-        chosen, used = _map_until_chosen(work, ("contended",))
-    finally:
-        M.set_num_threads(None)
-    assert chosen == 1
-    assert used == [1, 1, 1]
-
-
-def test_adaptive_threads_choose_per_work_and_shape_and_not_when_told_not_to():
-    config = MixerConfig(n_features=6, patch_size=2, dim=8, depth=2)
-    params = M.init_params(config, 0)
-    x, y = batch(config, 64, dtype=np.float32)
-    M.set_num_threads(2)
-    try:
-        expected = M.loss_and_grads(params, x, y, config)
-        for _ in range(2 * M.PROBES + 1):
-            loss, grads = M.loss_and_grads(params, x, y, config)
-            assert loss == expected[0]
-            assert all(np.array_equal(grads[k], expected[1][k]) for k in params)
-        (key,) = M.threads_chosen()
-        assert key[0] == "train" and key[1] == M._shape(config) and key[-2:] == (4, 2)  # 4 shards, ceiling 2
-        assert M.threads_chosen()[key] in (1, 2)
-        M.set_num_threads(2, adaptive=False)  # forgets the choices and stops choosing
-        assert M.threads_chosen() == {}
-        for _ in range(2 * M.PROBES + 1):
-            M.loss_and_grads(params, x, y, config)
-        assert M.threads_chosen() == {}
-    finally:
-        M.set_num_threads(None)
-
-
-def test_faster_takes_the_lowest_median_and_fewer_threads_on_a_tie():
-    assert M._faster({1: [3.0, 1.0, 2.0], 2: [1.5, 1.5, 9.0]}) == 2
-    assert M._faster({1: [1.0, 1.0, 1.0], 2: [1.0, 1.0, 1.0]}) == 1
-
-
-def test_set_num_threads_rejects_nonsense():
-    with pytest.raises(ValueError, match="n=0"):
-        M.set_num_threads(0)
 
 
 def test_drop_path_rates_rise_linearly_to_stochastic_depth():

@@ -12,7 +12,7 @@ import yaml
 import mixer.model
 from mixer.config import DataConfig, MixerConfig, TrainConfig, dump_run_config
 from mixer.data import load
-from mixer.train import classification_metrics, fit, main
+from mixer.train import fit, main
 
 TINY = TrainConfig(model=MixerConfig(n_features=42, patch_size=6, dim=16, depth=2, dropout=0.1,
                                      stochastic_depth=0.1),
@@ -103,19 +103,23 @@ def test_curvature_probe_runs_every_k_epochs_and_is_timed_apart(data):
     assert probed.hessian_max_eig >= probed.hessian_min_eig and probed.curvature_seconds > 0
 
 
-def test_classification_metrics_by_hand():
-    logits = np.array([2.0, -1.0, 0.5, -3.0])
-    y = np.array([1.0, 1.0, 0.0, 0.0])
-    m = classification_metrics(logits, y)
-    assert m == {"accuracy": 0.5, "precision": 0.5, "recall": 0.5, "f1": 0.5}
-
-
 def test_cli_trains_a_config_and_prints_a_line_per_epoch(tmp_path, capsys):
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(dump_run_config(DataConfig(n_rows=300), TINY, 0)))
     assert main([str(path), "--epochs", "2"]) == 0
     out = capsys.readouterr().out
     assert "epoch 1/2" in out and "epoch 2/2" in out and "best epoch" in out
+
+
+def test_cli_trains_a_hand_written_config_with_lr_in_exponent_notation(tmp_path, capsys):
+    # PyYAML alone reads "1e-4" as a string, and TrainConfig then fails comparing it with 0.
+    path = tmp_path / "run.yaml"
+    path.write_text("data: {n_rows: 300}\n"
+                    "train: {epochs: 1, lr: 1e-4, eta_min: 1e-5, dim: 8, depth: 1, patch_size: 6}\n"
+                    "seed: 0\n")
+    assert main([str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "epoch 1/1" in out and "lr 1.00e-04" in out
 
 
 def test_cli_bad_config_exits_2_naming_the_key(tmp_path, capsys):

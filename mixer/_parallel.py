@@ -1,0 +1,226 @@
+"""The model's process runtime: shards of a batch on a small thread pool, and process tuning.
+
+- A batch is cut into shards (``bounds``) that run on a thread pool (NumPy releases the GIL
+  inside BLAS calls and ufunc loops), and the caller sums their results. BLAS itself is kept
+  single-threaded: multi-threaded OpenBLAS is slower than one thread on the Mixer's skinny
+  matrices, so parallelism over shards is the only kind used.
+- The thread count is ``MIXER_NUM_THREADS`` if set, else the CPUs this process may run on;
+  ``set_num_threads`` changes it. Sweep workers sharing a machine should set it to the cores each
+  one owns. It is a ceiling: for each kind of work (a ``key``: training or prediction, model
+  shape), the first calls alternate between one thread and all of them, timed, and the faster is
+  kept for the rest of the process. A small model's shards hold the GIL most of the time, so two
+  threads passing it back and forth lose to one; a large model's gain from two
+  (``benchmarks/bench_threads.py`` measures where the cross-over lies).
+- The first call tunes the process (``tune_process``): single-threaded BLAS, and an allocator that
+  keeps freed buffers.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import itertools
+import os
+import statistics
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
+
+__all__ = ["PROBES", "bounds", "fastest", "get_num_threads", "parallel_map", "set_num_threads",
+           "threads_chosen", "tune_process"]
+
+_T = TypeVar("_T")
+_R = TypeVar("_R")
+_lock = threading.Lock()
+_num_threads: int | None = None
+_pool: ThreadPoolExecutor | None = None  # get_num_threads() - 1 workers: the caller is one more
+_tuned = False
+_adaptive = True
+# Timed calls of each thread count before one is chosen (after one untimed warm-up call).
+PROBES = 3
+_chosen: dict[tuple, int] = {}                   # (*key, items, ceiling) -> threads
+_timings: dict[tuple, dict[int, list[float]]] = {}  # the same keys while still probing
+
+
+def bounds(n: int, rows: int) -> list[tuple[int, int]]:
+    """Cut n rows into ceil(n / rows) contiguous, near-equal shards ``(start, stop)``."""
+    k = -(-n // rows)
+    cuts = [i * n // k for i in range(k + 1)]
+    return list(zip(cuts[:-1], cuts[1:], strict=True))
+
+
+def _default_threads() -> int:
+    env = os.environ.get("MIXER_NUM_THREADS")
+    if env:
+        try:
+            n = int(env)
+        except ValueError:
+            n = 0
+        if n < 1:
+            raise ValueError(f"MIXER_NUM_THREADS must be a positive integer, got {env!r}")
+        return n
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def get_num_threads() -> int:
+    """Threads the model runs shards on (see the module docstring)."""
+    global _num_threads
+    if _num_threads is None:
+        _num_threads = _default_threads()
+    return _num_threads
+
+
+def set_num_threads(n: int | None, *, adaptive: bool = True) -> None:
+    """Run shards on up to ``n`` threads (None: back to the default). Results do not depend on it.
+
+    Args:
+        adaptive: use fewer threads for work that ran faster on one (see the module docstring);
+            False: always ``n`` (benchmarks comparing thread counts).
+    """
+    global _num_threads, _pool, _adaptive
+    if n is not None and (not isinstance(n, int) or n < 1):
+        raise ValueError(f"n must be a positive integer or None, got n={n!r}")
+    with _lock:
+        if _pool is not None:
+            _pool.shutdown(wait=True)
+            _pool = None
+        _num_threads = n
+        _adaptive = adaptive
+        _chosen.clear()
+        _timings.clear()
+
+
+def threads_chosen() -> dict[tuple, int]:
+    """The thread count chosen so far per kind of work.
+
+    Keys are ``(*key, items, ceiling)``: the ``key`` given to ``parallel_map`` (the model passes
+    ``("train", shape, dtype, dropout on)`` or ``("predict", shape, dtype)``), the items per call
+    and the thread ceiling.
+    """
+    with _lock:
+        return dict(_chosen)
+
+
+def fastest(timings: dict[int, list[float]]) -> int:
+    """The thread count with the lowest median time; the fewer threads on a tie."""
+    return min(timings, key=lambda t: (statistics.median(timings[t]), t))
+
+
+def _threads_for(key: tuple | None, ceiling: int) -> tuple[int, bool]:
+    """(threads to use for this call, whether to time it): the chosen count, or the next probe."""
+    if key is None or not _adaptive:
+        return ceiling, False
+    chosen = _chosen.get(key)  # once chosen, no lock on this per-batch path (a dict read is atomic)
+    if chosen is not None:
+        return chosen, False
+    with _lock:
+        timings = _timings.get(key)
+        if timings is None:  # the first call warms caches and the pool: not timed
+            _timings[key] = {1: [], ceiling: []}
+            return ceiling, False
+    ones, alls = len(timings[1]), len(timings[ceiling])
+    return (1 if ones <= alls else ceiling), True
+
+
+def _record(key: tuple, threads: int, seconds: float) -> None:
+    with _lock:
+        timings = _timings.get(key)
+        if timings is None:  # set_num_threads cleared it meanwhile
+            return
+        timings[threads].append(seconds)
+        if all(len(t) >= PROBES for t in timings.values()):
+            _chosen[key] = fastest(timings)
+            del _timings[key]
+
+
+def _after_fork_in_child() -> None:
+    # A forked child has no pool threads; an inherited executor would wait for them forever.
+    global _pool
+    _pool = None
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def tune_process() -> None:
+    """Once per process: single-threaded BLAS, and an allocator that keeps freed buffers.
+
+    BLAS: uses threadpoolctl when it is installed; otherwise BLAS keeps its own thread count (set
+    OPENBLAS_NUM_THREADS=1 before starting Python for the same effect).
+
+    Allocator: a step allocates and frees a few hundred activation arrays of 0.1-1 MB, which
+    glibc serves from fresh mmap()s (or trims from the heap on free), so every new array
+    page-faults. Raising the mmap and trim thresholds keeps the memory in the heap for reuse;
+    peak RSS is unchanged (it is the high-water mark either way).
+    """
+    global _tuned
+    if _tuned:
+        return
+    _tuned = True
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        pass
+    else:
+        threadpool_limits(limits=1, user_api="blas")
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):  # not glibc
+        return
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    mallopt(m_mmap_threshold, 32 << 20)  # glibc's maximum on 64-bit
+    mallopt(m_trim_threshold, 512 << 20)
+
+
+def parallel_map(fn: Callable[[_T], _R], items: Sequence[_T], key: tuple | None = None) -> list[_R]:
+    """``[fn(i) for i in items]`` on up to ``get_num_threads()`` threads, the calling one included.
+
+    Items are handed out one at a time, so a thread slowed by other load on the machine simply
+    takes fewer. ``key`` names the kind of work whose thread count is chosen (module docstring).
+    """
+    tune_process()
+    n = len(items)
+    ceiling = min(get_num_threads(), n)
+    if ceiling <= 1:
+        return [fn(item) for item in items]
+    if key is not None:
+        key = (*key, n, ceiling)
+    threads, timed = _threads_for(key, ceiling)
+    if not timed:
+        return _run(fn, items, threads)
+    started = time.perf_counter()
+    results = _run(fn, items, threads)
+    _record(key, threads, time.perf_counter() - started)
+    return results
+
+
+def _run(fn: Callable[[_T], _R], items: Sequence[_T], threads: int) -> list[_R]:
+    global _pool
+    n = len(items)
+    if threads <= 1:
+        return [fn(item) for item in items]
+    with _lock:  # set_num_threads drops the pool, so it always has get_num_threads() - 1 workers
+        if _pool is None:
+            _pool = ThreadPoolExecutor(get_num_threads() - 1, thread_name_prefix="mixer")
+        pool = _pool
+    results: list = [None] * n
+    counter = itertools.count()  # next() on it is atomic under the GIL
+
+    def work() -> None:
+        for k in iter(counter.__next__, None):
+            if k >= n:
+                return
+            results[k] = fn(items[k])
+
+    helpers = [pool.submit(work) for _ in range(threads - 1)]
+    try:
+        work()
+    finally:
+        for future in helpers:
+            future.result()
+    return results

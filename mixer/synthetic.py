@@ -1,0 +1,187 @@
+"""Synthetic UNSW-NB15 flows: rows in the real CSV's raw layout, with its pathology and a learnable label.
+
+``synthetic_frame(n_rows, seed)`` is the data of the default search space and of the tests: it
+needs no download, and it makes the point of the study (one global mean/std hides the small-scale
+features behind the 1e9-sized ones) on a few thousand rows.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+__all__ = ["synthetic_frame"]
+
+# Rare protocol names (each a small share of the rows), as in the real sample's long tail.
+_RARE_PROTOS = ("sctp", "any", "gre", "rsvp", "pim", "swipe", "ipip", "mobile", "sun-nd", "visa", "ggp",
+                "igmp", "ipv6", "ipv6-frag", "isis", "etherip", "l2tp", "egp", "idrp", "ipcomp")
+_TCP_SERVICES = ("-", "http", "smtp", "ftp", "ftp-data", "pop3", "ssh", "ssl", "irc")
+_TCP_SERVICE_P = (0.42, 0.26, 0.09, 0.07, 0.08, 0.04, 0.03, 0.008, 0.002)
+_UDP_SERVICES = ("-", "dhcp", "snmp", "radius")
+_UDP_SERVICE_P = (0.94, 0.03, 0.02, 0.01)
+
+
+def _pick(rng: np.random.Generator, choices: tuple, p: tuple[float, ...] | np.ndarray, n: int) -> np.ndarray:
+    p = np.asarray(p, dtype=np.float64)
+    return np.asarray(choices)[rng.choice(len(choices), size=n, p=p / p.sum())]
+
+
+# The synthetic label is 1 where score + Logistic(0, _NOISE_SCALE) > _THRESHOLD.
+_NOISE_SCALE = 0.2
+_THRESHOLD = 0.11
+
+
+def _synthetic_score(*, sttl: np.ndarray, smean: np.ndarray, ct_srv_src: np.ndarray, is_int: np.ndarray,
+                     ct_dst_src_ltm: np.ndarray, service: np.ndarray, dbytes: np.ndarray,
+                     proto: np.ndarray, dur: np.ndarray) -> np.ndarray:
+    """The noise-free attack score of synthetic rows (kept apart so tests can measure the ceiling)."""
+    sessions = np.isin(service, ("http", "ftp", "ftp-data", "smtp"))
+    return (
+        1.9 * (sttl == 254) + 1.1 * (sttl == 62)
+        + 1.4 * np.exp(-(((np.log(smean) - np.log(100.0)) / 0.35) ** 2))
+        + 1.2 * np.tanh((ct_srv_src - 10.0) / 4.0)
+        + 1.2 * (is_int & (ct_dst_src_ltm > 6))
+        - 1.6 * (sessions & (dbytes > 3000))
+        + 1.0 * np.isin(proto, _RARE_PROTOS)
+        - 0.8 * (dur > 2.0)
+    )
+
+
+def synthetic_frame(n_rows: int, seed: int) -> pd.DataFrame:
+    """Synthetic flows in the real CSV's raw layout: ``id``, the 42 features, ``label``.
+
+    The rows share the real sample's pathology: integer features in [0, 255] beside counters up
+    to ~4.3e9 and loads up to ~5e9, heavy tails, three categoricals with rare categories. The
+    label (a little over half ones) depends non-linearly on several features, most of them
+    small-scale (TTLs, mean packet size, connection counts, state x counts, service x returned
+    bytes), plus logistic noise, so a model that sees each feature on its own scale can learn it
+    well (but not perfectly) while one global mean/std hides the small-scale features behind the
+    1e9-sized ones: with ``global`` scaling a Mixer stays near the majority rate.
+
+    Args:
+        n_rows: number of rows (>= 1).
+        seed: the generator's seed; same seed -> identical frame.
+    """
+    if n_rows < 1:
+        raise ValueError(f"n_rows must be >= 1, got n_rows={n_rows}")
+    rng = np.random.default_rng(seed)
+    n = n_rows
+    # Latent flow kind: 0 TCP session, 1 UDP DNS, 2 other UDP, 3 another protocol.
+    kind = rng.choice(4, size=n, p=[0.52, 0.26, 0.12, 0.10])
+    tcp, dns, udp, other = (kind == k for k in range(4))
+
+    proto = np.where(tcp, "tcp", "udp").astype(object)
+    proto[other] = _pick(rng, ("unas", "arp", "ospf") + _RARE_PROTOS,
+                         (0.55, 0.15, 0.08) + (0.011,) * len(_RARE_PROTOS), int(other.sum()))
+    service = np.full(n, "-", dtype=object)
+    service[tcp] = _pick(rng, _TCP_SERVICES, _TCP_SERVICE_P, int(tcp.sum()))
+    service[dns] = "dns"
+    service[udp] = _pick(rng, _UDP_SERVICES, _UDP_SERVICE_P, int(udp.sum()))
+    state = np.empty(n, dtype=object)
+    state[tcp] = _pick(rng, ("FIN", "CON", "REQ", "ACC", "CLO"), (0.84, 0.12, 0.03, 0.006, 0.004),
+                       int(tcp.sum()))
+    state[dns | udp] = _pick(rng, ("INT", "CON", "REQ"), (0.70, 0.26, 0.04), int((dns | udp).sum()))
+    state[other] = _pick(rng, ("INT", "REQ"), (0.96, 0.04), int(other.sum()))
+    is_int = state == "INT"
+
+    # Packets, sizes and durations: log-normal, with interrupted (INT) flows one-sided and short.
+    spkts = np.maximum(1, np.round(rng.lognormal(np.where(tcp, 2.3, 0.6), 1.1))).astype(np.int64)
+    spkts = np.minimum(spkts, 9400)
+    dpkts = np.where(is_int, 0, np.round(rng.lognormal(np.where(tcp, 2.2, 0.4), 1.1))).astype(np.int64)
+    dpkts = np.minimum(dpkts, 3500)
+    smean = np.clip(np.round(rng.lognormal(np.log(np.where(dns, 90.0, 140.0)), 0.75)), 28, 1504)
+    smean = smean.astype(np.int64)
+    dmean = np.where(dpkts > 0, np.clip(np.round(rng.lognormal(np.log(180.0), 1.0, n)), 28, 1500), 0)
+    dmean = dmean.astype(np.int64)
+    sbytes = spkts * smean
+    dbytes = dpkts * dmean
+    dur = np.where(is_int, rng.uniform(1e-6, 1e-5, n), np.minimum(rng.lognormal(-1.0, 1.6, n), 60.0))
+    dur = np.round(dur, 6)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        rate = np.where(dur > 0, (spkts + dpkts - 1) / dur, 0.0)
+        sload = np.where(dur > 0, sbytes * 8.0 / dur, 0.0)
+        dload = np.where(dur > 0, dbytes * 8.0 / dur, 0.0)
+        sinpkt = np.where(spkts > 1, dur * 1000.0 / np.maximum(spkts - 1, 1), 0.0)
+        dinpkt = np.where(dpkts > 1, dur * 1000.0 / np.maximum(dpkts - 1, 1), 0.0)
+    rate = np.minimum(rate, 1e6)
+    sload = np.minimum(sload, 5.3e9)
+    dload = np.minimum(dload, 2.1e7)
+    sjit = np.where(spkts > 2, sinpkt * rng.lognormal(0.0, 1.2, n), 0.0)
+    djit = np.where(dpkts > 2, dinpkt * rng.lognormal(-0.5, 1.2, n), 0.0)
+    sloss = rng.binomial(np.maximum(spkts // 3, 0), 0.08)
+    dloss = rng.binomial(np.maximum(dpkts // 3, 0), 0.08)
+
+    # TTLs: a handful of values; 254 and 62 are the attackers' (as in the real sample).
+    sttl = np.where(tcp, _pick(rng, (31, 62, 254, 29), (0.50, 0.22, 0.18, 0.10), n),
+                    _pick(rng, (31, 254, 60, 0, 62), (0.35, 0.40, 0.12, 0.05, 0.08), n)).astype(np.int64)
+    dttl = np.where(dpkts > 0, _pick(rng, (29, 252, 253, 60), (0.45, 0.40, 0.05, 0.10), n), 0)
+    dttl = dttl.astype(np.int64)
+    has_win = tcp & ~is_int
+    swin = np.where(has_win, 255, 0).astype(np.int64)
+    dwin = np.where(has_win & (dpkts > 0), 255, 0).astype(np.int64)
+    seq = has_win & np.isin(state, ("FIN", "CON"))
+    stcpb = np.where(seq, rng.integers(1, 2**32 - 1, n), 0).astype(np.int64)
+    dtcpb = np.where(seq & (dpkts > 0), rng.integers(1, 2**32 - 1, n), 0).astype(np.int64)
+    synack = np.where(seq, np.round(rng.lognormal(-4.5, 1.2, n), 6), 0.0)
+    ackdat = np.where(seq, np.round(rng.lognormal(-4.2, 1.0, n), 6), 0.0)
+    tcprtt = synack + ackdat
+
+    http = service == "http"
+    ftp = (service == "ftp") | (service == "ftp-data")
+    trans_depth = np.where(http, rng.integers(0, 3, n), 0).astype(np.int64)
+    response_body_len = np.where(http & (dpkts > 0), np.round(rng.lognormal(7.0, 2.5, n)), 0)
+    response_body_len = np.minimum(response_body_len, 2.1e6).astype(np.int64)
+    is_ftp_login = (ftp & (rng.random(n) < 0.25)).astype(np.int64)
+    ct_ftp_cmd = is_ftp_login.copy()
+    ct_flw_http_mthd = np.where(http, rng.poisson(0.6, n), 0).astype(np.int64)
+    is_sm_ips_ports = (rng.random(n) < 0.01).astype(np.int64)
+
+    # Connection counts share a per-row burst intensity, so they are correlated, heavy-tailed.
+    burst = rng.lognormal(1.2, 0.9, n)
+
+    def count(scale: float, cap: int) -> np.ndarray:
+        return np.clip(rng.poisson(burst * scale), 1, cap).astype(np.int64)
+
+    ct_srv_src = count(1.5, 59)
+    ct_dst_ltm = count(0.9, 59)
+    ct_src_dport_ltm = count(0.8, 59)
+    ct_dst_sport_ltm = count(0.6, 37)
+    ct_dst_src_ltm = count(1.2, 63)
+    ct_src_ltm = count(1.0, 60)
+    ct_srv_dst = count(1.5, 59)
+    ct_state_ttl = np.select([is_int & (sttl == 254), sttl == 254, sttl == 62, state == "REQ"],
+                             [2, 3, 1, 6], 0).astype(np.int64)
+
+    # The label: a noisy threshold on a non-linear score of mostly small-scale features.
+    score = _synthetic_score(sttl=sttl, smean=smean, ct_srv_src=ct_srv_src, is_int=is_int,
+                             ct_dst_src_ltm=ct_dst_src_ltm, service=service, dbytes=dbytes,
+                             proto=proto, dur=dur)
+    label = (score + rng.logistic(0.0, _NOISE_SCALE, n) > _THRESHOLD).astype(np.int64)
+
+    columns: dict[str, Any] = {
+        "id": np.arange(1, n + 1, dtype=np.int64),
+        "dur": dur, "proto": proto, "service": service, "state": state, "spkts": spkts, "dpkts": dpkts,
+        "sbytes": sbytes, "dbytes": dbytes, "rate": rate, "sttl": sttl, "dttl": dttl,
+        "sload": sload, "dload": dload, "sloss": sloss, "dloss": dloss, "sinpkt": sinpkt,
+        "dinpkt": dinpkt, "sjit": sjit, "djit": djit, "swin": swin, "stcpb": stcpb, "dtcpb": dtcpb,
+        "dwin": dwin, "tcprtt": tcprtt, "synack": synack, "ackdat": ackdat, "smean": smean,
+        "dmean": dmean, "trans_depth": trans_depth, "response_body_len": response_body_len,
+        "ct_srv_src": ct_srv_src, "ct_state_ttl": ct_state_ttl, "ct_dst_ltm": ct_dst_ltm,
+        "ct_src_dport_ltm": ct_src_dport_ltm, "ct_dst_sport_ltm": ct_dst_sport_ltm,
+        "ct_dst_src_ltm": ct_dst_src_ltm, "is_ftp_login": is_ftp_login, "ct_ftp_cmd": ct_ftp_cmd,
+        "ct_flw_http_mthd": ct_flw_http_mthd, "ct_src_ltm": ct_src_ltm, "ct_srv_dst": ct_srv_dst,
+        "is_sm_ips_ports": is_sm_ips_ports, "label": label,
+    }
+    # Imported here, not at the top: mixer.data imports this module to offer synthetic_frame too.
+    from mixer.data import CATEGORICAL, FEATURE_NAMES, FLOAT_FEATURES
+
+    for name in FEATURE_NAMES:
+        if name in FLOAT_FEATURES:
+            columns[name] = np.asarray(columns[name], dtype=np.float64)
+        elif name not in CATEGORICAL:
+            columns[name] = np.asarray(columns[name], dtype=np.int64)
+    for name in CATEGORICAL:
+        columns[name] = pd.array(columns[name].astype(str), dtype="str")
+    return pd.DataFrame(columns)
