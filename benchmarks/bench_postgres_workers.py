@@ -20,7 +20,7 @@ and any difference in throughput comes from the workers, not from the sampled co
 Reported per K: wall seconds of the command (imports and study set-up included), the span from
 the first trial's start to the last trial's end as the storage recorded them, trials per hour
 over that span, the median seconds per trial, and the speed-up over K=1. ``--overhead N`` also
-times N empty trials (objective returns at once) through ``sweep.run.open_storage`` — the same
+times N empty trials (objective returns at once) through ``sweep.study.open_storage`` — the same
 RDB storage with heartbeats — which is the storage's own cost per trial.
 """
 
@@ -118,7 +118,7 @@ def storage_overhead(n: int, admin_url: str) -> float:
     """Seconds of storage work per empty trial (RDB storage with heartbeats, as sweep.run opens it)."""
     import optuna
 
-    from sweep.run import open_storage
+    from sweep.study import open_storage
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     with FreshDatabase(admin_url) as url:

@@ -29,7 +29,7 @@ def run(space: Path, out: Path, seed: int, study_name: str) -> dict[str, float]:
     # hash of the study name and trial number.
     import optuna
 
-    from sweep.run import open_storage
+    from sweep.study import open_storage
 
     started = time.monotonic()
     proc = subprocess.run([sys.executable, "-m", "sweep.run", str(space), "--no-tracking", "--out", str(out),

@@ -39,7 +39,7 @@ params:
 def run(space: Path, out: Path, workers: int, trials: int) -> dict[str, float]:
     import optuna
 
-    from sweep.run import open_storage
+    from sweep.study import open_storage
 
     started = time.monotonic()
     proc = subprocess.run([sys.executable, "-m", "sweep.run", str(space), "--no-tracking", "--out", str(out),

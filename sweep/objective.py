@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from mixer.config import DataConfig, TrainConfig
+from sweep.messages import one_line
 from sweep.space import Space, flat_config
 
 __all__ = ["Interrupts", "Objective", "TrialFailed", "load_data", "trial_seed"]
@@ -214,7 +215,7 @@ class Objective:
                                             on_created=functools.partial(store_run_id, trial))
         except Exception as exc:  # noqa: BLE001 - train on; the run's exit code reports it
             self.tracking_errors += 1
-            log.error("trial %d: could not start its MLflow run: %s", trial.number, exc)
+            log.error("trial %d: could not start its MLflow run: %s", trial.number, one_line(exc))
             return None
 
     def _train(self, trial: Any, config: TrainConfig, data: Any, seed: int, history: list[Any],
@@ -242,7 +243,8 @@ class Objective:
                         run.log_epoch(m)
                     except Exception as exc:  # noqa: BLE001
                         self.tracking_errors += 1
-                        log.error("trial %d: logging epoch %d failed: %s", trial.number, m.epoch, exc)
+                        log.error("trial %d: logging epoch %d failed: %s", trial.number, m.epoch,
+                                  one_line(exc))
                 if self.on_epoch is not None:
                     self.on_epoch(trial.number, m, epochs)
                 if self.interrupts.pending:
@@ -268,15 +270,16 @@ class Objective:
     def _finish(self, trial: Any, history: list[Any], state: dict[str, Any]) -> None:
         status, reason = state["status"], state["reason"]
         rows = [{"epoch": m.epoch, **m.as_dict()} for m in history]
-        label = None
+        diagnosis = None
         if history or status == "diverged":
             try:
                 from mixer.diagnosis import diagnose
 
-                label = diagnose(history, diverged=status == "diverged").label
+                diagnosis = diagnose(history, diverged=status == "diverged")
             except Exception as exc:  # noqa: BLE001 - a diagnosis must not lose the trial
-                log.warning("trial %d: diagnosis failed: %s", trial.number, exc)
-        attrs = {"history": rows, "status": status, "reason": reason, "diagnosis": label,
+                log.warning("trial %d: diagnosis failed: %s", trial.number, one_line(exc))
+        attrs = {"history": rows, "status": status, "reason": reason,
+                 "diagnosis": diagnosis.label if diagnosis is not None else None,
                  "pruned_epoch": state["pruned_epoch"]}
         if state["run"] is not None:
             # Known long since, unless the trial was shorter than one server round trip (or the server
@@ -290,10 +293,11 @@ class Objective:
         if run is not None:
             run_state = status if status in ("completed", "pruned", "diverged") else "failed"
             try:
-                run.end(run_state, history=history, reason=reason, pruned_epoch=state["pruned_epoch"])
+                run.end(run_state, history=history, reason=reason, pruned_epoch=state["pruned_epoch"],
+                        diagnosis=diagnosis)
             except Exception as exc:  # noqa: BLE001
                 self.tracking_errors += 1
-                log.error("trial %d: ending its MLflow run failed: %s", trial.number, exc)
+                log.error("trial %d: ending its MLflow run failed: %s", trial.number, one_line(exc))
         log.info("trial %d %s%s after %d epochs", trial.number, status,
                  f" ({reason})" if reason else "", len(history))
         self.current_trial = None

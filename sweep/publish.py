@@ -1,37 +1,23 @@
 """Ship the winner of a study: retrain its best trial, save the bundle, log it as an MLflow model.
 
-Call it once at the end of a study (``sweep.run`` does)::
-
-    from sweep.publish import publish_best
-    result = publish_best(study, tracking_uri=uri, out_dir=study_dir, register_name=None)
-    print(result.summary())
-
-What it does:
-
-1. Takes ``study.best_trial`` and rebuilds its ``DataConfig`` and ``TrainConfig`` from the trial's
-   user attr ``config`` and its seed from user attr ``seed``.
-2. Retrains it with ``mixer.train.fit`` up to the trial's best epoch by the study's metric (user
-   attr ``metric``, default ``val_loss``, and the study's direction), which is the epoch that made
-   the trial best. Same seed, same config: a bit-identical history, so the parameters are the
-   trial's at that epoch; the new history is checked against the trial's ``history`` attr
-   (``PublishResult.reproduced``).
-3. Saves that epoch as a ``mixer.bundle.ModelBundle`` at ``<out_dir>/best_model.npz``.
-4. If the data names a ``test_csv``, scores the bundle on it (reported only, never used to select).
-5. Logs on the study's parent MLflow run (user attr ``mlflow_parent_run_id``): an MLflow ``pyfunc``
-   model under the name ``model`` (the bundle is its artifact; ``mixer`` ships in its
-   ``code_paths``), the test metrics as ``test_accuracy``, ``test_precision``, ``test_recall``,
-   ``test_f1``, ``test_roc_auc``, ``test_tn``/``fp``/``fn``/``tp``, and tags ``best_trial_number``,
-   ``best_model_uri``, ``best_model_seed``, ``best_model_epoch``. Optionally registers the model
-   in the model registry as ``register_name``.
+``publish_best(study, tracking_uri=uri, out_dir=study_dir)`` (``sweep.run`` calls it at the end of a
+study) rebuilds the best trial's configs and seed from its user attrs ``config`` and ``seed``,
+retrains it with ``mixer.train.fit`` up to its best epoch by the study's metric (user attr
+``metric``, default ``val_loss``) — same seed, same config, so a bit-identical history, checked
+against the trial's ``history`` (``PublishResult.reproduced``) — and saves that epoch as a
+``mixer.bundle.ModelBundle`` at ``<out_dir>/best_model.npz``. If the data names a ``test_csv`` it
+scores the bundle there (reported only, never used to select). On the study's parent MLflow run
+(user attr ``mlflow_parent_run_id``) it logs an MLflow ``pyfunc`` model ``model`` (the bundle as
+its artifact, ``mixer`` in its ``code_paths``), the ``test_*`` metrics and the tags
+``best_trial_number``, ``best_model_uri``, ``best_model_seed``, ``best_model_epoch``; optionally it
+registers the model as ``register_name``.
 
 The pyfunc model takes a DataFrame of raw UNSW-NB15 rows (the 42 feature columns; ``id``,
-``label`` and ``attack_cat`` may be present and are dropped by the signature) and returns a
-DataFrame with ``probability`` (float, P(label = 1)) and ``prediction`` (0/1 at
-``params={"threshold": 0.5}``), one row per input row::
+``label`` and ``attack_cat`` are dropped by the signature) and returns ``probability`` (P(label =
+1)) and ``prediction`` (0/1 at ``params={"threshold": 0.5}``), one row per input row::
 
     model = mlflow.pyfunc.load_model(result.model_uri)      # runs:/<parent run id>/model
     model.predict(raw_rows)                                 # DataFrame[probability, prediction]
-    # mlflow models serve -m runs:/<id>/model --env-manager local
 """
 
 from __future__ import annotations
@@ -103,19 +89,9 @@ mlflow.models.set_model(MixerPyfunc())
 
 @dataclass
 class PublishResult:
-    """What ``publish_best`` produced.
-
-    Attributes:
-        study_name, trial_number, seed: which trial was retrained, and with which seed.
-        epoch, metric, value: the epoch shipped, the study's metric and its value there (the
-            trial's best epoch by that metric).
-        reproduced: every retrained epoch's val_loss equals the one the trial recorded, bit for bit.
-        bundle_path: ``<out_dir>/best_model.npz``.
-        run_id: the MLflow run holding the model (the study's parent run), None if not logged.
-        model_uri: ``runs:/<run_id>/model``, None if not logged.
-        registered_version: the model registry version, if ``register_name`` was given.
-        test_metrics: ``test_accuracy``, ``test_f1``, ``test_roc_auc``, ... when the data has a test CSV.
-    """
+    """What ``publish_best`` produced: the trial, seed and epoch shipped with the study's metric there;
+    whether the retrained history matched the recorded one bit for bit; the bundle's path; and, when
+    logged, the run, ``runs:/<run_id>/model``, the registry version and the ``test_*`` metrics."""
 
     study_name: str
     trial_number: int
@@ -300,11 +276,9 @@ def _tracking_uri(uri: str | None) -> Iterator[None]:
     """
     from mlflow.tracking._tracking_service import utils as tracking_utils
 
-    from sweep.tracking import default_tracking_uri
+    from sweep.tracking import resolve_uri
 
-    # The same resolution as sweep.tracking.Tracker, so that None finds the study's parent run.
-    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
-
+    uri = resolve_uri(uri)  # as the Tracker resolves it, so that None finds the study's parent run
     saved_uri = tracking_utils._tracking_uri
     saved_env = os.environ.get("MLFLOW_TRACKING_URI")
     mlflow.set_tracking_uri(uri)

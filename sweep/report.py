@@ -27,10 +27,9 @@ Exit status: 0 written, 2 bad usage (unknown study, missing storage, bad option)
 from __future__ import annotations
 
 import argparse
+import logging
 import math
-import os
 import sys
-import urllib.request
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,15 +37,17 @@ from typing import Any
 
 import pandas as pd
 
-__all__ = ["TrialRecord", "collect", "main", "open_storage", "plot_curves", "ranked", "trials_table"]
+from sweep.messages import UsageError, one_line, redact
+from sweep.study import open_storage
+
+__all__ = ["TrialRecord", "collect", "find_study", "main", "plot_curves", "ranked", "trials_table",
+           "write_study_files"]
 
 CURVE_KEYS = ("train_loss", "val_loss", "lr", "grad_norm_mean", "hessian_max_eig", "hessian_min_eig")
 DEFAULT_GROUP_BY = "scheduler"
 DEFAULT_TOP = 5
 
-
-class UsageError(Exception):
-    """Bad usage: the message is printed and the exit status is 2."""
+log = logging.getLogger("sweep")
 
 
 @dataclass
@@ -85,66 +86,46 @@ class TrialRecord:
 # Reading the study
 
 
-def _journal_storage(path: Path):
-    from optuna.storages import JournalStorage
-    from optuna.storages.journal import JournalFileBackend
-
-    return JournalStorage(JournalFileBackend(str(path)))
-
-
 def _studies_under(root: Path) -> list[str]:
+    import optuna
+
     names: list[str] = []
     for journal in sorted(root.glob("*/optuna.journal")):
         try:
-            import optuna
-
-            names.extend(optuna.get_all_study_names(_journal_storage(journal)))
+            names.extend(optuna.get_all_study_names(open_storage(str(journal), rdb=False)))
         except Exception:  # noqa: BLE001 - an unreadable journal just is not listed
             continue
     return names
 
 
-def open_storage(storage: str | None, study_name: str):
+def find_study(storage: str | None, study_name: str):
     """The Optuna storage holding ``study_name``.
 
     ``storage`` is a database URL (``postgresql://…``, ``sqlite:///…``), a journal file path
     (optionally ``journal:`` or ``file:`` prefixed) or None for ``runs/<study>/optuna.journal``.
 
     Raises:
-        UsageError: the journal file does not exist, or the study is not in the storage (the
-            message lists the studies that are).
+        UsageError: the storage does not open or the journal file does not exist, or the study is
+            not in the storage (the message lists the studies that are).
     """
     import optuna
 
     if storage is None:
-        path = Path("runs") / study_name / "optuna.journal"
-        if not path.is_file():
-            found = _studies_under(Path("runs"))
-            listing = ", ".join(found) if found else "none"
-            raise UsageError(f"no study {study_name!r}: {path} does not exist "
+        storage = str(Path("runs") / study_name / "optuna.journal")
+        if not Path(storage).is_file():
+            listing = ", ".join(_studies_under(Path("runs"))) or "none"
+            raise UsageError(f"no study {study_name!r}: {storage} does not exist "
                              f"(studies under runs/: {listing}); pass --storage for another storage")
-        opened = _journal_storage(path)
-        where = str(path)
-    elif "://" in storage and not storage.startswith(("file://", "journal://")):
-        try:
-            opened = optuna.storages.get_storage(storage)
-        except Exception as exc:  # noqa: BLE001 - any failure to open is a usage problem here
-            raise UsageError(f"cannot open storage {storage}: {exc}") from None
-        where = storage
-    else:
+    elif "://" not in storage or storage.startswith(("file:", "journal:")):
         for prefix in ("journal://", "file://", "journal:", "file:"):
-            if storage.startswith(prefix):
-                storage = storage[len(prefix):]
-                break
-        path = Path(storage)
-        if not path.is_file():
-            raise UsageError(f"journal file {path} does not exist")
-        opened = _journal_storage(path)
-        where = str(path)
+            storage = storage.removeprefix(prefix) if storage.startswith(prefix) else storage
+        if not Path(storage).is_file():
+            raise UsageError(f"journal file {storage} does not exist")
+    opened = open_storage(storage, rdb="://" in storage)
     names = optuna.get_all_study_names(opened)
     if study_name not in names:
         listing = ", ".join(sorted(names)) if names else "none"
-        raise UsageError(f"no study {study_name!r} in {where} (studies there: {listing})")
+        raise UsageError(f"no study {study_name!r} in {redact(storage)} (studies there: {listing})")
     return opened
 
 
@@ -392,51 +373,117 @@ def plot_curves(records: Sequence[TrialRecord], *, group_by: str = DEFAULT_GROUP
 
 
 # ---------------------------------------------------------------------------------------------
+# The study's own files: the full table and Optuna's plots
+
+_OPTUNA_PLOTS = ("optimization_history", "intermediate_values", "param_importances", "parallel_coordinate")
+
+
+def write_study_files(study, out_dir: str | Path) -> list[tuple[Path, str | None]]:
+    """Write ``trials.csv`` and Optuna's plots (``plots/<name>.png``) of ``study`` into ``out_dir``.
+
+    ``trials.csv`` is ``study.trials_dataframe()`` without the per-epoch history and the full
+    config (too wide for a table; they stay in the storage). A plot the study cannot support yet
+    (importances need two completed trials whose parameters differ) is left out, and why is logged.
+
+    Returns:
+        Each file written with the artifact folder it belongs in: None for ``trials.csv``,
+        ``"plots"`` for the PNGs.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    table = out / "trials.csv"
+    frame = study.trials_dataframe()
+    frame = frame.drop(columns=[c for c in ("user_attrs_history", "user_attrs_config") if c in frame])
+    frame.to_csv(table, index=False)
+    files: list[tuple[Path, str | None]] = [(table, None)]
+    for name, why in _study_plots(study, out / "plots"):
+        if isinstance(why, Path):
+            files.append((why, "plots"))
+        else:
+            log.info("study plot %s skipped: %s", name, why)
+    return files
+
+
+def _study_plots(study, folder: Path) -> list[tuple[str, Path | str]]:
+    """Each Optuna plot: (name, the PNG written) or (name, why it was skipped)."""
+    import warnings
+
+    import matplotlib
+
+    matplotlib.use("Agg")  # headless: the sweep runs on servers and in CI
+    import matplotlib.pyplot as plt
+    import optuna.visualization.matplotlib as ovm
+
+    folder.mkdir(parents=True, exist_ok=True)
+    done: list[tuple[str, Path | str]] = []
+    for name in _OPTUNA_PLOTS:
+        if name == "param_importances" and (why := _importances_unsupported(study)):
+            done.append((name, why))
+            continue
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # ExperimentalWarning, empty-plot warnings
+                axes = getattr(ovm, f"plot_{name}")(study)
+            fig = axes.figure if hasattr(axes, "figure") else axes.flat[0].figure
+            if not any(ax.has_data() for ax in fig.axes):
+                done.append((name, "nothing to plot yet"))
+                continue
+            path = folder / f"{name}.png"
+            fig.savefig(path, dpi=100, bbox_inches="tight")
+            done.append((name, path))
+        except Exception as exc:  # noqa: BLE001 - a plot the study cannot support is left out
+            done.append((name, one_line(exc)))
+        finally:
+            plt.close("all")
+    return done
+
+
+def _importances_unsupported(study) -> str | None:
+    """Why parameter importances mean nothing yet (Optuna would draw equal bars), or None."""
+    from optuna.trial import TrialState
+
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    if len(complete) < 2:
+        return f"needs >= 2 completed trials, the study has {len(complete)}"
+    names = {name for t in complete for name in t.params}
+    if not any(len({repr(t.params.get(name)) for t in complete}) > 1 for name in names):
+        return "no parameter varies across the completed trials"
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
 # MLflow
 
 
-def _resolve_tracking_uri(arg: str | None) -> str:
-    """``--tracking-uri``, else MLFLOW_TRACKING_URI, else the local store ``sweep.run`` logs to."""
-    if arg:
-        return arg
-    if os.environ.get("MLFLOW_TRACKING_URI"):
-        return os.environ["MLFLOW_TRACKING_URI"]
-    from sweep.tracking import default_tracking_uri
+def _no_local_store(uri: str) -> str | None:
+    """Why the local store ``uri`` names does not exist, or None: the report reads a store, never
+    creates one (opening a missing one would)."""
+    from urllib.parse import unquote, urlparse
 
-    return default_tracking_uri()
-
-
-def _tracking_reachable(uri: str) -> str | None:
-    """None if the store looks usable, else why not (checked without MLflow's long retries)."""
-    if uri.startswith(("http://", "https://")):
-        try:
-            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=5) as resp:
-                return None if resp.status == 200 else f"{uri} answered {resp.status}"
-        except OSError as exc:
-            return f"{uri} is not reachable ({exc})"
-    if uri.startswith("file:"):
-        from urllib.parse import unquote, urlparse
-
-        path = Path(unquote(urlparse(uri).path))
-        return None if path.is_dir() else f"no MLflow store at {path}"
     if uri.startswith("sqlite:///"):
         path = Path(uri[len("sqlite:///"):])
         return None if path.is_file() else f"no MLflow database at {path}"
-    if "://" not in uri:
-        return None if Path(uri).is_dir() else f"no MLflow store at {uri}"
+    if uri.startswith("file:") or "://" not in uri:
+        path = Path(unquote(urlparse(uri).path)) if uri.startswith("file:") else Path(uri)
+        return None if path.is_dir() else f"no MLflow store at {path}"
     return None
 
 
 def _mlflow_client(uri: str):
     """An MlflowClient for ``uri`` and None, or None and why not."""
-    why = _tracking_reachable(uri)
-    if why:
-        return None, why
     try:
         from mlflow import MlflowClient
+
+        from sweep.tracking import TrackingUnavailable, check_reachable
     except ImportError:
         return None, "mlflow is not installed"
-    return MlflowClient(tracking_uri=uri), None
+    why = _no_local_store(uri)
+    if why is None:
+        try:
+            check_reachable(uri, timeout=5.0)
+        except TrackingUnavailable as exc:
+            why = str(exc)
+    return (None, why) if why else (MlflowClient(tracking_uri=uri), None)
 
 
 def log_report(client, parent_run_id: str, paths: Sequence[Path]) -> None:
@@ -466,39 +513,38 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = _parser()
     try:
-        args = parser.parse_args(argv)
+        args = _parser().parse_args(argv)
     except SystemExit as exc:  # argparse exits 2 on bad usage, 0 on --help
         return int(exc.code or 0)
-    if args.top < 0:
-        print(f"sweep.report: error: --top must be >= 0, got --top={args.top}", file=sys.stderr)
-        return 2
     try:
-        storage = open_storage(args.storage, args.study)
+        return _report(args)
     except UsageError as exc:
         print(f"sweep.report: error: {exc}", file=sys.stderr)
         return 2
 
+
+def _report(args: argparse.Namespace) -> int:
     import optuna
 
-    study = optuna.load_study(study_name=args.study, storage=storage)
+    from sweep.tracking import resolve_uri
+
+    if args.top < 0:
+        raise UsageError(f"--top must be >= 0, got --top={args.top}")
+    study = optuna.load_study(study_name=args.study, storage=find_study(args.storage, args.study))
     if len(study.directions) != 1:
-        print(f"sweep.report: error: study {args.study!r} has {len(study.directions)} objectives; "
-              "the report ranks single-objective studies only", file=sys.stderr)
-        return 2
+        raise UsageError(f"study {args.study!r} has {len(study.directions)} objectives; "
+                         "the report ranks single-objective studies only")
     minimize = study.direction == optuna.study.StudyDirection.MINIMIZE
-    tracking_uri = _resolve_tracking_uri(args.tracking_uri)
+    tracking_uri = resolve_uri(args.tracking_uri)
     client, why_not = _mlflow_client(tracking_uri)
     records = collect(study, mlflow_client=client)
     if not records:
-        print(f"sweep.report: error: study {args.study!r} has no trials", file=sys.stderr)
-        return 2
+        raise UsageError(f"study {args.study!r} has no trials")
     known = {name for r in records for name in (*r.params, *r.config)}
     if args.group_by not in known:
-        print(f"sweep.report: error: --group-by {args.group_by!r} is not a parameter of this study "
-              f"(known: {', '.join(sorted(known)) or 'none'})", file=sys.stderr)
-        return 2
+        raise UsageError(f"--group-by {args.group_by!r} is not a parameter of this study "
+                         f"(known: {', '.join(sorted(known)) or 'none'})")
 
     out = Path(args.out) if args.out else Path("runs") / args.study / "report"
     out.mkdir(parents=True, exist_ok=True)
@@ -509,10 +555,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     n = len(records)
     counts = pd.Series([r.state.lower() for r in records]).value_counts()
     summary = ", ".join(f"{v} {k}" for k, v in counts.items())
-    objective = "value"
-    names = getattr(study, "metric_names", None)
-    if names:
-        objective = names[0]
+    objective = (getattr(study, "metric_names", None) or ["value"])[0]
     shown = min(args.top, int(counts.get("complete", 0)))
     title = (f"study {args.study}: {n} trials ({summary}); top {shown} "
              f"by {objective} ({'lowest' if minimize else 'highest'}) in colour")
@@ -534,9 +577,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         try:
             log_report(client, parent, [png_path, md_path, csv_path])
-            print(f"logged to MLflow run {parent} at {tracking_uri} under report/")
+            print(f"logged to MLflow run {parent} at {redact(tracking_uri)} under report/")
         except Exception as exc:  # noqa: BLE001 - tracking must never fail the report
-            print(f"not logged to MLflow ({tracking_uri}): {type(exc).__name__}: {exc}")
+            print(f"not logged to MLflow ({redact(tracking_uri)}): {type(exc).__name__}: {one_line(exc)}")
     return 0
 
 

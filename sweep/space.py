@@ -51,37 +51,32 @@ import importlib.util
 import inspect
 import math
 import re
-from collections.abc import Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mixer.config import (
-    DATA_FIELDS,
-    MODEL_FIELDS,
-    TRAIN_FIELDS,
-    DataConfig,
-    MixerConfig,
-    TrainConfig,
-    divisors,
+from mixer.config import DataConfig, divisors
+from mixer.yaml_io import YamlError
+from mixer.yaml_io import load_yaml as _load_yaml
+from sweep.messages import one_line
+from sweep.sampling import (
+    ETA_MIN_RATIO,
+    KNOBS,
+    Param,
+    PrunerSpec,
+    SamplerSpec,
+    Space,
+    _build_configs,
+    _kind_name,
+    _num,
+    _pruner_class,
+    _sampler_class,
+    _type_ok,
+    flat_config,
+    split_flat,
 )
 
-__all__ = [
-    "METRICS",
-    "N_FEATURES",
-    "PRUNERS",
-    "SAMPLERS",
-    "Param",
-    "PrunerSpec",
-    "SamplerSpec",
-    "Space",
-    "SpaceError",
-    "flat_config",
-    "load_space",
-    "load_yaml",
-    "parse_space",
-    "split_flat",
-]
+__all__ = ["METRICS", "N_FEATURES", "PRUNERS", "SAMPLERS", "Param", "PrunerSpec", "SamplerSpec", "Space",
+           "SpaceError", "flat_config", "load_space", "load_yaml", "parse_space", "split_flat"]
 
 # Both UNSW-NB15 layouts and the synthetic generator give 42 feature columns (mixer.data).
 N_FEATURES = 42
@@ -99,7 +94,6 @@ TOP_KEYS = ("study", "description", "seed", "data", "train", "metric", "directio
 # settings that make no sense to search (they may still be fixed under ``data``).
 _NOT_A_KNOB = {"n_features": "n_features is set by the data (42 columns), not by the space"}
 _NOT_SEARCHABLE = ("source", "train_csv", "test_csv")
-ETA_MIN_RATIO = "eta_min_ratio"
 
 # Sampler/pruner constructor arguments a YAML file cannot express (callables, objects) or that the
 # space sets itself (seed, the grid, the wrapped pruner).
@@ -114,308 +108,15 @@ class SpaceError(ValueError):
 
 
 # --------------------------------------------------------------------------------------------------
-# Knob table: name -> (record, kind), kind one of int, float, str, optional_str.
-
-
-def _kind(annotation: Any) -> str:
-    text = str(annotation).replace(" ", "")
-    return {"int": "int", "float": "float", "str": "str", "str|None": "optional_str",
-            "None|str": "optional_str"}.get(text, text)
-
-
-def _knob_table() -> dict[str, tuple[str, str]]:
-    table: dict[str, tuple[str, str]] = {}
-    for record, cls in (("model", MixerConfig), ("train", TrainConfig), ("data", DataConfig)):
-        for f in dataclasses.fields(cls):
-            if f.name == "model":
-                continue
-            table[f.name] = (record, _kind(f.type))
-    table[ETA_MIN_RATIO] = ("train", "float")
-    return table
-
-
-KNOBS = _knob_table()
-_DEFAULTS: dict[str, Any] = {
-    **{k: v for k, v in TrainConfig().to_flat().items()},
-    **dataclasses.asdict(DataConfig()),
-}
-
-
-def _type_ok(kind: str, value: Any) -> bool:
-    if isinstance(value, bool):
-        return False
-    if kind == "int":
-        return isinstance(value, int)
-    if kind == "float":
-        return isinstance(value, int | float)
-    if kind == "str":
-        return isinstance(value, str)
-    if kind == "optional_str":
-        return value is None or isinstance(value, str)
-    return True
-
-
-def _kind_name(kind: str) -> str:
-    return {"int": "an integer", "float": "a number", "str": "a string",
-            "optional_str": "a string or null"}.get(kind, kind)
-
-
-# --------------------------------------------------------------------------------------------------
-# Records
-
-
-@dataclass(frozen=True)
-class Param:
-    """One searched knob.
-
-    Attributes:
-        name: the knob (a TrainConfig.to_flat() key, a DataConfig field, or ``eta_min_ratio``).
-        type: float, int or categorical.
-        low, high, log, step: the range of a float or int parameter.
-        choices: the values of a categorical parameter.
-        when: knob -> allowed values; the parameter is sampled only where all hold.
-    """
-
-    name: str
-    type: str
-    low: float | int | None = None
-    high: float | int | None = None
-    log: bool = False
-    step: float | int | None = None
-    choices: tuple[Any, ...] = ()
-    when: dict[str, tuple[Any, ...]] = field(default_factory=dict)
-
-    def candidates(self) -> list[tuple[str, Any]]:
-        """(key path suffix, value) pairs that span the parameter: its bounds or its choices."""
-        if self.type == "categorical":
-            return [(f"choices[{i}]", v) for i, v in enumerate(self.choices)]
-        return [("low", self.low), ("high", self.high)]
-
-    def contains(self, value: Any) -> bool:
-        """Whether ``value`` is one this parameter can take."""
-        if self.type == "categorical":
-            return any(_same(value, c) for c in self.choices)
-        if not _num(value):
-            return False
-        if self.type == "int" and not isinstance(value, int):
-            return False
-        return self.low <= value <= self.high
-
-    def grid_values(self) -> list[Any] | None:
-        """The values the grid sampler walks through, or None if the range is continuous."""
-        if self.type == "categorical":
-            return list(self.choices)
-        if self.type == "int":
-            return list(range(int(self.low), int(self.high) + 1, int(self.step or 1)))
-        if self.step:
-            n = int(round((self.high - self.low) / self.step))
-            return [round(self.low + i * self.step, 12) for i in range(n + 1)]
-        return None
-
-    def suggest(self, trial: Any) -> Any:
-        if self.type == "float":
-            return trial.suggest_float(self.name, float(self.low), float(self.high), log=self.log,
-                                       step=None if self.step is None else float(self.step))
-        if self.type == "int":
-            return trial.suggest_int(self.name, int(self.low), int(self.high), log=self.log,
-                                     step=int(self.step or 1))
-        return trial.suggest_categorical(self.name, list(self.choices))
-
-
-def _num(v: Any) -> bool:
-    return isinstance(v, int | float) and not isinstance(v, bool)
-
-
-def _same(a: Any, b: Any) -> bool:
-    """Equal, without YAML's ``true == 1`` or ``"1" == 1`` confusions."""
-    if _num(a) and _num(b):
-        return a == b
-    return type(a) is type(b) and a == b
-
-
-@dataclass(frozen=True)
-class SamplerSpec:
-    """Which Optuna sampler, its seed (None = derive from the study seed) and its keyword options."""
-
-    name: str = "tpe"
-    seed: int | None = None
-    options: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class PrunerSpec:
-    """Which Optuna pruner and its keyword options; ``patient`` wraps another one."""
-
-    name: str = "median"
-    options: dict[str, Any] = field(default_factory=dict)
-    wrapped: PrunerSpec | None = None
-
-
-@dataclass(frozen=True)
-class Space:
-    """A validated study description. Build with ``load_space(path)``.
-
-    Attributes:
-        path: the YAML file it came from.
-        study_name: the Optuna study name.
-        seed: the study seed (trial seeds derive from it and the trial number).
-        data: fixed DataConfig fields (CSV paths made absolute).
-        train: fixed flat training knobs (may include ``eta_min_ratio``).
-        params: the searched parameters, in the order they are suggested (conditions first).
-        metric, direction: what a trial reports each epoch and whether lower or higher is better.
-        sampler, pruner: the Optuna algorithms.
-        n_trials, timeout: the budget (either may be None).
-        experiment: the MLflow experiment name (None: the study name).
-        register_model: register the best trial's model in MLflow's registry under this name.
-        enqueue: parameter values of trials to run first.
-    """
-
-    path: Path
-    study_name: str
-    seed: int
-    data: dict[str, Any]
-    train: dict[str, Any]
-    params: dict[str, Param]
-    metric: str = "val_loss"
-    direction: str = "minimize"
-    sampler: SamplerSpec = field(default_factory=SamplerSpec)
-    pruner: PrunerSpec = field(default_factory=PrunerSpec)
-    n_trials: int | None = None
-    timeout: float | None = None
-    experiment: str | None = None
-    register_model: str | None = None
-    enqueue: tuple[dict[str, Any], ...] = ()
-
-    # ---------------------------------------------------------------------------------------------
-    def suggest(self, trial: Any) -> tuple[DataConfig, TrainConfig]:
-        """Sample this trial's parameters (respecting ``when``) and build its configs.
-
-        Raises:
-            ValueError: only if a sampled combination is invalid in a way validation cannot see.
-        """
-        values: dict[str, Any] = {}
-        for p in self.params.values():
-            if self._condition_holds(p, values):
-                values[p.name] = p.suggest(trial)
-        return self.build(values)
-
-    def build(self, sampled: Mapping[str, Any]) -> tuple[DataConfig, TrainConfig]:
-        """The configs for the fixed knobs plus ``sampled`` (eta_min resolved, see the module doc)."""
-        flat = {**self.data, **self.train, **sampled}
-        return _build_configs(flat)
-
-    def _condition_holds(self, p: Param, values: Mapping[str, Any]) -> bool:
-        for knob, allowed in p.when.items():
-            if knob in self.params:
-                if knob not in values:  # the parameter it depends on was not sampled either
-                    return False
-                value = values[knob]
-            else:
-                value = {**self.data, **self.train}[knob]
-            if value not in allowed:
-                return False
-        return True
-
-    def active(self, values: Mapping[str, Any]) -> list[str]:
-        """The parameters sampled in a trial whose known values are ``values``."""
-        seen: dict[str, Any] = {}
-        for p in self.params.values():
-            if self._condition_holds(p, seen):
-                seen[p.name] = values.get(p.name)
-        return list(seen)
-
-    # ---------------------------------------------------------------------------------------------
-    def build_sampler(self, *, seed: int | None = None) -> Any:
-        """The Optuna sampler, seeded with ``seed`` (default: the spec's seed, else the study seed)."""
-        return _make_sampler(self.sampler, self._grid(), self.sampler.seed if seed is None else seed)
-
-    def build_pruner(self) -> Any:
-        """The Optuna pruner."""
-        return _make_pruner(self.pruner)
-
-    def _grid(self) -> dict[str, list[Any]]:
-        return {name: p.grid_values() or [] for name, p in self.params.items()}
-
-
-def flat_config(data: DataConfig, train: TrainConfig) -> dict[str, Any]:
-    """Every knob of a trial in one flat dict (DataConfig fields + TrainConfig.to_flat())."""
-    return {**dataclasses.asdict(data), **train.to_flat()}
-
-
-def split_flat(flat: Mapping[str, Any]) -> tuple[DataConfig, TrainConfig]:
-    """Inverse of ``flat_config``: unknown keys are ignored."""
-    data = DataConfig(**{k: v for k, v in flat.items() if k in DATA_FIELDS})
-    train = TrainConfig.from_flat({k: v for k, v in flat.items() if k in MODEL_FIELDS + TRAIN_FIELDS})
-    return data, train
-
-
-def _build_configs(flat: Mapping[str, Any]) -> tuple[DataConfig, TrainConfig]:
-    flat = dict(flat)
-    ratio = flat.pop(ETA_MIN_RATIO, None)
-    lr = flat.get("lr", _DEFAULTS["lr"])
-    if ratio is not None:
-        if not 0.0 <= ratio <= 1.0:
-            raise ValueError(f"eta_min_ratio must be in [0, 1], got eta_min_ratio={ratio}")
-        flat["eta_min"] = ratio * lr
-    elif "eta_min" in flat and _num(flat["eta_min"]) and _num(lr) and flat["eta_min"] > lr:
-        # Documented rule: a sampled eta_min above the sampled lr is clipped to lr.
-        flat["eta_min"] = lr
-    data = DataConfig(**{k: v for k, v in flat.items() if k in DATA_FIELDS})
-    train = TrainConfig.from_flat({k: v for k, v in flat.items() if k in MODEL_FIELDS + TRAIN_FIELDS})
-    return data, train
-
-
-# --------------------------------------------------------------------------------------------------
-# YAML reading: PyYAML reads "1e-4" as a string (YAML 1.1 wants a dot); accept it as a float, and
-# refuse duplicate keys instead of silently keeping the last one.
-
-
-def _yaml_loader() -> type:
-    import yaml
-
-    class Loader(yaml.SafeLoader):
-        pass
-
-    Loader.yaml_implicit_resolvers = {k: list(v) for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
-    Loader.add_implicit_resolver(
-        "tag:yaml.org,2002:float",
-        re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
-                    |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
-                    |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
-                    |[-+]?\.(?:inf|Inf|INF)
-                    |\.(?:nan|NaN|NAN))$""", re.X),
-        list("-+0123456789."),
-    )
-
-    def construct_mapping(loader: Any, node: Any, deep: bool = False) -> dict[Any, Any]:
-        loader.flatten_mapping(node)
-        seen: set[Any] = set()
-        for key_node, _ in node.value:
-            key = loader.construct_object(key_node, deep=deep)
-            if key in seen:
-                line = key_node.start_mark.line + 1
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"duplicate key {key!r} (line {line})", key_node.start_mark)
-            seen.add(key)
-        return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
-
-    Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, construct_mapping)
-    return Loader
+# YAML reading: mixer.yaml_io's loader ("1e-4" is a float, duplicate keys fail), errors as SpaceError.
 
 
 def load_yaml(path: str | Path) -> Any:
-    """Read a YAML file with the space's loader (``1e-4`` is a float; duplicate keys fail)."""
-    import yaml
-
-    path = Path(path)
+    """Read a YAML file with the project's one loader (``mixer.yaml_io``); errors as SpaceError."""
     try:
-        text = path.read_text()
-    except OSError as exc:
-        raise SpaceError(f"{path}: cannot read: {exc.strerror or exc}") from None
-    try:
-        return yaml.load(text, Loader=_yaml_loader())  # noqa: S506 - a SafeLoader subclass
-    except yaml.YAMLError as exc:
-        raise SpaceError(f"{path}: not valid YAML: {exc}") from None
+        return _load_yaml(path)
+    except YamlError as exc:
+        raise SpaceError(str(exc)) from None
 
 
 def load_space(path: str | Path) -> Space:
@@ -469,10 +170,6 @@ def _join(key: str, sub: str | int) -> str:
     if isinstance(sub, int):
         return f"{key}[{sub}]"
     return f"{key}.{sub}" if key else sub
-
-
-def _short(exc: BaseException) -> str:
-    return str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)
 
 
 def parse_space(doc: Any, *, path: str | Path = "<space>") -> Space:
@@ -579,7 +276,7 @@ def _check_fixed(c: _Checker, section: dict[str, Any], key: str, path: Path) -> 
             try:
                 _build_configs({name: value})
             except (TypeError, ValueError, KeyError) as exc:
-                raise c.fail(_join(key, name), _short(exc)) from None
+                raise c.fail(_join(key, name), one_line(exc)) from None
     return out
 
 
@@ -746,15 +443,15 @@ def _check_ranges(c: _Checker, data: dict[str, Any], train: dict[str, Any],
     try:
         _build_configs({**data, **train})
     except (TypeError, ValueError, KeyError) as exc:
-        bad = next((f for f in {**data, **train} if re.search(rf"\b{f}\b", _short(exc))), None)
+        bad = next((f for f in {**data, **train} if re.search(rf"\b{f}\b", one_line(exc))), None)
         section = "data" if bad in data else "train"
-        raise c.fail(_join(section, bad) if bad else "train", _short(exc)) from None
+        raise c.fail(_join(section, bad) if bad else "train", one_line(exc)) from None
     for name, p in params.items():
         for suffix, value in p.candidates():
             try:
                 _build_configs({**data, **train, name: value})
             except (TypeError, ValueError, KeyError) as exc:
-                raise c.fail(f"params.{name}.{suffix}", _short(exc)) from None
+                raise c.fail(f"params.{name}.{suffix}", one_line(exc)) from None
 
 
 def _check_sampler(c: _Checker, spec: Any, params: dict[str, Param]) -> SamplerSpec:
@@ -837,53 +534,7 @@ def _check_enqueue(c: _Checker, entries: Any, space: Space) -> tuple[dict[str, A
         try:
             space.build({n: v for n, v in entry.items() if n in active})
         except (TypeError, ValueError, KeyError) as exc:
-            raise c.fail(k, _short(exc)) from None
+            raise c.fail(k, one_line(exc)) from None
         out.append(dict(entry))
     return tuple(out)
 
-
-# --------------------------------------------------------------------------------------------------
-# Samplers and pruners
-
-
-def _sampler_class(name: str) -> Any:
-    import optuna
-
-    return {"tpe": optuna.samplers.TPESampler, "random": optuna.samplers.RandomSampler,
-            "grid": optuna.samplers.GridSampler, "cmaes": optuna.samplers.CmaEsSampler,
-            "qmc": optuna.samplers.QMCSampler, "gp": optuna.samplers.GPSampler}[name]
-
-
-def _pruner_class(name: str) -> Any:
-    import optuna
-
-    return {"median": optuna.pruners.MedianPruner, "percentile": optuna.pruners.PercentilePruner,
-            "successive_halving": optuna.pruners.SuccessiveHalvingPruner,
-            "hyperband": optuna.pruners.HyperbandPruner, "patient": optuna.pruners.PatientPruner,
-            "none": optuna.pruners.NopPruner}[name]
-
-
-def _make_sampler(spec: SamplerSpec, grid: dict[str, list[Any]], seed: int | None) -> Any:
-    import warnings
-
-    cls = _sampler_class(spec.name)
-    kwargs = dict(spec.options)
-    if spec.name == "grid":
-        kwargs["search_space"] = grid
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # ExperimentalWarning for gp/qmc options
-        return cls(seed=seed, **kwargs)
-
-
-def _make_pruner(spec: PrunerSpec) -> Any:
-    import warnings
-
-    cls = _pruner_class(spec.name)
-    if spec.name == "none":
-        return cls()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # ExperimentalWarning for the patient pruner
-        if spec.name == "patient":
-            wrapped = _make_pruner(spec.wrapped) if spec.wrapped is not None else None
-            return cls(wrapped, **spec.options)
-        return cls(**spec.options)

@@ -28,6 +28,8 @@ from typing import Any, TypeVar
 from optuna.exceptions import UpdateFinishedTrialError
 from optuna.storages import RDBStorage
 
+from sweep.messages import one_line
+
 __all__ = ["ResilientRDBStorage", "call_retrying", "is_disconnect"]
 
 log = logging.getLogger("sweep")
@@ -101,11 +103,9 @@ def _retrying(method: F) -> F:
 
 
 def _cause(exc: BaseException) -> str:
-    root = exc
-    while root.__cause__ is not None:
-        root = root.__cause__
-    text = str(root).strip().splitlines()
-    return text[0] if text else type(root).__name__
+    while exc.__cause__ is not None:
+        exc = exc.__cause__
+    return one_line(exc)
 
 
 class ResilientRDBStorage(RDBStorage):

@@ -104,7 +104,7 @@ class MlflowServer:
 
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory) -> MlflowServer:
-    """One real MLflow tracking server for the whole test session (starting one takes ~10 s)."""
+    """One real MLflow tracking server for the whole test session (starting one is slow)."""
     server = MlflowServer(tmp_path_factory.mktemp("mlflow-server"))
     server.start()
     yield server

@@ -46,8 +46,9 @@ class FakeRun:
     def log_epoch(self, m):
         self.log.append(("epoch", m.epoch))
 
-    def end(self, state, *, history=None, reason=None, pruned_epoch=None):
+    def end(self, state, *, history=None, reason=None, pruned_epoch=None, diagnosis=None):
         self.log.append(("end", state, len(history), reason, pruned_epoch))
+        self.diagnosis = diagnosis
 
 
 class FakeTracker:
@@ -58,10 +59,10 @@ class FakeTracker:
 
     def start_trial(self, trial, config, data_config, *, seed, on_created=None):
         self.log.append(("start", trial.number, config.epochs, data_config.n_rows, seed))
-        run = FakeRun(self.log, trial.number)
+        run = self.run = FakeRun(self.log, trial.number)
         if on_created is not None:  # as the real tracker's sending thread, once the run exists
             on_created(run.run_id)
-            stored = trial.storage.get_trial(trial._trial_id).user_attrs["mlflow_run_id"]
+            stored = trial.study.get_trials(deepcopy=False)[trial.number].user_attrs["mlflow_run_id"]
             self.log.append(("stored run id", stored))
         return run
 
@@ -94,6 +95,8 @@ def test_completed_trial_returns_best_epoch_value_and_records_every_attr(space, 
     assert t.user_attrs["status"] == "completed" and t.user_attrs["reason"] is None
     assert t.user_attrs["seed"] == trial_seed(3, 0)
     assert t.user_attrs["diagnosis"] in {"healthy", "plateau", "saddle", "oscillating", "diverged"}
+    # One diagnosis per trial: the one stored is the one the run was ended with.
+    assert tracker.run.diagnosis.label == t.user_attrs["diagnosis"]
     assert t.user_attrs["mlflow_run_id"] == "run-0"
     assert t.user_attrs["config"]["lr"] == t.params["lr"]
     assert t.user_attrs["config"]["n_rows"] == 300
@@ -154,6 +157,8 @@ def test_diverged_trial_fails_with_its_reason_and_the_study_goes_on(space, monke
     assert t.user_attrs["reason"] == "training loss is nan at epoch 2, step 3"
     assert t.user_attrs["diagnosis"] == "diverged"
     assert ("end", "diverged", 1, "training loss is nan at epoch 2, step 3", None) in tracker.log
+    # Divergence comes from the fit's status, not from reading the reason's words.
+    assert tracker.run.diagnosis.label == "diverged"
 
 
 def test_an_exception_in_training_fails_the_trial_with_its_message(space, monkeypatch):

@@ -183,7 +183,7 @@ def test_model_loads_where_the_project_is_not_installed(published, tmp_path, mon
     np.testing.assert_allclose(got, expected, rtol=1e-6)
 
 
-@pytest.mark.slow  # 29 s measured on the shared 2-core machine (model download + uvicorn start)
+@pytest.mark.slow  # downloads the model and starts a uvicorn server
 def test_mlflow_models_serve_scores_raw_rows_over_http(published, tmp_path):
     port = free_port()
     url = f"http://127.0.0.1:{port}"
@@ -234,36 +234,43 @@ def test_best_trial_without_config_attr_is_named(tmp_path):
         publish_best(study, out_dir=tmp_path, log_model=False)
 
 
-@pytest.mark.parametrize("status", ["RUNNING", "FAILED", "FINISHED"])
-def test_logging_on_the_parent_run_keeps_its_status(mlflow_server, status):
-    from sweep.publish import _on_run, _tracking_uri
+def _small_study(name: str) -> optuna.Study:
+    """A study whose best trial is a short run on synthetic data (quick to retrain and publish)."""
+    data_config = DataConfig(source="synthetic", n_rows=400, seed=0)
+    original = fit(TRAIN, load(data_config), seed=SEED)
+    attrs = {"config": {**TRAIN.to_flat(), **dataclasses.asdict(data_config)}, "seed": SEED,
+             "history": [{"epoch": m.epoch, **m.as_dict()} for m in original.history]}
+    study = optuna.create_study(study_name=name, direction="minimize")
+    study.add_trial(_trial(original.history[original.best_epoch - 1].val_loss, attrs))
+    return study
 
+
+@pytest.mark.parametrize("status", ["RUNNING", "FAILED"])  # FINISHED: the `published` fixture
+def test_publishing_on_the_parent_run_keeps_its_status_and_the_tracking_settings(mlflow_server, tmp_path,
+                                                                               status):
+    study = _small_study(f"status-{uuid.uuid4().hex[:8]}")
     client = mlflow.MlflowClient(mlflow_server.uri)
-    experiment = client.create_experiment(f"status-{uuid.uuid4().hex[:8]}")
-    run_id = client.create_run(experiment).info.run_id
+    run_id = client.create_run(client.create_experiment(study.study_name)).info.run_id
     if status != "RUNNING":
         client.set_terminated(run_id, status=status)
+    study.set_user_attr("mlflow_parent_run_id", run_id)
     uri_before, env_before = mlflow.get_tracking_uri(), os.environ.get("MLFLOW_TRACKING_URI")
-    with _tracking_uri(mlflow_server.uri), _on_run(run_id, study_name="s") as active:
-        assert active == run_id
-        mlflow.log_metric("test_f1", 0.5)
+    result = publish_best(study, tracking_uri=mlflow_server.uri, out_dir=tmp_path)
+    assert (result.run_id, result.model_uri) == (run_id, f"runs:/{run_id}/model")
     run = client.get_run(run_id)
-    assert run.data.metrics["test_f1"] == 0.5
+    assert run.data.tags["best_model_uri"] == result.model_uri
     assert run.info.status == status
     assert mlflow.active_run() is None
     # The process's own tracking settings are left as they were.
     assert (mlflow.get_tracking_uri(), os.environ.get("MLFLOW_TRACKING_URI")) == (uri_before, env_before)
 
 
-def test_without_a_parent_run_the_model_goes_to_a_new_run_named_after_the_study(mlflow_server):
-    from sweep.publish import _on_run, _tracking_uri
-
+def test_without_a_parent_run_the_model_goes_to_a_new_run_named_after_the_study(mlflow_server, tmp_path):
     name = f"orphan-{uuid.uuid4().hex[:8]}"
-    with _tracking_uri(mlflow_server.uri), pytest.warns(RuntimeWarning, match="mlflow_parent_run_id"):
-        with _on_run(None, study_name=name) as run_id:
-            mlflow.log_metric("test_f1", 0.25)
+    with pytest.warns(RuntimeWarning, match="mlflow_parent_run_id"):
+        result = publish_best(_small_study(name), tracking_uri=mlflow_server.uri, out_dir=tmp_path)
     client = mlflow.MlflowClient(mlflow_server.uri)
-    run = client.get_run(run_id)
+    run = client.get_run(result.run_id)
     assert run.info.run_name == f"{name}-best-model"
     assert client.get_experiment(run.info.experiment_id).name == name
-    assert run.data.metrics["test_f1"] == 0.25
+    assert run.data.tags["best_model_uri"] == result.model_uri == f"runs:/{result.run_id}/model"

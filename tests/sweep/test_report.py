@@ -152,6 +152,47 @@ def test_bad_usage_exits_2_with_a_message(journal_study, capsys, argv, message):
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.postgres
+def test_report_reads_a_study_from_a_bare_postgresql_url(in_tmp, postgres_url, capsys):
+    # What users type: no driver in the URL. SQLAlchemy 2.1 would pick psycopg 3, not installed here.
+    bare = postgres_url.replace("postgresql+psycopg2://", "postgresql://", 1)
+    add_trials(optuna.create_study(study_name="pg", storage=postgres_url, direction="minimize"))
+    assert main(["pg", "--storage", bare, "--out", "pg-report"]) == 0, capsys.readouterr().err
+    assert len(pd.read_csv("pg-report/trials.csv")) == 13
+    assert Path("pg-report/curves.png").stat().st_size > 0 and Path("pg-report/trials.md").is_file()
+    assert main(["other", "--storage", bare]) == 2
+    assert "studies there: pg" in capsys.readouterr().err
+
+
+def test_unopenable_storage_exits_2_without_its_password(in_tmp, capsys):
+    from tests.conftest import free_port
+
+    url = f"postgresql://me:s3cret@127.0.0.1:{free_port()}/db"
+    assert main(["demo", "--storage", url]) == 2
+    err = capsys.readouterr().err
+    assert "cannot open storage postgresql://me:***@127.0.0.1" in err and "s3cret" not in err
+
+
+def test_study_files_are_the_table_and_the_optuna_plots(in_tmp):
+    study = optuna.create_study(direction="minimize")
+    add_trials(study)
+    study.add_trial(create_trial(state=TrialState.FAIL, params={}, distributions={},
+                                 user_attrs={"history": [{"epoch": 1}], "config": {"a": 1}}))
+    with_plots = report.write_study_files(study, Path("files-a"))
+    assert with_plots[0] == (Path("files-a/trials.csv"), None)
+    assert {p.name for p, folder in with_plots[1:] if folder == "plots"} == {
+        f"{name}.png" for name in ("optimization_history", "intermediate_values", "param_importances",
+                                   "parallel_coordinate")}
+    columns = pd.read_csv("files-a/trials.csv").columns
+    assert "params_lr" in columns and not {"user_attrs_history", "user_attrs_config"} & set(columns)
+    # One completed trial: parameter importances mean nothing yet, so that plot is left out.
+    single = optuna.create_study()
+    single.add_trial(create_trial(value=0.5, params={"lr": 0.1},
+                                  distributions={"lr": optuna.distributions.FloatDistribution(0.01, 1)}))
+    names = {p.name for p, _ in report.write_study_files(single, Path("files-b"))}
+    assert "param_importances.png" not in names and "trials.csv" in names
+
+
 def test_group_by_a_fixed_knob_reads_it_from_the_config(journal_study):
     # depth is fixed by the space: not a sampled param, but every trial's config has it.
     assert main(["demo", "--group-by", "depth", "--out", "by-depth"]) == 0
@@ -160,7 +201,7 @@ def test_group_by_a_fixed_knob_reads_it_from_the_config(journal_study):
 
 
 def test_figure_has_one_column_per_group_and_a_curvature_row(journal_study):
-    storage = report.open_storage(None, "demo")
+    storage = report.find_study(None, "demo")
     study = optuna.load_study(study_name="demo", storage=storage)
     records = report.collect(study)
     fig = report.plot_curves(records, group_by="scheduler", top=3)

@@ -135,6 +135,7 @@ def test_study_end_to_end_prunes_writes_best_config_that_trains_to_the_same_valu
     out = in_tmp / "out" / "tiny"
     rows = (out / "trials.csv").read_text().strip().splitlines()
     assert len(rows) == 1 + 6 and "params_lr" in rows[0] and "user_attrs_history" not in rows[0]
+    assert (out / "plots" / "optimization_history.png").is_file()
     data_config, config, seed = load_run_config(out / "best_config.yaml")
     assert seed == study.best_trial.user_attrs["seed"]
     result = fit(config, load(data_config), seed=seed)
@@ -183,7 +184,7 @@ def test_progress_on_a_terminal_rewrites_one_line_and_prints_failures_above_it()
 
     from optuna.trial import TrialState
 
-    from sweep.run import Progress
+    from sweep.progress import Progress
 
     stream = io.StringIO()
     progress = Progress(stream, study="s", total=3, metric="val_loss", direction="minimize", tty=True)
@@ -288,8 +289,8 @@ def test_ctrl_c_marks_the_trial_failed_and_rerunning_retries_it_with_the_same_se
 
 
 def test_two_workers_share_the_budget_exactly_with_their_share_of_the_cores(in_tmp):
-    # Trials long enough (~0.5 s) that the first worker cannot run all 8 before the second one has
-    # started (~2 s of imports): on 300 rows it sometimes did.
+    # Trials long enough that the first worker cannot run all 8 before the second one has started
+    # (finished its imports): on 300 rows it sometimes did.
     path = write_space(in_tmp, TINY.replace("n_rows: 300", "n_rows: 8000"))
     assert main([str(path), "--no-tracking", "--out", "out", "--workers", "2", "--n-trials", "8"]) == 0
     study = journal_study(in_tmp / "out")
@@ -326,7 +327,7 @@ def test_workers_starting_at_once_create_one_study(postgres_url):
         try:
             storage = open_storage(postgres_url, rdb=True)
             study, created = open_study(storage, "race", direction="minimize", sampler=None, pruner=None)
-            results.append((study._study_id, created))
+            results.append((study.study_name, created))
         except Exception as exc:  # noqa: BLE001 - reported below
             errors.append(exc)
 
@@ -335,8 +336,8 @@ def test_workers_starting_at_once_create_one_study(postgres_url):
         t.start()
     for t in threads:
         t.join()
-    assert not errors
-    assert len({sid for sid, _ in results}) == 1
+    assert not errors and len(results) == 4
+    assert optuna.get_all_study_names(open_storage(postgres_url)) == ["race"]
     assert sum(created for _, created in results) == 1
 
 
@@ -356,8 +357,7 @@ def test_a_trial_whose_worker_died_is_failed_and_retried_with_its_parameters(pos
     storage.record_heartbeat(dead._trial_id)
     time.sleep(3)
 
-    run_trials(study, Objective(space, study_seed=0), n_trials=2, timeout=None,
-               lock=__import__("sweep.run", fromlist=["_NoLock"])._NoLock(), interrupts=Interrupts())
+    run_trials(study, Objective(space, study_seed=0), n_trials=2, timeout=None, interrupts=Interrupts())
     trials = study.trials
     assert trials[0].state == optuna.trial.TrialState.FAIL
     retry = [t for t in trials if t.system_attrs.get("failed_trial") == 0]

@@ -1,0 +1,178 @@
+"""What a person watching a study sees: one progress line on stderr, and where the log records go.
+
+``Progress`` counts trials finished, pruned and failed, the best value and the elapsed time. On a
+terminal it rewrites one line in place (failures and new bests printed above it); otherwise it
+prints one line per finished trial, so that logs and CI output stay readable. ``log_to`` sends the
+process's log records (ours, Optuna's, MLflow's, warnings) to one file or stream, so that nothing
+else writes under the progress line.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from pathlib import Path
+from typing import Any, TextIO
+
+__all__ = ["Progress", "log_to", "strip_foreign_handlers"]
+
+
+def log_to(target: TextIO | Path | None) -> None:
+    """Send the process's log records (ours, Optuna's, MLflow's, warnings) to one place.
+
+    ``None`` holds them in memory until a later call names the file (the output folder must not be
+    created before the space is validated and tracking is reachable).
+    """
+    import logging.handlers
+
+    root = logging.getLogger()
+    held = [h for h in root.handlers if isinstance(h, logging.handlers.MemoryHandler)]
+    handler: logging.Handler
+    if target is None:
+        handler = logging.handlers.MemoryHandler(capacity=100_000, flushLevel=logging.CRITICAL + 1)
+    elif isinstance(target, Path):
+        handler = logging.FileHandler(target)
+    else:
+        handler = logging.StreamHandler(target)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(process)d %(name)s %(levelname)s %(message)s"))
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    for h in held:
+        if target is not None:
+            h.setTarget(handler)
+            h.flush()
+        h.close()
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    logging.captureWarnings(True)
+    strip_foreign_handlers()
+
+
+def strip_foreign_handlers() -> None:
+    # MLflow installs its own stderr handlers when imported: they would write under the progress line.
+    for name in ("mlflow", "alembic", "urllib3", "optuna"):
+        lg = logging.getLogger(name)
+        for h in list(lg.handlers):
+            lg.removeHandler(h)
+        lg.propagate = True
+
+
+def _fmt_time(seconds: float) -> str:
+    seconds = int(seconds)
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
+def _fmt_value(v: float | None) -> str:
+    return "-" if v is None else f"{v:.5g}"
+
+
+class Progress:
+    """The progress of one study on ``stream`` (see the module doc); ``tty``: ``stream.isatty()``."""
+
+    def __init__(self, stream: TextIO, *, study: str, total: int | None, metric: str, direction: str,
+                 tty: bool | None = None):
+        self.stream = stream
+        self.study = study
+        self.total = total
+        self.metric = metric
+        self.direction = direction
+        self.tty = stream.isatty() if tty is None else tty
+        self.started = time.monotonic()
+        self.seen: set[int] = set()
+        self.best: tuple[float, int] | None = None
+        self.counts = {"completed": 0, "pruned": 0, "failed": 0}
+        self.done = 0
+        self.running = ""
+        self._line_shown = False
+
+    def prime(self, trials: list[Any]) -> None:
+        """Count the trials a resumed study already has, without a line for each."""
+        self._absorb(trials, announce=False)
+
+    def update(self, trials: list[Any]) -> None:
+        self._absorb(trials, announce=True)
+        self._draw()
+
+    def epoch(self, number: int, m: Any, epochs: int) -> None:
+        value = _fmt_value(getattr(m, self.metric))
+        self.running = f"trial {number} epoch {m.epoch}/{epochs} {self.metric} {value}"
+        if self.tty:
+            self._draw()
+
+    def message(self, text: str) -> None:
+        self._clear()
+        print(text, file=self.stream, flush=True)
+        self._draw()
+
+    def close(self) -> None:
+        if self.tty and self._line_shown:
+            print(file=self.stream, flush=True)
+            self._line_shown = False
+
+    # ---------------------------------------------------------------------------------------------
+    def _absorb(self, trials: list[Any], *, announce: bool) -> None:
+        from optuna.trial import TrialState
+
+        from sweep.objective import STATUS_COUNTS
+
+        for t in trials:
+            if t.number in self.seen or not t.state.is_finished():
+                continue
+            self.seen.add(t.number)
+            key = {TrialState.COMPLETE: "completed", TrialState.PRUNED: "pruned"}.get(t.state, "failed")
+            self.counts[key] += 1
+            status = t.user_attrs.get("status")
+            if t.state != TrialState.FAIL or STATUS_COUNTS.get(status, False):
+                self.done += 1
+            new_best = False
+            if t.state == TrialState.COMPLETE and t.value is not None:
+                better = (self.best is None or (t.value < self.best[0] if self.direction == "minimize"
+                                                else t.value > self.best[0]))
+                if better:
+                    self.best, new_best = (t.value, t.number), True
+            if announce:
+                self.running = ""
+                line = self._trial_line(t, key, new_best)
+                if not self.tty:
+                    print(f"{line} | {self._status()}", file=self.stream, flush=True)
+                elif key == "failed" or new_best:
+                    self.message(line)
+
+    def _trial_line(self, t: Any, key: str, new_best: bool) -> str:
+        if key == "completed":
+            return f"trial {t.number} completed: {self.metric} {_fmt_value(t.value)}" + (
+                " (new best)" if new_best else "")
+        if key == "pruned":
+            epoch = t.user_attrs.get("pruned_epoch")
+            last = t.value if t.value is not None else None
+            return f"trial {t.number} pruned at epoch {epoch} ({self.metric} {_fmt_value(last)})"
+        status = t.user_attrs.get("status") or "failed"
+        reason = t.user_attrs.get("reason") or "no reason recorded"
+        return f"trial {t.number} failed: {status}: {reason}"
+
+    def _status(self) -> str:
+        total = "?" if self.total is None else str(self.total)
+        best = ("-" if self.best is None
+                else f"{_fmt_value(self.best[0])} (trial {self.best[1]})")
+        c = self.counts
+        return (f"{self.study}: {self.done}/{total} trials · {c['completed']} completed · "
+                f"{c['pruned']} pruned · {c['failed']} failed · best {self.metric} {best} · "
+                f"{_fmt_time(time.monotonic() - self.started)}")
+
+    def _clear(self) -> None:
+        if self.tty and self._line_shown:
+            self.stream.write("\r\x1b[K")
+            self._line_shown = False
+
+    def _draw(self) -> None:
+        if not self.tty:
+            return
+        text = self._status() + (f" · {self.running}" if self.running else "")
+        # A wrapped line cannot be rewritten in place: keep it within the terminal's width.
+        text = text[:max(20, shutil.get_terminal_size().columns - 1)]
+        self.stream.write("\r\x1b[K" + text)
+        self.stream.flush()
+        self._line_shown = True

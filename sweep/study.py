@@ -1,0 +1,321 @@
+"""A study in its storage: open the storage, create or join the study, spend its budget, retry lost trials.
+
+``open_storage`` is the one storage opener of the sweep (``sweep.run`` and ``sweep.report`` use it):
+a journal file path gives Optuna's journal storage, an RDB URL (``postgresql://...``) gives
+``sweep.storage.ResilientRDBStorage`` with heartbeats, so that a trial whose worker died is failed
+and retried elsewhere with the same parameters.
+
+The budget is the study's, not the process's: ``n_trials`` counts every trial of the study with a
+result (completed, pruned, or failed because it diverged or raised) and the trials now running.
+Trials cut short by Ctrl-C or by a dead worker do not count: their parameters are queued again and
+re-run, with the same seed, by the next worker. ``run_trials`` holds the study's budget lock
+(``sweep.locks``) around "count, then start a trial", so that several workers spend it exactly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import importlib.util
+import logging
+import os
+import socket
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from sweep.messages import UsageError, one_line, redact
+
+__all__ = ["budget_used", "enqueue_retry", "fail_lost_runs", "open_storage", "open_study",
+           "reap_dead_local_trials", "run_trials", "sampler_seed", "sqlalchemy_url"]
+
+log = logging.getLogger("sweep")
+
+HEARTBEAT_INTERVAL = 20  # seconds between a running trial's heartbeats (RDB storage)
+GRACE_PERIOD = 60        # a trial silent this long is failed and retried with the same parameters
+MAX_RETRY = 3            # how many times one trial's parameters are retried after worker deaths
+UNSTARTED_GRACE = 600    # seconds before a RUNNING trial that never recorded its worker counts as lost
+
+
+def quiet_optuna() -> None:
+    """Send Optuna's log lines ("Trial 3 finished ...") to the root logger, not to stderr."""
+    import optuna
+
+    optuna.logging.disable_default_handler()
+    optuna.logging.enable_propagation()
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning, module="optuna")
+
+
+def sqlalchemy_url(url: str) -> str:
+    """``postgresql://`` with the driver that is installed.
+
+    SQLAlchemy 2.1 maps a bare ``postgresql://`` to psycopg 3; this project ships psycopg2.
+    """
+    for scheme in ("postgresql://", "postgres://"):
+        if url.startswith(scheme) and importlib.util.find_spec("psycopg") is None \
+                and importlib.util.find_spec("psycopg2") is not None:
+            return "postgresql+psycopg2://" + url[len(scheme):]
+    return url
+
+
+def open_storage(location: str, *, rdb: bool | None = None, heartbeat_interval: int | None = None,
+                 grace_period: int | None = None, attempts: int = 6) -> Any:
+    """An Optuna storage: a journal file at ``location``, or an RDB URL with heartbeats and retries.
+
+    Args:
+        location: a journal file path (its folder is created), or an RDB URL.
+        rdb: whether ``location`` is an RDB URL (default: it is if it contains ``://``).
+        heartbeat_interval, grace_period: of an RDB storage (default ``HEARTBEAT_INTERVAL`` and
+            ``GRACE_PERIOD``, read when called).
+
+    Raises:
+        UsageError: the storage cannot be opened (naming it, its password hidden).
+    """
+    import optuna
+
+    if not (("://" in location) if rdb is None else rdb):
+        from optuna.storages import JournalStorage
+        from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
+
+        Path(location).parent.mkdir(parents=True, exist_ok=True)
+        # The open(O_EXCL) lock is what local processes on one file system need.
+        return JournalStorage(JournalFileBackend(location, lock_obj=JournalFileOpenLock(location)))
+
+    import sqlalchemy.exc
+    from optuna.storages import RetryHeartbeatStaleTrialCallback
+
+    from sweep.storage import ResilientRDBStorage
+
+    last: Exception | None = None
+    for attempt in range(attempts):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeats
+                return ResilientRDBStorage(
+                    sqlalchemy_url(location), engine_kwargs={"pool_pre_ping": True},
+                    heartbeat_interval=heartbeat_interval or HEARTBEAT_INTERVAL,
+                    grace_period=grace_period or GRACE_PERIOD,
+                    heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY),
+                )
+        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError) as exc:
+            # Two workers creating the tables at once: one wins, the other retries and finds them.
+            last = exc
+            time.sleep(0.2 * (attempt + 1))
+        except (sqlalchemy.exc.SQLAlchemyError, optuna.exceptions.StorageInternalError, ImportError,
+                ValueError) as exc:
+            last = exc
+            break
+    raise UsageError(f"cannot open storage {redact(location)}: {one_line(last)}")
+
+
+def open_study(storage: Any, name: str, *, direction: str, sampler: Any, pruner: Any,
+               attempts: int = 8) -> tuple[Any, bool]:
+    """Create the study or join it; returns (study, created_here). Safe when workers race."""
+    import optuna
+    import sqlalchemy.exc
+
+    last: Exception | None = None
+    for attempt in range(attempts):
+        try:
+            study = optuna.create_study(storage=storage, study_name=name, direction=direction,
+                                        sampler=sampler, pruner=pruner)
+            return study, True
+        except optuna.exceptions.DuplicatedStudyError:
+            pass
+        except sqlalchemy.exc.IntegrityError as exc:
+            last = exc
+        try:
+            return optuna.load_study(study_name=name, storage=storage, sampler=sampler, pruner=pruner), False
+        except KeyError as exc:  # created by someone else, not yet visible: try again
+            last = exc
+        time.sleep(0.1 * (attempt + 1))
+    raise UsageError(f"could not create or load study {name!r}: {one_line(last)}")
+
+
+def sampler_seed(base: int, n_existing: int, worker_index: int, *, shared: bool = False) -> int:
+    """Different per worker and per resumption, so that no two processes draw the same sequence.
+
+    On shared (RDB) storage, workers on other machines start at the same instant with the same
+    ``n_existing`` and index, so each process adds a random salt: sampling is then not replayable,
+    but every trial's seed still derives from the study seed and its number, so its curve is.
+    """
+    import numpy as np
+
+    salt = [int.from_bytes(os.urandom(4), "little")] if shared else []
+    return int(np.random.SeedSequence([base, n_existing, worker_index, *salt]).generate_state(1)[0])
+
+
+def budget_used(trials: list[Any]) -> int:
+    """Trials that count against n_trials: with a result, or running now (see the module doc)."""
+    from optuna.trial import TrialState
+
+    from sweep.objective import STATUS_COUNTS
+
+    return sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
+               or (t.state == TrialState.FAIL and STATUS_COUNTS.get(t.user_attrs.get("status"), False))
+               for t in trials)
+
+
+def run_trials(study: Any, objective: Any, *, n_trials: int | None, timeout: float | None,
+               interrupts: Any, lock: Any = None, after_trial: Callable[[], None] | None = None,
+               keep_going: Callable[[], bool] | None = None,
+               on_stale: Callable[[list[Any]], None] | None = None) -> None:
+    """Run trials of ``study`` until its budget is spent, ``timeout`` passes or the grid is done.
+
+    ``lock`` is held around "count, then start a trial" (default: the study's budget lock);
+    ``after_trial()`` runs after each trial here; ``keep_going()`` is asked before each (False
+    stops); ``on_stale`` gets the trials this worker found dead (stale heartbeat) and failed.
+
+    Raises:
+        KeyboardInterrupt: on Ctrl-C, after the running trial is marked failed and queued again.
+    """
+    from sweep.locks import study_lock
+
+    if lock is None:
+        with contextlib.closing(study_lock(study, study.study_name, "budget")) as own:
+            return run_trials(study, objective, n_trials=n_trials, timeout=timeout, interrupts=interrupts,
+                              lock=own, after_trial=after_trial, keep_going=keep_going, on_stale=on_stale)
+    import optuna
+
+    from sweep.objective import TrialFailed
+
+    started = time.monotonic()
+    heartbeat_seconds = getattr(study._storage, "get_heartbeat_interval", lambda: None)()
+    heartbeat = heartbeat_seconds is not None
+    handled: set[int] = set()
+
+    def objective_unlocked(trial: Any) -> float:
+        lock.release()  # the trial exists now, so the count is right for the next worker
+        return objective(trial)
+
+    while True:
+        interrupts.check()
+        if timeout is not None and time.monotonic() - started >= timeout:
+            break
+        if keep_going is not None and not keep_going():
+            break
+        lock.acquire()
+        wait_for_others = False
+        try:
+            if heartbeat:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                    optuna.storages.fail_stale_trials(study)
+            trials = study.get_trials(deepcopy=False)
+            if heartbeat and on_stale is not None:
+                # Failed while its status still says running: its worker died.
+                stale = [t for t in trials if t.state == optuna.trial.TrialState.FAIL
+                         and t.user_attrs.get("status") in (None, "running") and t.number not in handled]
+                handled.update(t.number for t in stale)
+                if stale:
+                    on_stale(stale)
+            if n_trials is not None and budget_used(trials) >= n_trials:
+                if not (heartbeat and any(t.state == optuna.trial.TrialState.RUNNING for t in trials)):
+                    break
+                # Trials of other workers still run. If one of those workers has died, its heartbeat
+                # goes stale, fail_stale_trials fails the trial and queues a retry, which frees budget
+                # for this worker to run it: so stay until every counted trial has a result.
+                wait_for_others = True
+            else:
+                sampler = study.sampler
+                if isinstance(sampler, optuna.samplers.GridSampler) and sampler.is_exhausted(study):
+                    break
+                try:
+                    study.optimize(objective_unlocked, n_trials=1, catch=(TrialFailed,))
+                except KeyboardInterrupt:
+                    number = getattr(objective, "interrupted_trial", None)
+                    if number is not None:
+                        with contextlib.suppress(Exception):
+                            enqueue_retry(study, study.get_trials(deepcopy=False)[number])
+                    raise
+        finally:
+            lock.release()
+        if wait_for_others:
+            time.sleep(min(heartbeat_seconds, 2.0))  # poll: a finished study should end promptly
+            continue
+        if after_trial is not None:
+            after_trial()
+
+
+def enqueue_retry(study: Any, trial: Any) -> None:
+    """Queue ``trial``'s parameters and seed again (as Optuna's RetryHeartbeatStaleTrialCallback)."""
+    import optuna
+
+    history = list(trial.system_attrs.get("retry_history", [])) + [trial.number]
+    study.add_trial(optuna.trial.create_trial(
+        state=optuna.trial.TrialState.WAITING, params=trial.params, distributions=trial.distributions,
+        user_attrs={"seed": trial.user_attrs["seed"]} if "seed" in trial.user_attrs else {},
+        system_attrs={"failed_trial": history[0], "retry_history": history},
+    ))
+
+
+def reap_dead_local_trials(study: Any) -> list[int]:
+    """Fail and re-queue RUNNING trials whose worker process on this host no longer exists.
+
+    Journal storage has no heartbeat; a worker killed hard (SIGKILL, power loss) leaves its trial
+    RUNNING. Every trial records ``worker`` = host:pid when it starts.
+    """
+    import optuna
+    from optuna.trial import TrialState
+
+    host = socket.gethostname()
+    reaped = []
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        worker = t.user_attrs.get("worker")
+        if worker is None:
+            # Died between asking for the trial and starting it: only trust this when it is old.
+            started = t.datetime_start or datetime.datetime.now()
+            if (datetime.datetime.now() - started).total_seconds() < UNSTARTED_GRACE:
+                continue
+        else:
+            w_host, _, pid = worker.rpartition(":")
+            if w_host != host or _pid_alive(int(pid)):
+                continue
+        trial = optuna.trial.Trial(study, t._trial_id)
+        trial.set_user_attr("status", "lost")
+        trial.set_user_attr("reason", f"worker {worker} died while running it")
+        study.tell(t.number, state=TrialState.FAIL)
+        enqueue_retry(study, study.get_trials(deepcopy=False)[t.number])
+        reaped.append(t.number)
+    return reaped
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def fail_lost_runs(tracking_uri: str) -> Callable[[list[Any]], None]:
+    """A ``run_trials(on_stale=...)`` callback: mark the MLflow runs of trials whose worker died FAILED.
+
+    The dead worker cannot close its own run, and no ``Tracker`` of this process owns it, so the
+    worker that finds the stale heartbeat closes it with a plain ``MlflowClient``.
+    """
+    def fail(trials: list[Any]) -> None:
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(tracking_uri)
+        for t in trials:
+            run_id = t.user_attrs.get("mlflow_run_id")
+            if not run_id:
+                continue
+            reason = (f"worker {t.user_attrs.get('worker', '?')} stopped sending heartbeats; "
+                      f"trial {t.number} was failed and queued again with the same parameters")
+            try:
+                client.set_tag(run_id, "failure_reason", reason)
+                client.set_tag(run_id, "optuna_state", "FAIL")
+                client.set_terminated(run_id, status="FAILED")
+            except Exception as exc:  # noqa: BLE001 - the study goes on; the run stays as it was
+                log.error("trial %d: could not mark its MLflow run failed: %s", t.number, one_line(exc))
+            else:
+                log.warning("trial %d: %s", t.number, reason)
+
+    return fail

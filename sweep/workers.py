@@ -1,0 +1,179 @@
+"""K worker processes on this machine sharing one study, each with its share of the cores.
+
+The parent (``sweep.run --workers K``) starts K fresh ``python -m sweep.run ... --worker-of PID:I``
+processes with ``cores / K`` BLAS threads each (set in their environment, before NumPy is first
+imported there), shows the study's progress from the storage until they end, and forwards Ctrl-C to
+them exactly once. Each worker runs trials until the study's budget is spent or its parent is gone,
+and leaves ``workers/worker-I.json`` (its tracking errors) and ``workers/worker-I.log`` behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from typing import Any
+
+from sweep.progress import Progress, log_to, strip_foreign_handlers
+from sweep.study import fail_lost_runs, open_storage, open_study, quiet_optuna, run_trials, sampler_seed
+
+__all__ = ["BLAS_VARS", "close_tracker", "cores", "run_workers", "worker_main"]
+
+log = logging.getLogger("sweep")
+
+BLAS_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "VECLIB_MAXIMUM_THREADS",
+             "NUMEXPR_NUM_THREADS", "MIXER_NUM_THREADS")  # the last: mixer.model's own thread pool
+STOP_SECONDS = 60  # how long stopped workers get to mark their trials failed before they are killed
+
+
+def cores() -> int:
+    """The cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def close_tracker(tracker: Any) -> int:
+    """Flush and close ``tracker`` (None: nothing to do); returns the metric points not delivered."""
+    if tracker is None:
+        return 0
+    try:
+        return int(tracker.close() or 0)
+    except Exception as exc:  # noqa: BLE001 - reported as undelivered: the run's exit code says so
+        log.error("closing the tracker failed: %s", exc)
+        return 1
+
+
+def run_workers(settings: Any, study: Any, progress: Progress) -> tuple[bool, list[str], int]:
+    """Start ``settings.workers`` workers, show progress until they end.
+
+    Returns:
+        (interrupted, failures, tracking errors): whether Ctrl-C stopped them, a line per worker
+        that crashed, and the MLflow calls and metric points the workers failed to deliver.
+    """
+    k = settings.workers
+    threads = max(1, cores() // k)
+    env = dict(os.environ, **{var: str(threads) for var in BLAS_VARS})
+    workdir = settings.out_dir / "workers"
+    workdir.mkdir(exist_ok=True)
+    started = time.monotonic()
+    base = [sys.executable, "-m", "sweep.run", str(settings.space_path), "--workers", "1",
+            "--storage", settings.storage, "--study-name", settings.study_name,
+            "--out", str(settings.out_dir.parent)]
+    if settings.seed_given is not None:  # else the workers read the file's seeds, as this process did
+        base += ["--seed", str(settings.seed_given)]
+    if settings.n_trials is not None:
+        base += ["--n-trials", str(settings.n_trials)]
+    if settings.timeout is not None:
+        base += ["--timeout", str(settings.timeout)]
+    base += ["--no-tracking"] if not settings.tracking else (
+        ["--tracking-uri", settings.tracking_uri] if settings.tracking_uri else [])
+    procs: list[subprocess.Popen] = []
+    logs = []
+    for i in range(k):
+        (workdir / f"worker-{i}.json").unlink(missing_ok=True)
+        logf = open(workdir / f"worker-{i}.log", "ab")
+        logs.append(logf)
+        # Own session: a terminal's Ctrl-C reaches only the parent, which forwards it exactly once.
+        procs.append(subprocess.Popen([*base, "--worker-of", f"{os.getpid()}:{i}"], env=env,
+                                      stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
+                                      start_new_session=True))
+    log.info("started %d workers with %d BLAS threads each: %s", k, threads, [p.pid for p in procs])
+    progress.message(f"{k} workers × {threads} BLAS thread(s); their logs: {workdir}/worker-*.log")
+    interrupted = False
+    try:
+        while any(p.poll() is None for p in procs):
+            progress.update(study.get_trials(deepcopy=False))
+            time.sleep(1.0)
+    except KeyboardInterrupt:
+        interrupted = True
+        progress.message("interrupt: stopping the workers (their running trials are marked failed)...")
+        _stop_workers(procs)
+    finally:
+        for f in logs:
+            f.close()
+    failures: list[str] = []
+    tracking_errors = 0
+    for i, p in enumerate(procs):
+        summary_path = workdir / f"worker-{i}.json"
+        summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+        tracking_errors += int(summary.get("tracking_errors", 0)) + int(summary.get("undelivered", 0))
+        if p.returncode == 130:
+            interrupted = True
+        elif p.returncode not in (0, None) and not interrupted:
+            failures.append(f"worker {i} exited with code {p.returncode} (see {workdir}/worker-{i}.log)")
+    log.info("workers done after %.1f s: exit codes %s", time.monotonic() - started,
+             [p.returncode for p in procs])
+    return interrupted, failures, tracking_errors
+
+
+def _stop_workers(procs: list[subprocess.Popen]) -> None:
+    for p in procs:
+        if p.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                p.send_signal(signal.SIGINT)
+    deadline = time.monotonic() + STOP_SECONDS
+    try:
+        for p in procs:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                p.wait(timeout=max(0.1, deadline - time.monotonic()))
+    except KeyboardInterrupt:
+        pass  # a second Ctrl-C: stop waiting politely
+    for p in procs:
+        if p.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                p.kill()
+            p.wait()
+
+
+def worker_main(settings: Any, worker_of: str) -> int:
+    """One worker started by ``run_workers`` (``worker_of`` = "<parent pid>:<index>"): trials until
+    the study's budget is spent. Returns its exit code."""
+    from sweep.objective import Interrupts, Objective
+
+    interrupts = Interrupts()
+    interrupts.install()
+    parent_text, _, index_text = worker_of.partition(":")
+    parent, index = int(parent_text), int(index_text or 0)
+    log_to(sys.stderr)
+    log.info("worker %d of parent %d: %s", index, parent,
+             " ".join(f"{v}={os.environ.get(v, '')}" for v in BLAS_VARS))
+    quiet_optuna()
+    tracker = None
+    if settings.tracking:
+        from sweep.tracking import Tracker
+
+        tracker = Tracker(settings.tracking_uri, settings.experiment)
+        strip_foreign_handlers()  # importing MLflow installed its own handlers
+    storage = open_storage(settings.storage, rdb=settings.rdb)
+    study, _ = open_study(storage, settings.study_name, direction=settings.space.direction,
+                          sampler=None, pruner=settings.space.build_pruner())
+    study.sampler = settings.space.build_sampler(
+        seed=sampler_seed(settings.sampler_seed, len(study.get_trials(deepcopy=False)), index + 1,
+                          shared=settings.rdb))
+    if tracker is not None:
+        tracker.ensure_parent_run(study)
+    objective = Objective(settings.space, study_seed=settings.seed, tracker=tracker, interrupts=interrupts)
+    code = 0
+    try:
+        run_trials(study, objective, n_trials=settings.n_trials, timeout=settings.timeout,
+                   interrupts=interrupts, keep_going=lambda: os.getppid() == parent,
+                   on_stale=fail_lost_runs(tracker.uri) if tracker is not None else None)
+    except KeyboardInterrupt:
+        log.info("interrupted")
+        code = 130
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # finish the bookkeeping below undisturbed
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        undelivered = close_tracker(tracker)
+        summary = {"undelivered": undelivered, "tracking_errors": objective.tracking_errors}
+        (settings.out_dir / "workers" / f"worker-{index}.json").write_text(json.dumps(summary))
+    if code == 0 and (undelivered or objective.tracking_errors):
+        code = 1
+    return code
