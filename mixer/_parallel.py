@@ -17,6 +17,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import itertools
 import os
@@ -162,11 +163,9 @@ def tune_process() -> None:
     if _tuned:
         return
     _tuned = True
-    try:
+    with contextlib.suppress(ImportError):
         from threadpoolctl import threadpool_limits
-    except ImportError:
-        pass
-    else:
+
         threadpool_limits(limits=1, user_api="blas")
     try:
         mallopt = ctypes.CDLL(None).mallopt

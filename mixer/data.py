@@ -403,30 +403,10 @@ def stratified_split(y: np.ndarray, *, val_fraction: float, seed: int) -> tuple[
         rows = np.flatnonzero(y == cls)
         rows = rows[rng.permutation(len(rows))]
         n_val = int(math.floor(len(rows) * val_fraction + 0.5))
-        if len(rows) >= 2:
-            n_val = min(max(n_val, 1), len(rows) - 1)
-        else:
-            n_val = 0
+        n_val = min(max(n_val, 1), len(rows) - 1) if len(rows) >= 2 else 0
         val.append(rows[:n_val])
         train.append(rows[n_val:])
     return np.sort(np.concatenate(train)), np.sort(np.concatenate(val))
-
-
-def _dataset(frame: pd.DataFrame, config: DataConfig, source: str, *, csv: bool) -> tuple[
-        np.ndarray, np.ndarray, np.ndarray, np.ndarray, Pipeline]:
-    _validate(frame, source, csv=csv)
-    y = _labels(frame, source, csv=csv)
-    if len(np.unique(y)) < 2:
-        raise DataError(f"{source}: every label is {int(y[0])}; training needs both classes")
-    train_rows, val_rows = stratified_split(y, val_fraction=config.val_fraction, seed=config.seed)
-    if len(val_rows) == 0:
-        raise DataError(f"{source}: {len(y)} rows leave no validation rows "
-                        f"at val_fraction={config.val_fraction}")
-    train_frame = frame.iloc[train_rows]
-    pipeline = Pipeline.fit(train_frame, scaling=config.scaling, source=source)
-    x_train = pipeline.transform(train_frame, source=source)
-    x_val = pipeline.transform(frame.iloc[val_rows], source=source)
-    return x_train, y[train_rows], x_val, y[val_rows], pipeline
 
 
 def load(config: DataConfig) -> Dataset:
@@ -449,11 +429,23 @@ def load(config: DataConfig) -> Dataset:
         source = str(config.train_csv)
         frame = read_csv(config.train_csv)
         csv = True
-    x_train, y_train, x_val, y_val, pipeline = _dataset(frame, config, source, csv=csv)
+    _validate(frame, source, csv=csv)
+    y = _labels(frame, source, csv=csv)
+    if len(np.unique(y)) < 2:
+        raise DataError(f"{source}: every label is {int(y[0])}; training needs both classes")
+    train_rows, val_rows = stratified_split(y, val_fraction=config.val_fraction, seed=config.seed)
+    if len(val_rows) == 0:
+        raise DataError(f"{source}: {len(y)} rows leave no validation rows "
+                        f"at val_fraction={config.val_fraction}")
+    train_frame = frame.iloc[train_rows]
+    pipeline = Pipeline.fit(train_frame, scaling=config.scaling, source=source)
+    x_train = pipeline.transform(train_frame, source=source)
+    x_val = pipeline.transform(frame.iloc[val_rows], source=source)
     x_test = y_test = None
     if config.test_csv:
         test = read_csv(config.test_csv)
         x_test = pipeline.transform(test, source=str(config.test_csv))
         if LABEL in test.columns:
             y_test = _labels(test, str(config.test_csv), csv=True)
-    return Dataset(x_train, y_train, x_val, y_val, list(pipeline.feature_names), pipeline, x_test, y_test)
+    return Dataset(x_train, y[train_rows], x_val, y[val_rows], list(pipeline.feature_names), pipeline,
+                   x_test, y_test)

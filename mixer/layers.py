@@ -22,6 +22,8 @@ import math
 
 import numpy as np
 
+from mixer._parallel import bounds
+
 __all__ = [
     "GELU_TANH_COEF",
     "TOKEN_BLOCK_COLUMNS",
@@ -67,9 +69,7 @@ def _ones(n: int, dtype: np.dtype) -> np.ndarray:
 
 @functools.lru_cache(maxsize=64)
 def _column_blocks(n: int) -> tuple[slice, ...]:
-    k = -(-n // TOKEN_BLOCK_COLUMNS)
-    cuts = [i * n // k for i in range(k + 1)]
-    return tuple(slice(a, b) for a, b in zip(cuts[:-1], cuts[1:], strict=True))
+    return tuple(slice(a, b) for a, b in bounds(n, TOKEN_BLOCK_COLUMNS))
 
 
 def linear_forward(x: np.ndarray, w: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, tuple]:
@@ -119,14 +119,10 @@ def token_linear_backward(dout: np.ndarray, cache: tuple) -> tuple[np.ndarray, n
     """Gradients of ``token_linear_forward``: dout (out, n) -> dx (in, n), dw (out, in), db (out,)."""
     x, w = cache
     dx = np.empty(x.shape, dtype=np.result_type(dout, w))
-    dw = None
+    dw = np.zeros(w.shape, dtype=np.result_type(dout, x))
     for cols in _column_blocks(x.shape[1]):
         np.matmul(w.T, dout[:, cols], out=dx[:, cols])
-        part = dout[:, cols] @ x[:, cols].T
-        if dw is None:
-            dw = part
-        else:
-            dw += part
+        dw += dout[:, cols] @ x[:, cols].T
     return dx, dw, dout @ _ones(dout.shape[1], dout.dtype)
 
 

@@ -3,8 +3,7 @@
 ``study_lock(storage, study_name, purpose)`` returns a lock with ``acquire``/``release``/``close``
 (and ``with`` support); different purposes never block each other: ``"budget"`` around "count the
 trials, then start one" (several workers spend ``n_trials`` exactly), ``"parent"`` around "read the
-parent run's id from the study, else create the run" (one MLflow parent run per study),
-``"publish"`` around "has somebody summarised the study yet? if not, claim it".
+parent run's id from the study, else create the run" (one MLflow parent run per study).
 
 By storage: a journal file (the default) gets an ``flock`` on ``<journal>.<purpose>.lock`` beside
 it, which local processes on one file system share. PostgreSQL gets a session advisory lock keyed by
@@ -28,7 +27,7 @@ from typing import Any
 
 __all__ = ["file_lock", "study_lock"]
 
-PURPOSES = ("budget", "parent", "publish")
+PURPOSES = ("budget", "parent")
 
 _process_locks: dict[tuple[str, str], threading.Lock] = {}
 _process_locks_guard = threading.Lock()
@@ -78,20 +77,15 @@ class _FileLock(_Lock):
             self._fd = os.open(self._path, os.O_RDWR | os.O_CREAT, 0o644)
             fcntl.flock(self._fd, fcntl.LOCK_EX)
         except BaseException:
-            self._close_fd()
-            self._threads.release()
+            self.release()
             raise
 
     def release(self) -> None:
         if self._fd is not None:
-            self._close_fd()  # closing the descriptor drops the flock
-            self._threads.release()
-
-    def _close_fd(self) -> None:
-        if self._fd is not None:
             with contextlib.suppress(OSError):
-                os.close(self._fd)
+                os.close(self._fd)  # closing the descriptor drops the flock
             self._fd = None
+        self._threads.release()  # a no-op unless this lock holds it
 
 
 class _PgLock(_Lock):

@@ -151,13 +151,11 @@ class Objective:
         self.on_epoch = on_epoch
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
         self.tracking_errors = 0
-        self.current_trial: int | None = None
         self.interrupted_trial: int | None = None
 
     def __call__(self, trial: Any) -> float:
         import optuna
 
-        self.current_trial = trial.number
         # A retried trial (dead worker, Ctrl-C) inherits the user attrs of the one it repeats.
         seed = int(trial.user_attrs.get("seed", trial_seed(self.study_seed, trial.number)))
         trial.set_user_attr("worker", self.worker)
@@ -281,15 +279,14 @@ class Objective:
         attrs = {"history": rows, "status": status, "reason": reason,
                  "diagnosis": diagnosis.label if diagnosis is not None else None,
                  "pruned_epoch": state["pruned_epoch"]}
-        if state["run"] is not None:
-            # Known long since, unless the trial was shorter than one server round trip (or the server
-            # is down: then None at once); after this the finished trial no longer takes attributes.
-            run_id = getattr(state["run"], "run_id", None)
-            if run_id is not None:
-                attrs["mlflow_run_id"] = run_id
+        run = state["run"]
+        # Known long since, unless the trial was shorter than one server round trip (or the server
+        # is down: then None at once); after this the finished trial no longer takes attributes.
+        run_id = getattr(run, "run_id", None)
+        if run_id is not None:
+            attrs["mlflow_run_id"] = run_id
         for key, value in attrs.items():
             trial.set_user_attr(key, value)
-        run = state["run"]
         if run is not None:
             run_state = status if status in ("completed", "pruned", "diverged") else "failed"
             try:
@@ -300,4 +297,3 @@ class Objective:
                 log.error("trial %d: ending its MLflow run failed: %s", trial.number, one_line(exc))
         log.info("trial %d %s%s after %d epochs", trial.number, status,
                  f" ({reason})" if reason else "", len(history))
-        self.current_trial = None

@@ -147,8 +147,7 @@ class Progress:
                 " (new best)" if new_best else "")
         if key == "pruned":
             epoch = t.user_attrs.get("pruned_epoch")
-            last = t.value if t.value is not None else None
-            return f"trial {t.number} pruned at epoch {epoch} ({self.metric} {_fmt_value(last)})"
+            return f"trial {t.number} pruned at epoch {epoch} ({self.metric} {_fmt_value(t.value)})"
         status = t.user_attrs.get("status") or "failed"
         reason = t.user_attrs.get("reason") or "no reason recorded"
         return f"trial {t.number} failed: {status}: {reason}"

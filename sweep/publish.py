@@ -356,14 +356,6 @@ def model_signature(example: pd.DataFrame, output: pd.DataFrame) -> Any:
     return mlflow.models.ModelSignature(inputs=inputs, outputs=inferred.outputs, params=inferred.params)
 
 
-def _pip_requirements() -> list[str]:
-    """Pinned, explicit requirements: MLflow's inference would load the model in a subprocess (slow).
-
-    ``mixer`` itself travels in the model's code_paths and needs only numpy and pandas at predict time.
-    """
-    return [f"mlflow=={mlflow.__version__}", f"numpy=={np.__version__}", f"pandas=={pd.__version__}"]
-
-
 def log_bundle_model(bundle_path: Path, example: pd.DataFrame, *, name: str = MODEL_NAME) -> Any:
     """Log the bundle at ``bundle_path`` as a pyfunc model on the active run; returns MLflow's ModelInfo."""
     import mixer
@@ -383,7 +375,10 @@ def log_bundle_model(bundle_path: Path, example: pd.DataFrame, *, name: str = MO
             code_paths=[str(Path(mixer.__file__).parent)],
             signature=signature,
             input_example=example,
-            pip_requirements=_pip_requirements(),
+            # Pinned, explicit: MLflow's inference would load the model in a subprocess (slow).
+            # mixer travels in code_paths and needs only numpy and pandas at predict time.
+            pip_requirements=[f"mlflow=={mlflow.__version__}", f"numpy=={np.__version__}",
+                              f"pandas=={pd.__version__}"],
         )
 
 

@@ -197,8 +197,7 @@ class Space:
 
     def build(self, sampled: Mapping[str, Any]) -> tuple[DataConfig, TrainConfig]:
         """The configs for the fixed knobs plus ``sampled`` (eta_min resolved, see the module doc)."""
-        flat = {**self.data, **self.train, **sampled}
-        return _build_configs(flat)
+        return _build_configs({**self.data, **self.train, **sampled})
 
     def _condition_holds(self, p: Param, values: Mapping[str, Any]) -> bool:
         for knob, allowed in p.when.items():
@@ -223,14 +222,11 @@ class Space:
     # ---------------------------------------------------------------------------------------------
     def build_sampler(self, *, seed: int | None = None) -> Any:
         """The Optuna sampler, seeded with ``seed`` (default: the spec's seed, else the study seed)."""
-        return _make_sampler(self.sampler, self._grid(), self.sampler.seed if seed is None else seed)
+        grid = {name: p.grid_values() or [] for name, p in self.params.items()}
+        return _make_sampler(self.sampler, grid, self.sampler.seed if seed is None else seed)
 
     def build_pruner(self) -> Any:
-        """The Optuna pruner."""
         return _make_pruner(self.pruner)
-
-    def _grid(self) -> dict[str, list[Any]]:
-        return {name: p.grid_values() or [] for name, p in self.params.items()}
 
 
 def flat_config(data: DataConfig, train: TrainConfig) -> dict[str, Any]:
@@ -256,9 +252,7 @@ def _build_configs(flat: Mapping[str, Any]) -> tuple[DataConfig, TrainConfig]:
     elif "eta_min" in flat and _num(flat["eta_min"]) and _num(lr) and flat["eta_min"] > lr:
         # Documented rule: a sampled eta_min above the sampled lr is clipped to lr.
         flat["eta_min"] = lr
-    data = DataConfig(**{k: v for k, v in flat.items() if k in DATA_FIELDS})
-    train = TrainConfig.from_flat({k: v for k, v in flat.items() if k in MODEL_FIELDS + TRAIN_FIELDS})
-    return data, train
+    return split_flat(flat)
 
 
 # --------------------------------------------------------------------------------------------------
