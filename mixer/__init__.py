@@ -27,23 +27,7 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'mixer' has no attribute {name!r}")
 
 __all__ = [
-    "DataConfig",
-    "DataError",
-    "Dataset",
-    "EpochMetrics",
-    "FitResult",
-    "MixerConfig",
-    "Pipeline",
-    "TrainConfig",
-    "bce_with_logits",
-    "binary_metrics",
-    "fit",
-    "flops_per_example",
-    "init_params",
-    "load",
-    "load_yaml",
-    "loss_and_grads",
-    "predict_logits",
-    "roc_auc",
-    "synthetic_frame",
+    "DataConfig", "DataError", "Dataset", "EpochMetrics", "FitResult", "MixerConfig", "Pipeline",
+    "TrainConfig", "bce_with_logits", "binary_metrics", "fit", "flops_per_example", "init_params", "load",
+    "load_yaml", "loss_and_grads", "predict_logits", "roc_auc", "synthetic_frame",
 ]

@@ -182,6 +182,12 @@ class TrainConfig:
         model = MixerConfig(**{k: v for k, v in values.items() if k in MODEL_FIELDS})
         return cls(model=model, **{k: v for k, v in values.items() if k in TRAIN_FIELDS})
 
+    def for_features(self, n_features: int) -> TrainConfig:
+        """This config with its model sized for ``n_features`` columns: the data decides the count."""
+        if n_features == self.model.n_features:
+            return self
+        return dataclasses.replace(self, model=dataclasses.replace(self.model, n_features=n_features))
+
 
 MODEL_FIELDS = tuple(f.name for f in dataclasses.fields(MixerConfig))
 TRAIN_FIELDS = tuple(f.name for f in dataclasses.fields(TrainConfig) if f.name != "model")

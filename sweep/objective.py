@@ -174,11 +174,7 @@ class Objective:
                 data = load_data(data_config)
             except (OSError, ValueError) as exc:
                 raise TrialFailed(f"data: {exc}") from None
-            if data.n_features != config.model.n_features:
-                import dataclasses
-
-                config = dataclasses.replace(config, model=dataclasses.replace(
-                    config.model, n_features=data.n_features))
+            config = config.for_features(data.n_features)
             state["run"] = self._start_run(trial, config, data_config, seed)
             value = self._train(trial, config, data, seed, history, state)
             state["status"] = "completed"

@@ -184,10 +184,7 @@ def retrain_best(study: Any) -> Retrained:
         data = load(data_config)
     except DataError as exc:
         raise PublishError(f"trial {trial.number}: cannot load its data: {exc}") from None
-    if data.n_features != config.model.n_features:
-        # The same adjustment the sweep made when the data decided the feature count.
-        config = dataclasses.replace(
-            config, model=dataclasses.replace(config.model, n_features=data.n_features))
+    config = config.for_features(data.n_features)  # as the sweep's objective did
     metric = str(study.user_attrs.get("metric", "val_loss"))
     maximize = study.direction.name == "MAXIMIZE"
     target = best_epoch_of(trial.user_attrs.get("history") or [], metric, maximize=maximize)

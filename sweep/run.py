@@ -43,7 +43,7 @@ from sweep.study import (
     run_trials,
     sampler_seed,
 )
-from sweep.workers import close_tracker, run_workers, worker_main
+from sweep.workers import run_workers, worker_main
 
 __all__ = ["UsageError", "budget_used", "build_parser", "main", "open_storage", "open_study", "run_trials"]
 
@@ -264,7 +264,8 @@ def _main(args: argparse.Namespace, argv: list[str]) -> int:
     progress.close()
 
     if interrupted:
-        close_tracker(tracker)
+        if tracker is not None:
+            tracker.close()
         cmd = shlex.join(["python", "-m", "sweep.run", *argv])
         print(f"interrupted: the running trial(s) were marked failed and will be re-run; the study is "
               f"saved in {where}. Resume with:\n  {cmd}", file=sys.stderr)
@@ -280,7 +281,7 @@ def _main(args: argparse.Namespace, argv: list[str]) -> int:
               "study summary and publishes the best model", file=sys.stderr)
     else:
         code = max(code, _publish(study, settings, tracked=tracker is not None))
-    undelivered = close_tracker(tracker)
+    undelivered = tracker.close() if tracker is not None else 0
     if undelivered:
         print(f"error: {undelivered} metric points could not be delivered to MLflow", file=sys.stderr)
         code = 1

@@ -1,44 +1,16 @@
 """Search spaces: one YAML file says everything about a study, checked before anything runs.
 
-A space file (see ``search_spaces/default.yaml``)::
+The keys are listed in README.md ("Search spaces"); ``search_spaces/default.yaml`` is an example.
+Any knob of ``TrainConfig.to_flat()`` or of ``DataConfig`` may be fixed (``train:``, ``data:``) or
+searched (``params:``), but not both. ``n_features`` is not a knob: the data sets it. CSV paths in
+``data`` are relative to the YAML file's folder.
 
-    study: default                 # study name (default: the file's stem)
-    description: free text         # optional, ignored
-    seed: 0                        # study seed: trial seeds and the sampler's seed derive from it
-    data:                          # DataConfig fields, fixed for every trial
-      source: synthetic
-      n_rows: 3000
-    train:                         # fixed MixerConfig/TrainConfig knobs (flat names, as to_flat())
-      epochs: 8
-      dim: 32
-    metric: val_loss               # or train_loss, val_accuracy, val_precision, val_recall, val_f1
-    direction: minimize            # default: minimize for *_loss, maximize otherwise
-    sampler: {name: tpe, seed: 0, options: {n_startup_trials: 5}}
-    pruner: {name: median, options: {n_startup_trials: 3, n_warmup_steps: 2}}
-    budget: {n_trials: 20, timeout: 600}
-    experiment: mixer-default      # MLflow experiment name (default: the study name)
-    params:                        # the searched knobs
-      lr: {type: float, low: 1.0e-4, high: 0.1, log: true}
-      patch_size: {type: categorical, choices: [1, 3, 7, 14]}
-      t_0: {type: int, low: 2, high: 6, when: {scheduler: cosine_warm_restarts}}
-    enqueue:                       # optional trials to run first, with these parameter values
-      - {lr: 0.01, patch_size: 3}
-
-Any knob of ``TrainConfig.to_flat()`` (model, optimiser, schedule, curvature) or of ``DataConfig``
-(``scaling``, ``val_fraction``, ...) may be fixed or searched, but not both. ``n_features`` is not a
-knob: the data sets it (42 columns for both the CSV and the synthetic source). CSV paths in ``data``
-are relative to the YAML file's folder.
-
-``eta_min`` must not exceed ``lr``. Two ways to say so:
-
-* search (or fix) ``eta_min`` directly: a trial uses ``min(eta_min, lr)``. The Optuna parameter keeps
-  the sampled value, the trial's ``config`` user attribute holds the value actually trained with;
-* search (or fix) the virtual knob ``eta_min_ratio`` in [0, 1]: ``eta_min = eta_min_ratio * lr``.
-  It cannot be combined with ``eta_min``.
+``eta_min`` must not exceed ``lr``: a searched or fixed ``eta_min`` trains with ``min(eta_min, lr)``
+(the Optuna parameter keeps the sampled value, the trial's ``config`` attribute the one trained
+with), or the virtual knob ``eta_min_ratio`` in [0, 1] gives ``eta_min = eta_min_ratio * lr``.
 
 A parameter with ``when: {knob: value}`` (or ``{knob: [v1, v2]}``) is sampled only in trials where
-every listed knob holds one of the values; ``knob`` may be another searched parameter or a fixed knob.
-Otherwise the knob keeps its fixed value or the config default.
+every listed knob holds one of the values; otherwise the knob keeps its fixed value or default.
 
 Every error raised here is a ``SpaceError`` whose message starts with the file and the key path,
 e.g. ``search_spaces/x.yaml: params.patch_size.choices[2]: 5 does not divide n_features=42 ...``.

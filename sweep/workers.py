@@ -22,12 +22,12 @@ from typing import Any
 from sweep.progress import Progress, log_to, strip_foreign_handlers
 from sweep.study import fail_lost_runs, open_storage, open_study, quiet_optuna, run_trials, sampler_seed
 
-__all__ = ["BLAS_VARS", "close_tracker", "cores", "run_workers", "worker_main"]
+__all__ = ["BLAS_VARS", "cores", "run_workers", "worker_main"]
 
 log = logging.getLogger("sweep")
 
 BLAS_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "VECLIB_MAXIMUM_THREADS",
-             "NUMEXPR_NUM_THREADS", "MIXER_NUM_THREADS")  # the last: mixer.model's own thread pool
+             "NUMEXPR_NUM_THREADS", "MIXER_NUM_THREADS")  # the last: mixer._parallel's thread pool
 STOP_SECONDS = 60  # how long stopped workers get to mark their trials failed before they are killed
 
 
@@ -37,17 +37,6 @@ def cores() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
         return os.cpu_count() or 1
-
-
-def close_tracker(tracker: Any) -> int:
-    """Flush and close ``tracker`` (None: nothing to do); returns the metric points not delivered."""
-    if tracker is None:
-        return 0
-    try:
-        return int(tracker.close() or 0)
-    except Exception as exc:  # noqa: BLE001 - reported as undelivered: the run's exit code says so
-        log.error("closing the tracker failed: %s", exc)
-        return 1
 
 
 def run_workers(settings: Any, study: Any, progress: Progress) -> tuple[bool, list[str], int]:
@@ -171,7 +160,7 @@ def worker_main(settings: Any, worker_of: str) -> int:
     finally:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # finish the bookkeeping below undisturbed
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        undelivered = close_tracker(tracker)
+        undelivered = tracker.close() if tracker is not None else 0
         summary = {"undelivered": undelivered, "tracking_errors": objective.tracking_errors}
         (settings.out_dir / "workers" / f"worker-{index}.json").write_text(json.dumps(summary))
     if code == 0 and (undelivered or objective.tracking_errors):
