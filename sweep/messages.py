@@ -1,11 +1,10 @@
-"""What the sweep says to a person: secrets taken out, errors and values cut to one readable line."""
+"""What the sweep says to a person: secrets taken out, errors cut to one readable line."""
 
 from __future__ import annotations
 
 import re
-from typing import Any
 
-__all__ = ["UsageError", "one_line", "quote", "redact"]
+__all__ = ["UsageError", "one_line", "redact"]
 
 # "scheme://user:password@host" anywhere in a text: the password is replaced, the user kept.
 _CREDENTIALS = re.compile(r"(//[^:/@\s]*):[^@/\s]*@")
@@ -18,12 +17,6 @@ class UsageError(Exception):
 def redact(text: str) -> str:
     """``text`` (a URL, or a message that contains URLs) with every URL's password replaced by ``***``."""
     return _CREDENTIALS.sub(r"\1:***@", text)
-
-
-def quote(value: Any, *, limit: int = 80) -> str:
-    """``repr(value)`` cut to ``limit`` characters, for quoting a user's value in an error."""
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def one_line(exc: BaseException | None, *, limit: int = 200) -> str:
