@@ -21,7 +21,13 @@ from outside the tracking code:
 - wall: the per-pair difference ``(on - off) / off``, its mean ± standard error and a 95 % interval
   (normal approximation: trust it from ~30 pairs on);
 - CPU per trial on each side: the training thread's (``time.thread_time``) and the whole process's
-  (utime + stime from ``/proc/self/stat``, which includes the sender thread).
+  (utime + stime from ``/proc/self/stat``, which includes the sender thread);
+- the delay tracking causes the training thread, per trial: the CPU it spends inside tracking
+  calls, plus how much longer it is kept off the CPU (wall minus its own CPU: waits for the GIL or
+  a core) than untracked. Unlike wall time this is not moved by the machine's speed drifting
+  between sequences, which on this 2-core VM shifts whole arms by +-10 %; it cannot see training
+  itself computing slower (caches shared with the sender and the server);
+- the end-of-study flush, timed apart: a study waits for it once, not per trial.
 """
 
 from __future__ import annotations
@@ -156,30 +162,41 @@ def run_sequence(work: Work, configs: list[Any], tracker: Any) -> dict[str, Any]
     study = optuna.create_study(study_name=f"bench-{'on' if tracker else 'off'}-{time.time_ns()}")
     if tracker is not None:
         tracker.ensure_parent_run(study)
-    epochs = 0
+    epochs, calls = 0, [0.0]  # calls: training-thread CPU inside tracking calls
+
+    def timed(fn: Any, *args: Any, **kwargs: Any) -> Any:
+        t = time.thread_time()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            calls[0] += time.thread_time() - t
+
     wall0, thread0, process0 = time.perf_counter(), time.thread_time(), process_cpu_seconds()
     for k, config in enumerate(configs):
         trial = study.ask()
         trial.suggest_float("lr", config.lr, config.lr)
         run = None
         if tracker is not None:
-            run = tracker.start_trial(trial, config, work.data_config, seed=k,
-                                      on_created=functools.partial(store_run_id, trial))
+            run = timed(tracker.start_trial, trial, config, work.data_config, seed=k,
+                        on_created=functools.partial(store_run_id, trial))
 
         def on_epoch(m: Any, trial: Any = trial, run: Any = run) -> bool:
             trial.report(m.val_loss, m.epoch)
             if run is not None:
-                run.log_epoch(m)
+                timed(run.log_epoch, m)
             return False
 
         history = work.fit(config, k, on_epoch)
         if run is not None:
-            run.end("completed", history=history)
+            timed(run.end, "completed", history=history)
         epochs += len(history)
         study.tell(trial, history[-1].val_loss)
+    wall, thread_cpu = time.perf_counter() - wall0, time.thread_time() - thread0
+    flush0 = time.perf_counter()
     if tracker is not None:
         assert tracker.flush(120), "the tracked trials did not reach the server"
-    seq = {"wall": time.perf_counter() - wall0, "thread_cpu": time.thread_time() - thread0,
+    seq = {"wall": time.perf_counter() - wall0, "trials_wall": wall, "thread_cpu": thread_cpu,
+           "off_cpu": wall - thread_cpu, "calls_cpu": calls[0], "flush": time.perf_counter() - flush0,
            "process_cpu": process_cpu_seconds() - process0, "trials": len(configs), "epochs": epochs}
     if tracker is not None:  # what reached the server: every epoch of every trial
         client = MlflowClient(tracker.uri)
@@ -195,10 +212,16 @@ def summarise(pairs: list[dict[str, dict[str, Any]]]) -> dict[str, Any]:
     mean = statistics.mean(diffs)
     se = statistics.stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else math.nan
     per_trial = {arm: {key: sum(p[arm][key] for p in pairs) / sum(p[arm]["trials"] for p in pairs)
-                       for key in ("wall", "thread_cpu", "process_cpu")} for arm in ("off", "on")}
+                       for key in ("wall", "thread_cpu", "process_cpu", "off_cpu", "calls_cpu", "flush")}
+                 for arm in ("off", "on")}
+    # Per pair: (extra off-CPU time + CPU in tracking calls) / untracked trial wall, excluding the flush.
+    delays = [(p["on"]["off_cpu"] - p["off"]["off_cpu"] + p["on"]["calls_cpu"]) / p["off"]["trials_wall"]
+              for p in pairs]
+    delay_se = statistics.stdev(delays) / math.sqrt(len(delays)) if len(delays) > 1 else math.nan
     return {"pairs": len(pairs), "wall_overhead_pct_per_pair": [100 * d for d in diffs],
             "wall_overhead_pct_mean": 100 * mean, "wall_overhead_pct_se": 100 * se,
             "wall_overhead_pct_ci95": [100 * (mean - 1.96 * se), 100 * (mean + 1.96 * se)],
+            "delay_pct_mean": 100 * statistics.mean(delays), "delay_pct_se": 100 * delay_se,
             "per_trial_seconds": per_trial}
 
 
@@ -253,7 +276,11 @@ def main(argv: list[str] | None = None) -> int:
         pt = summary["per_trial_seconds"]
         for arm in ("off", "on"):
             print(f"per trial, tracking {arm:3}: wall {pt[arm]['wall']:.3f} s, training thread CPU "
-                  f"{pt[arm]['thread_cpu']:.3f} s, process CPU {pt[arm]['process_cpu']:.3f} s")
+                  f"{pt[arm]['thread_cpu']:.3f} s, process CPU {pt[arm]['process_cpu']:.3f} s; training "
+                  f"thread off the CPU {pt[arm]['off_cpu']:.3f} s, in tracking calls "
+                  f"{pt[arm]['calls_cpu']:.3f} s; end flush {pt[arm]['flush']:.3f} s")
+        print(f"delay to the training thread (more time off the CPU + CPU in tracking calls, flush "
+              f"excluded): {summary['delay_pct_mean']:+.3f} % ± {summary['delay_pct_se']:.3f} % of a trial")
         low, high = summary["wall_overhead_pct_ci95"]
         print(f"wall overhead over {len(pairs)} pairs: {summary['wall_overhead_pct_mean']:+.2f} % ± "
               f"{summary['wall_overhead_pct_se']:.2f} % (standard error); 95 % interval {low:+.2f} % to "
