@@ -3,7 +3,8 @@
 ``study_lock(storage, study_name, purpose)`` returns a lock with ``acquire``/``release``/``close``
 (and ``with`` support); different purposes never block each other: ``"budget"`` around "count the
 trials, then start one" (several workers spend ``n_trials`` exactly), ``"parent"`` around "read the
-parent run's id from the study, else create the run" (one MLflow parent run per study).
+parent run's id from the study, else create the run" (one MLflow parent run per study), ``"publish"``
+around "summarise the finished study and publish its model, unless that is done" (one publisher).
 
 By storage: a journal file (the default) gets an ``flock`` on ``<journal>.<purpose>.lock`` beside
 it, which local processes on one file system share. PostgreSQL gets a session advisory lock keyed by
@@ -27,7 +28,7 @@ from typing import Any
 
 __all__ = ["file_lock", "study_lock"]
 
-PURPOSES = ("budget", "parent")
+PURPOSES = ("budget", "parent", "publish")
 
 _process_locks: dict[tuple[str, str], threading.Lock] = {}
 _process_locks_guard = threading.Lock()

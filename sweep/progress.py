@@ -65,8 +65,9 @@ def _fmt_time(seconds: float) -> str:
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
 
 
-def _fmt_value(v: float | None) -> str:
-    return "-" if v is None else f"{v:.5g}"
+def format_value(v: float | None) -> str:
+    """A metric value as every line of the sweep prints it."""
+    return "-" if v is None else f"{v:.6g}"
 
 
 class Progress:
@@ -97,7 +98,7 @@ class Progress:
         self._draw()
 
     def epoch(self, number: int, m: Any, epochs: int) -> None:
-        value = _fmt_value(getattr(m, self.metric))
+        value = format_value(getattr(m, self.metric))
         self.running = f"trial {number} epoch {m.epoch}/{epochs} {self.metric} {value}"
         if self.tty:
             self._draw()
@@ -106,6 +107,19 @@ class Progress:
         self._clear()
         print(text, file=self.stream, flush=True)
         self._draw()
+
+    def warnings_handler(self) -> logging.Handler:
+        """A handler for the root logger that also shows tracking's warnings (a server outage and
+        what is still waiting) here, beside the log file."""
+        progress = self
+
+        class _Handler(logging.Handler):
+            def emit(self, record: logging.LogRecord) -> None:
+                progress.message(f"warning: {record.getMessage()}")
+
+        handler = _Handler(logging.WARNING)
+        handler.addFilter(logging.Filter("sweep.tracking"))
+        return handler
 
     def close(self) -> None:
         if self.tty and self._line_shown:
@@ -143,11 +157,11 @@ class Progress:
 
     def _trial_line(self, t: Any, key: str, new_best: bool) -> str:
         if key == "completed":
-            return f"trial {t.number} completed: {self.metric} {_fmt_value(t.value)}" + (
+            return f"trial {t.number} completed: {self.metric} {format_value(t.value)}" + (
                 " (new best)" if new_best else "")
         if key == "pruned":
             epoch = t.user_attrs.get("pruned_epoch")
-            return f"trial {t.number} pruned at epoch {epoch} ({self.metric} {_fmt_value(t.value)})"
+            return f"trial {t.number} pruned at epoch {epoch} ({self.metric} {format_value(t.value)})"
         status = t.user_attrs.get("status") or "failed"
         reason = t.user_attrs.get("reason") or "no reason recorded"
         return f"trial {t.number} failed: {status}: {reason}"
@@ -155,7 +169,7 @@ class Progress:
     def _status(self) -> str:
         total = "?" if self.total is None else str(self.total)
         best = ("-" if self.best is None
-                else f"{_fmt_value(self.best[0])} (trial {self.best[1]})")
+                else f"{format_value(self.best[0])} (trial {self.best[1]})")
         c = self.counts
         return (f"{self.study}: {self.done}/{total} trials · {c['completed']} completed · "
                 f"{c['pruned']} pruned · {c['failed']} failed · best {self.metric} {best} · "

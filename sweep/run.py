@@ -24,15 +24,20 @@ from __future__ import annotations
 # NumPy (and so Optuna, MLflow, mixer) is imported inside functions only: a worker process must set
 # its BLAS thread count in the environment before NumPy is first imported.
 import argparse
+import contextlib
+import errno
 import logging
+import os
+import re
 import shlex
+import shutil
 import signal
 import sys
 from pathlib import Path
 from typing import Any
 
 from sweep.messages import UsageError, redact
-from sweep.progress import Progress, log_to, strip_foreign_handlers
+from sweep.progress import Progress, format_value, log_to, strip_foreign_handlers
 from sweep.study import (
     budget_used,
     fail_lost_runs,
@@ -48,6 +53,9 @@ from sweep.workers import run_workers, worker_main
 __all__ = ["UsageError", "budget_used", "build_parser", "main", "open_storage", "open_study", "run_trials"]
 
 log = logging.getLogger("sweep")
+
+#: Study attribute: how many finished trials the last summary and published model covered.
+SUMMARISED_ATTR = "summarised_trials"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -73,7 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--storage", metavar="URL",
                    help="Optuna storage: a journal file path, or an RDB URL such as "
                         "postgresql://user@host/db to share the study across machines "
-                        "(default: <out>/<study>/optuna.journal)")
+                        "(default: $MIXER_STORAGE, which keeps a password off the command line, "
+                        "else <out>/<study>/optuna.journal)")
     p.add_argument("--study-name", metavar="NAME", help="study name (overrides the file's `study`)")
     p.add_argument("--tracking-uri", metavar="URI",
                    help="MLflow tracking URI, e.g. http://127.0.0.1:5000 (default: $MLFLOW_TRACKING_URI, "
@@ -84,6 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="study seed (overrides the file's `seed`): trial seeds and the sampler's seed "
                         "derive from it")
     p.add_argument("--no-tracking", action="store_true", help="do not log to MLflow at all")
+    p.add_argument("--republish", action="store_true",
+                   help="summarise the study and publish its best model again, even if that was done "
+                        "already (a finished study's re-run otherwise does nothing)")
     # Internal: set by the parent process on the workers it starts ("<parent pid>:<index>").
     p.add_argument("--worker-of", help=argparse.SUPPRESS)
     return p
@@ -124,6 +136,16 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # before any trial started: nothing to clean up
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:
+        if (full := _disk_full(exc)) is None:
+            raise
+        # The running trial stays RUNNING in the storage; the next run fails it and runs it again.
+        folder = Path(args.out).resolve()
+        free = shutil.disk_usage(folder).free if folder.exists() else 0
+        print(f"error: no space left on the device of {folder} ({free / 2**20:.1f} MiB free): "
+              f"{full.strerror}. Free some space and run the same command again to resume the study.",
+              file=sys.stderr)
+        return 1
     finally:
         # main() may be called in-process (tests, notebooks): leave logging as it was.
         for h in list(root.handlers):
@@ -134,6 +156,16 @@ def main(argv: list[str] | None = None) -> int:
             root.addHandler(h)
         root.setLevel(saved[1])
         logging.captureWarnings(False)
+
+
+def _disk_full(exc: BaseException | None) -> OSError | None:
+    """The "no space left" error that ``exc`` is or arose from (Optuna's journal raises an
+    AssertionError while handling it), else None."""
+    while exc is not None:
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return exc
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 class _Settings:
@@ -149,6 +181,11 @@ class _Settings:
         s = self.space
         self.space_path = Path(args.space).resolve()
         self.study_name = args.study_name or s.study_name
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}", self.study_name):
+            where = "--study-name" if args.study_name else f"{args.space}: study"
+            raise UsageError(f"{where}: a study name is 1-100 letters, digits, '_', '.' or '-' (it names "
+                             f"a folder and an MLflow experiment), got {self.study_name[:80]!r}"
+                             + ("..." if len(self.study_name) > 80 else ""))
         self.seed = s.seed if args.seed is None else args.seed
         # The sampler's base seed: the file's sampler.seed, else the study seed; --seed overrides both.
         self.sampler_seed = (s.sampler.seed if s.sampler.seed is not None and args.seed is None
@@ -164,13 +201,42 @@ class _Settings:
         self.tracking = not args.no_tracking
         self.tracking_uri = args.tracking_uri
         self.experiment = s.experiment or self.study_name
-        self.storage = args.storage or str(self.out_dir / "optuna.journal")
+        self.storage = (args.storage or os.environ.get("MIXER_STORAGE")
+                        or str(self.out_dir / "optuna.journal"))
         self.rdb = "://" in self.storage
         if not self.rdb:
             self.storage = str(Path(self.storage).resolve())
         if self.storage.startswith("sqlite") and args.workers > 1:
             raise UsageError("SQLite does not take concurrent writers well: use the default journal "
                              "file or PostgreSQL with --workers > 1")
+
+
+def _check_data(settings: _Settings) -> None:
+    """Load the study's data once (cached for its trials); a data error is a UsageError."""
+    from mixer.data import DataError
+    from sweep.objective import load_data
+    from sweep.space import split_flat
+
+    data_config, _ = split_flat(settings.space.data)
+    try:
+        load_data(data_config)
+    except (DataError, OSError) as exc:
+        raise UsageError(f"{settings.space_path}: data: {exc}") from None
+
+
+def _check_writable(folder: Path) -> None:
+    """A UsageError unless files can be created under ``folder`` (tried in its nearest existing
+    ancestor, so that nothing is created yet)."""
+    import tempfile
+
+    base = folder
+    while not base.exists() and base != base.parent:
+        base = base.parent
+    try:
+        with tempfile.TemporaryFile(dir=base):
+            pass
+    except OSError as exc:
+        raise UsageError(f"--out: cannot write under {base}: {exc.strerror or exc}") from None
 
 
 def _make_tracker(settings: _Settings) -> Any:
@@ -196,6 +262,8 @@ def _main(args: argparse.Namespace, argv: list[str]) -> int:
     settings = _Settings(args)
     space = settings.space
     log_to(None)
+    _check_data(settings)  # a bad row fails here, before a study or a run exists, not in every trial
+    _check_writable(settings.out_dir)
     tracker = _make_tracker(settings)  # before anything is created: an unreachable server exits 2
 
     quiet_optuna()
@@ -214,6 +282,12 @@ def _main(args: argparse.Namespace, argv: list[str]) -> int:
             study.enqueue_trial(params)
     reaped = [] if settings.rdb else reap_dead_local_trials(study)
     existing = study.get_trials(deepcopy=False)
+    if (settings.n_trials and budget_used(existing) >= settings.n_trials and not args.republish
+            and study.user_attrs.get(SUMMARISED_ATTR) == _finished(existing)):
+        print(f"study {settings.study_name} complete ({len(existing)} trials), its summary and best "
+              f"model published: nothing to do (--republish to publish them again, --n-trials to "
+              f"add trials)", file=sys.stderr)
+        return 0
     study.sampler = space.build_sampler(seed=sampler_seed(settings.sampler_seed, len(existing), 0,
                                                           shared=settings.rdb))
     if tracker is not None:
@@ -222,6 +296,7 @@ def _main(args: argparse.Namespace, argv: list[str]) -> int:
     progress = Progress(sys.stderr, study=settings.study_name, total=settings.n_trials,
                         metric=space.metric, direction=space.direction)
     progress.prime(existing)
+    logging.getLogger().addHandler(progress.warnings_handler())
     where = redact(settings.storage)
     already = budget_used([t for t in existing if t.state.is_finished()])
     verb = f"resuming ({already} trials done)" if not created else "new study"
@@ -266,21 +341,13 @@ def _main(args: argparse.Namespace, argv: list[str]) -> int:
     if interrupted:
         if tracker is not None:
             tracker.close()
-        cmd = shlex.join(["python", "-m", "sweep.run", *argv])
+        cmd = shlex.join(["python", "-m", "sweep.run", *map(redact, argv)])
+        hidden = " (give the password where it shows ***, or set MIXER_STORAGE)" if "***" in cmd else ""
         print(f"interrupted: the running trial(s) were marked failed and will be re-run; the study is "
-              f"saved in {where}. Resume with:\n  {cmd}", file=sys.stderr)
+              f"saved in {where}. Resume with{hidden}:\n  {cmd}", file=sys.stderr)
         return 130
 
-    # Workers on other machines may share this study: the last one to finish summarises it, so the
-    # parent run is not closed early and the best model is not retrained once per worker.
-    others = _others_still_running(study)
-    code = _study_files(study, settings, None if others else tracker)
-    code = max(code, _report(study, settings))
-    if others:
-        print("other workers are still running trials of this study; the last one to finish logs the "
-              "study summary and publishes the best model", file=sys.stderr)
-    else:
-        code = max(code, _publish(study, settings, tracked=tracker is not None))
+    code = _summarise(study, settings, tracker, republish=args.republish)
     undelivered = tracker.close() if tracker is not None else 0
     if undelivered:
         print(f"error: {undelivered} metric points could not be delivered to MLflow", file=sys.stderr)
@@ -300,10 +367,38 @@ def _main(args: argparse.Namespace, argv: list[str]) -> int:
     return code
 
 
-def _others_still_running(study: Any) -> bool:
+def _finished(trials: list[Any]) -> int:
+    return sum(t.state.is_finished() for t in trials)
+
+
+def _summarise(study: Any, settings: _Settings, tracker: Any, *, republish: bool) -> int:
+    """The study's files, its MLflow summary and its published model, made by one process only.
+
+    Workers (here or on other machines) share the study. One that finishes while others still run
+    trials writes its local files only; of those that finish together, the first to take the
+    study's ``publish`` lock summarises and publishes, and records how many finished trials it
+    covered (``SUMMARISED_ATTR``), so the others, and a later re-run, find nothing to do.
+    """
     from optuna.trial import TrialState
 
-    return any(t.state in (TrialState.RUNNING, TrialState.WAITING) for t in study.get_trials(deepcopy=False))
+    from sweep.locks import study_lock
+
+    trials = study.get_trials(deepcopy=False)
+    if any(t.state in (TrialState.RUNNING, TrialState.WAITING) for t in trials):
+        code = max(_study_files(study, settings, None), _report(study, settings))
+        print("other workers are still running trials of this study; the last one to finish logs the "
+              "study summary and publishes the best model", file=sys.stderr)
+        return code
+    with study_lock(study, study.study_name, "publish"):
+        if study.user_attrs.get(SUMMARISED_ATTR) == _finished(trials) and not republish:
+            print(f"study {settings.study_name}: another worker has summarised it and published its "
+                  f"best model", file=sys.stderr)
+            return 0
+        code = max(_study_files(study, settings, tracker), _report(study, settings))
+        code = max(code, _publish(study, settings, tracked=tracker is not None))
+        if code == 0:
+            study.set_user_attr(SUMMARISED_ATTR, _finished(trials))
+    return code
 
 
 def _study_files(study: Any, settings: _Settings, tracker: Any) -> int:
@@ -319,8 +414,13 @@ def _study_files(study: Any, settings: _Settings, tracker: Any) -> int:
     try:
         tracker.finish_study(study, settings.out_dir)
     except Exception as exc:  # noqa: BLE001 - the study's own results are safe in the storage
-        log.error("finishing the study's MLflow run failed: %s", exc)
+        log.error("finishing the study's MLflow run failed: %s", one_line(exc))
         print(f"error: could not finish the study's MLflow run: {one_line(exc)}", file=sys.stderr)
+        if tracker.parent_run_id:  # not left RUNNING: a re-run summarises it again
+            from mlflow import MlflowClient
+
+            with contextlib.suppress(Exception):
+                MlflowClient(tracker.uri).set_terminated(tracker.parent_run_id, "FAILED")
         return 1
     return 0
 
@@ -350,6 +450,7 @@ def _check_or_record_study(study: Any, created: bool, settings: _Settings) -> No
     space = settings.space
     mine = {"study_seed": settings.seed, "metric": space.metric, "direction": space.direction}
     if created:
+        study.set_metric_names([space.metric])  # optuna-dashboard shows it instead of "Objective 0"
         for key, value in mine.items():
             study.set_user_attr(key, value)
         study.set_user_attr("space_file", str(settings.space_path))
@@ -370,6 +471,7 @@ def _report(study: Any, settings: _Settings) -> int:
     import yaml
     from optuna.trial import TrialState
 
+    from mixer.bundle import atomic_write
     from mixer.config import dump_run_config
     from sweep.space import split_flat
 
@@ -383,10 +485,11 @@ def _report(study: Any, settings: _Settings) -> int:
     data, train = split_flat(best.user_attrs["config"])
     doc = dump_run_config(data, train, int(best.user_attrs["seed"]))
     header = (f"# Best trial {best.number} of study {settings.study_name}: "
-              f"{settings.space.metric} {best.value:.6g}\n"
+              f"{settings.space.metric} {format_value(best.value)}\n"
               f"# Train it again: python -m mixer.train {out / 'best_config.yaml'}\n")
-    (out / "best_config.yaml").write_text(header + yaml.safe_dump(doc, sort_keys=False))
-    print(f"best trial {best.number}: {settings.space.metric} {best.value:.6g}")
+    text = header + yaml.safe_dump(doc, sort_keys=False)
+    atomic_write(out / "best_config.yaml", lambda fh: fh.write(text), mode="w")
+    print(f"best trial {best.number}: {settings.space.metric} {format_value(best.value)}")
     for name, value in best.params.items():
         print(f"  {name}: {value:.6g}" if isinstance(value, float) else f"  {name}: {value}")
     print(f"wrote {out / 'best_config.yaml'} and {out / 'trials.csv'}")

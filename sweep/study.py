@@ -20,6 +20,7 @@ import importlib.util
 import logging
 import os
 import socket
+import sys
 import time
 import warnings
 from collections.abc import Callable
@@ -82,7 +83,13 @@ def open_storage(location: str, *, rdb: bool | None = None, heartbeat_interval: 
 
         Path(location).parent.mkdir(parents=True, exist_ok=True)
         # The open(O_EXCL) lock is what local processes on one file system need.
-        return JournalStorage(JournalFileBackend(location, lock_obj=JournalFileOpenLock(location)))
+        lock = JournalFileOpenLock(location)
+        lock.acquire()  # a worker appending now is not a torn record
+        try:
+            _repair_torn_journal(Path(location))
+        finally:
+            lock.release()
+        return JournalStorage(JournalFileBackend(location, lock_obj=lock))
 
     import sqlalchemy.exc
     from optuna.storages import RetryHeartbeatStaleTrialCallback
@@ -109,6 +116,39 @@ def open_storage(location: str, *, rdb: bool | None = None, heartbeat_interval: 
             last = exc
             break
     raise UsageError(f"cannot open storage {redact(location)}: {one_line(last)}")
+
+
+def _repair_torn_journal(path: Path) -> None:
+    """Cut a journal back to its last complete record, keeping the torn one's file as a backup.
+
+    A failed append (a full disk) leaves half a JSON line at the end; Optuna would append after
+    it and never read the journal again.
+    """
+    import json
+    import shutil
+
+    if not path.is_file() or not (size := path.stat().st_size):
+        return
+    start = max(0, size - (1 << 20))  # a record is far shorter than 1 MiB
+    with open(path, "rb") as fh:
+        fh.seek(start)
+        tail = fh.read()
+    lines = tail.split(b"\n")  # [..., last record, b""] when the journal ends cleanly
+    if tail.endswith(b"\n"):
+        try:
+            json.loads(lines[-2])
+            return
+        except ValueError:  # a whole line that is not a record: torn as well
+            lines.pop()
+    keep = start + len(b"\n".join(lines[:-1])) + (1 if len(lines) > 1 else 0)
+    backup = path.with_name(f"{path.name}.torn-{time.strftime('%Y%m%d-%H%M%S')}")
+    shutil.copyfile(path, backup)
+    with open(path, "r+b") as fh:
+        fh.truncate(keep)
+    message = (f"{path} ended in a torn record ({size - keep} bytes, from a write that failed, e.g. "
+               f"a full disk): cut back to the last complete record; the old file is kept as {backup}")
+    log.warning("%s", message)
+    print(f"warning: {message}", file=sys.stderr)
 
 
 def open_study(storage: Any, name: str, *, direction: str, sampler: Any, pruner: Any,

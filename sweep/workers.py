@@ -48,12 +48,15 @@ def run_workers(settings: Any, study: Any, progress: Progress) -> tuple[bool, li
     """
     k = settings.workers
     threads = max(1, cores() // k)
-    env = dict(os.environ, **{var: str(threads) for var in BLAS_VARS})
+    # Secrets travel in the environment, not on command lines that `ps` shows to every user.
+    env = dict(os.environ, MIXER_STORAGE=settings.storage, **{var: str(threads) for var in BLAS_VARS})
+    if settings.tracking_uri:
+        env["MLFLOW_TRACKING_URI"] = settings.tracking_uri
     workdir = settings.out_dir / "workers"
     workdir.mkdir(exist_ok=True)
     started = time.monotonic()
     base = [sys.executable, "-m", "sweep.run", str(settings.space_path), "--workers", "1",
-            "--storage", settings.storage, "--study-name", settings.study_name,
+            "--study-name", settings.study_name,
             "--out", str(settings.out_dir.parent)]
     if settings.seed_given is not None:  # else the workers read the file's seeds, as this process did
         base += ["--seed", str(settings.seed_given)]
@@ -61,8 +64,8 @@ def run_workers(settings: Any, study: Any, progress: Progress) -> tuple[bool, li
         base += ["--n-trials", str(settings.n_trials)]
     if settings.timeout is not None:
         base += ["--timeout", str(settings.timeout)]
-    base += ["--no-tracking"] if not settings.tracking else (
-        ["--tracking-uri", settings.tracking_uri] if settings.tracking_uri else [])
+    if not settings.tracking:
+        base.append("--no-tracking")
     procs: list[subprocess.Popen] = []
     logs = []
     for i in range(k):

@@ -304,3 +304,54 @@ def test_workers_reconnect_and_finish_the_study_after_postgresql_restarts(make_w
     # And the workers did see the database go (so the test tested something).
     logs = "".join(p.read_text() for p in (w.tmp / "runs").glob("*/sweep.log"))
     assert "lost the database connection" in logs and "reconnected" in logs
+
+
+@pytest.mark.faults
+def test_three_workers_that_finish_together_summarise_and_publish_the_model_once(make_workers,
+                                                                                  mlflow_server):
+    from mlflow import MlflowClient
+
+    w = make_workers(n_trials=3, epochs=2, rows=600)
+    name = f"race-{w.study}"
+    w.space.write_text(w.space.read_text() + f"register_model: {name}\n")
+    w.wait(w.start(3))  # one trial each, of the same length: they finish within moments
+    logs = [w.log(i) for i in range(3)]
+    assert sum("retraining the best trial" in text for text in logs) == 1, logs
+    assert sum("another worker has summarised it" in text for text in logs) + sum(
+        "other workers are still running" in text for text in logs) == 2, logs
+    client = MlflowClient(mlflow_server.uri)
+    assert [v.version for v in client.search_model_versions(f"name = '{name}'")] == ["1"]
+    study = w.load_study()
+    assert study.user_attrs["summarised_trials"] == 3
+
+
+@pytest.mark.faults
+def test_no_password_in_output_logs_or_worker_command_lines(tmp_path, postgres_url):
+    sentinel = f"pw{uuid.uuid4().hex[:10]}"
+    storage = psycopg2_url(postgres_url).replace("postgres@", f"postgres:{sentinel}@", 1)
+    assert sentinel in storage  # trust authentication: any password is accepted
+    space = tmp_path / "space.yaml"
+    space.write_text(SPACE.format(study="secret", rows=600, epochs=30, n_trials=50))
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.Popen([sys.executable, "-m", "sweep.run", str(space), "--storage", storage, "--workers",
+                             "2", "--no-tracking", "--out", str(tmp_path / "runs")], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    workers: list[int] = []
+    deadline = time.monotonic() + 120
+    while len(workers) < 2 and time.monotonic() < deadline:
+        assert proc.poll() is None, proc.communicate()
+        children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children")
+        workers = [int(pid) for pid in children.read_text().split()] if children.exists() else []
+        time.sleep(0.1)
+    assert len(workers) == 2
+    time.sleep(8)  # the workers are training
+    for pid in workers:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode()
+        assert "sweep.run" in cmdline and sentinel not in cmdline
+    proc.send_signal(signal.SIGTERM)  # as `docker stop` does
+    out, err = proc.communicate(timeout=90)
+    assert proc.returncode == 130, err
+    assert "Resume with" in err and "***" in err
+    texts = [out, err] + [p.read_text(errors="replace") for p in (tmp_path / "runs").rglob("*.log")]
+    assert len(texts) >= 4  # sweep.log and the two workers' logs
+    assert not [t for t in texts if sentinel in t]
