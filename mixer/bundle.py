@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import tempfile
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,11 +43,13 @@ def atomic_write(path: str | Path, write: Callable[[IO], Any], *, mode: str = "w
     """Call ``write`` on a temporary file in ``path``'s folder, then rename it to ``path``.
 
     A failed write leaves no half-written ``path`` (an existing one is kept). Text modes
-    (``mode="w"``) open with ``newline=""``, as the csv module and pandas expect.
+    (``mode="w"``) open with ``newline=""``, as the csv module and pandas expect. The file gets
+    the mode ``open()`` would give it (0o666 less the umask), not ``mkstemp``'s 0o600.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # O_EXCL: never someone else's file
     try:
         with os.fdopen(fd, mode, newline=None if "b" in mode else "") as fh:
             write(fh)
@@ -137,24 +139,36 @@ class ModelBundle:
             BundleError: naming the file and the first part that is missing or does not match.
         """
         path = Path(path)
+        if path.is_dir():
+            raise BundleError(f"{path}: is a directory, not a model file")
         if not path.is_file():
             raise BundleError(f"{path}: model file not found")
+        # A corrupt or truncated archive fails in many ways (zipfile's BadZipFile, NotImplementedError
+        # or RuntimeError from a garbled directory, ValueError or TokenError from an .npy header), at
+        # opening or only when an entry is read: each one is a bad file, so every Exception is caught.
         try:
             archive = np.load(path, allow_pickle=False)
-        except (OSError, ValueError, EOFError) as exc:
-            raise BundleError(f"{path}: not a model bundle (.npz): {exc}") from None
+        except OSError as exc:
+            raise BundleError(f"{path}: cannot read: {exc.strerror or exc}") from None
+        except Exception as exc:
+            raise BundleError(f"{path}: not a model bundle (.npz), or truncated: {exc}") from None
         if not isinstance(archive, np.lib.npyio.NpzFile):
             raise BundleError(f"{path}: not a model bundle (.npz archive expected)")
         with archive:
             if _META not in archive.files:
                 raise BundleError(f"{path}: not a model bundle (no {_META} entry)")
             try:
-                meta = json.loads(str(archive[_META]))
-            except ValueError as exc:
-                raise BundleError(f"{path}: {_META} is not valid JSON: {exc}") from None
-            if meta.get("format") != FORMAT:
-                raise BundleError(f"{path}: format {meta.get('format')!r}, expected {FORMAT!r}")
-            params = {k[len(_PARAM):]: archive[k] for k in archive.files if k.startswith(_PARAM)}
+                blob = str(archive[_META])
+                params = {k[len(_PARAM):]: archive[k] for k in archive.files if k.startswith(_PARAM)}
+            except Exception as exc:
+                raise BundleError(f"{path}: corrupt or truncated model file: {exc}") from None
+        try:
+            meta = json.loads(blob)
+        except ValueError as exc:
+            raise BundleError(f"{path}: {_META} is not valid JSON: {exc}") from None
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+            found = meta.get("format") if isinstance(meta, dict) else None
+            raise BundleError(f"{path}: format {found!r}, expected {FORMAT!r}")
         try:
             config = MixerConfig(**meta["config"])
         except (KeyError, TypeError, ValueError) as exc:

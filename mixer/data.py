@@ -177,6 +177,8 @@ def read_csv(path: str | Path) -> pd.DataFrame:
     """
     path = Path(path)
     source = str(path)
+    if path.is_dir():
+        raise DataError(f"{source}: is a directory, not a CSV file")
     if not path.is_file():
         raise DataError(f"{source}: no such file" if not path.exists() else f"{source}: not a file")
     try:

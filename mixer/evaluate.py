@@ -1,35 +1,98 @@
 """Score a saved model on a labelled CSV: ``python -m mixer.evaluate MODEL TEST.csv``.
 
 Prints accuracy, precision, recall, F1, ROC AUC and the confusion matrix (``--json`` for
-machines). Exit status: 0 on success, 2 for bad input (missing file, unreadable model, no
-``label`` column, a bad value; the message names the file, the column and the row).
+machines), and a warning on stderr when the rows do not look like the model's training data.
+Exit status: see ``EPILOG``.
+
+This module also holds what the mixer command lines share: ``threshold_arg``, ``prog_name``,
+``quiet_broken_pipe`` and ``data_warnings``.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
+import os
 import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import pandas as pd
+
 from mixer.bundle import BundleError, ModelBundle
-from mixer.data import DataError, labels, read_csv
+from mixer.data import FEATURE_NAMES, DataError, labels, read_csv
 from mixer.metrics import BinaryMetrics, binary_metrics
+
+# The shell's status for a process killed by SIGPIPE (128 + 13), which is what `cmd | head` reports.
+EXIT_BROKEN_PIPE = 141
+EPILOG = ("Exit status: 0 done; 2 bad usage or bad input (a missing, truncated or corrupt file, a "
+          "directory, no 'label' column, a bad value: the message names the file, the column and the row); "
+          f"{EXIT_BROKEN_PIPE} the reader of stdout closed it early (e.g. | head)")
+
+
+def evaluate_frame(bundle: ModelBundle, frame: pd.DataFrame, *, source: str,
+                   threshold: float = 0.5) -> BinaryMetrics:
+    """Score the labelled raw rows of ``frame`` (read from ``source``) with ``bundle``.
+
+    Raises:
+        mixer.data.DataError: no ``label`` column or a bad value (naming ``source``, column, row).
+    """
+    y = labels(frame, source=source)
+    return binary_metrics(y, bundle.predict_proba(frame, source=source), threshold=threshold)
 
 
 def evaluate_csv(bundle: ModelBundle, path: str | Path, *, threshold: float = 0.5) -> BinaryMetrics:
-    """Score the labelled CSV at ``path`` with ``bundle``.
+    """``evaluate_frame`` over the labelled CSV at ``path`` (DataError if missing or bad)."""
+    return evaluate_frame(bundle, read_csv(path), source=str(path), threshold=threshold)
 
-    Raises:
-        mixer.data.DataError: missing file, no ``label`` column or a bad value (naming file, column, row).
+
+def data_warnings(bundle: ModelBundle, columns: Sequence[str], *, model: str, data: str) -> list[str]:
+    """Why the CSV ``data`` (with these columns) may not be the kind of rows ``model`` was trained on.
+
+    A model trained on synthetic rows scores real rows badly without any error, so say it. The bundle
+    names its data in ``info["data_config"]`` (``sweep.publish``, ``mixer.train --save``); the
+    pipeline holds the training data's feature order.
     """
-    if not Path(path).is_file():
-        raise DataError(f"{path}: file not found")
-    frame = read_csv(path)
-    y = labels(frame, source=str(path))
-    proba = bundle.predict_proba(frame, source=str(path))
-    return binary_metrics(y, proba, threshold=threshold)
+    found = [c for c in map(str, columns) if c in FEATURE_NAMES]
+    order = list(bundle.pipeline.feature_names)
+    trained = (bundle.info.get("data_config") or {}).get("source")
+    out = []
+    if trained == "synthetic":
+        out.append(f"warning: {model} was trained on synthetic rows, and {data} is a CSV file: "
+                   "its scores on real rows say little")
+    first = next((i for i, (a, b) in enumerate(zip(found, order, strict=False)) if a != b), None)
+    if first is not None:
+        out.append(f"warning: {data}: feature columns in another order than the training data's "
+                   f"(column {first + 1} is {found[first]!r}, {order[first]!r} in training): scored by "
+                   "name, but check that it is the same kind of data")
+    return out
+
+
+def prog_name(script: str, module: str) -> str:
+    """A command's name as the user typed it, for its usage line: ``script`` (the console script,
+    ``pyproject.toml``'s ``[project.scripts]``) if that is what runs, else ``python -m module``."""
+    return script if Path(sys.argv[0] if sys.argv else "").stem == script else f"python -m {module}"
+
+
+def quiet_broken_pipe(main: Callable[[list[str] | None], int]) -> Callable[[list[str] | None], int]:
+    """Wrap a command's ``main`` so that a reader of its stdout that stops early (``| head``) ends it
+    quietly with ``EXIT_BROKEN_PIPE`` instead of a BrokenPipeError traceback."""
+
+    @functools.wraps(main)
+    def wrapper(argv: list[str] | None = None) -> int:
+        try:
+            code = main(argv)
+            sys.stdout.flush()  # what is still buffered fails here, inside the try
+        except BrokenPipeError:
+            # Python's recipe (the `signal` docs, "Note on SIGPIPE"): stdout onto devnull, so that the
+            # interpreter's own flush at exit does not fail again.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return EXIT_BROKEN_PIPE
+        return code
+
+    return wrapper
 
 
 def threshold_arg(text: str) -> float:
@@ -68,8 +131,9 @@ def format_report(metrics: BinaryMetrics, *, model: str, data: str) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m mixer.evaluate",
+        prog=prog_name("mixer-evaluate", "mixer.evaluate"),
         description="Score a saved model bundle on a labelled UNSW-NB15 CSV (either layout).",
+        epilog=EPILOG,
     )
     parser.add_argument("model", help="model bundle (.npz) written by ModelBundle.save / sweep.publish")
     parser.add_argument("data", help="CSV of raw rows with a 0/1 'label' column")
@@ -79,14 +143,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@quiet_broken_pipe
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         bundle = ModelBundle.load(args.model)
-        metrics = evaluate_csv(bundle, args.data, threshold=args.threshold)
+        frame = read_csv(args.data)
+        metrics = evaluate_frame(bundle, frame, source=args.data, threshold=args.threshold)
     except (BundleError, DataError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    for line in data_warnings(bundle, frame.columns, model=args.model, data=args.data):
+        print(line, file=sys.stderr)
     if args.json:
         print(json.dumps({"model": str(args.model), "data": str(args.data), **metrics.as_dict()}))
     else:

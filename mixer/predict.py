@@ -9,24 +9,27 @@ Output goes to stdout unless ``--out FILE`` is given (then written to a temporar
 renamed, so a failed run never leaves a half-written FILE). Nothing is written at all until
 every row has been scored: a bad value stops the run with exit 2 and a message naming the
 file, the row and the column, never a silently skipped row. A summary line (rows, predicted
-positives) goes to stderr.
+positives) goes to stderr, after a warning if the rows do not look like the model's training data.
+Exit status: see ``EPILOG``.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from mixer.bundle import BundleError, ModelBundle, atomic_write
 from mixer.data import DataError, read_csv
-from mixer.evaluate import threshold_arg
+from mixer.evaluate import EXIT_BROKEN_PIPE, data_warnings, prog_name, quiet_broken_pipe, threshold_arg
 
 # Seven significant digits: what a float32 model's probabilities carry (more would print noise).
 FLOAT_FORMAT = "%.7g"
+EPILOG = ("Exit status: 0 done; 2 bad usage or bad input (a missing, truncated or corrupt file, a "
+          "directory, a bad value: the message names the file, the column and the row), or an --out "
+          f"that cannot be written; {EXIT_BROKEN_PIPE} the reader of stdout closed it early (e.g. | head)")
 
 
 def predict_frame(bundle: ModelBundle, frame: pd.DataFrame, *, source: str,
@@ -44,17 +47,11 @@ def predict_frame(bundle: ModelBundle, frame: pd.DataFrame, *, source: str,
                          "prediction": (proba >= threshold).astype(np.int64)})
 
 
-def predict_csv(bundle: ModelBundle, path: str | Path, *, threshold: float = 0.5) -> pd.DataFrame:
-    """``predict_frame`` over the rows of the CSV at ``path`` (DataError if missing or bad)."""
-    if not Path(path).is_file():
-        raise DataError(f"{path}: file not found")
-    return predict_frame(bundle, read_csv(path), source=str(path), threshold=threshold)
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m mixer.predict",
+        prog=prog_name("mixer-predict", "mixer.predict"),
         description="Score raw UNSW-NB15 rows (either layout, label optional) with a saved model bundle.",
+        epilog=EPILOG,
     )
     parser.add_argument("model", help="model bundle (.npz) written by ModelBundle.save / sweep.publish")
     parser.add_argument("data", help="CSV of raw rows to score")
@@ -65,14 +62,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@quiet_broken_pipe
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         bundle = ModelBundle.load(args.model)
-        out = predict_csv(bundle, args.data, threshold=args.threshold)
+        frame = read_csv(args.data)
+        out = predict_frame(bundle, frame, source=args.data, threshold=args.threshold)
     except (BundleError, DataError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    for line in data_warnings(bundle, frame.columns, model=args.model, data=args.data):
+        print(line, file=sys.stderr)
     if args.out == "-":
         out.to_csv(sys.stdout, index=False, float_format=FLOAT_FORMAT)
         where = "stdout"

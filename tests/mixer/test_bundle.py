@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 
 import numpy as np
 import pandas as pd
@@ -136,6 +137,36 @@ def test_load_rejects_a_file_that_is_not_a_bundle(tmp_path, content):
     path.write_bytes(content)
     with pytest.raises(BundleError, match="model.npz: not a model bundle"):
         ModelBundle.load(path)
+
+
+@pytest.mark.parametrize(("damage", "message"), [("truncated", "not a model bundle"),
+                                                 ("flipped", "corrupt or truncated model file")])
+def test_load_names_a_truncated_or_corrupt_file(bundle, tmp_path, damage, message):
+    path = bundle.save(tmp_path / "model.npz")
+    blob = bytearray(path.read_bytes())
+    if damage == "truncated":  # the zip directory at the end is gone
+        blob = blob[: len(blob) // 2]
+    else:  # a byte inside the parameters' data: the directory is intact, the CRC check fails on reading
+        blob[len(blob) // 2] ^= 0xFF
+    path.write_bytes(bytes(blob))
+    with pytest.raises(BundleError, match=f"model.npz: {message}"):
+        ModelBundle.load(path)
+
+
+def test_load_names_a_directory_as_a_directory(tmp_path):
+    with pytest.raises(BundleError, match=f"^{tmp_path}: is a directory, not a model file$"):
+        ModelBundle.load(tmp_path)
+
+
+@pytest.mark.parametrize(("umask", "mode"), [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)],
+                         ids=["umask-022", "umask-077", "umask-002"])
+def test_saved_file_mode_follows_the_umask_as_open_does(bundle, tmp_path, umask, mode):
+    old = os.umask(umask)
+    try:
+        path = bundle.save(tmp_path / "model.npz")
+    finally:
+        os.umask(old)
+    assert os.stat(path).st_mode & 0o777 == mode
 
 
 def test_load_names_a_missing_file(tmp_path):

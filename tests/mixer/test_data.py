@@ -254,6 +254,18 @@ def test_read_csv_missing_file_names_it(tmp_path):
         read_csv(path)
 
 
+def test_a_directory_given_as_a_csv_is_named_as_a_directory(tmp_path):
+    folder = tmp_path / "data"
+    folder.mkdir()
+    with pytest.raises(DataError, match=f"^{folder}: is a directory, not a CSV file$"):
+        read_csv(folder)
+    for config in (DataConfig(source="csv", train_csv=str(folder)),
+                   DataConfig(source="csv", train_csv=str(write_csv(tmp_path, synthetic_frame(50, 0))),
+                              test_csv=str(folder))):
+        with pytest.raises(DataError, match=f"^{folder}: is a directory"):
+            load(config)
+
+
 def test_read_csv_empty_file_and_header_only(tmp_path):
     empty = tmp_path / "empty.csv"
     empty.write_text("")

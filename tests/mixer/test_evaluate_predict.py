@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -11,12 +14,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from mixer import evaluate, predict
+from mixer import evaluate, predict, train
 from mixer.bundle import ModelBundle
 from mixer.config import DataConfig, MixerConfig, TrainConfig
 from mixer.data import load
 from mixer.metrics import roc_auc
-from mixer.train import fit
 
 TRAIN = TrainConfig(model=MixerConfig(patch_size=6, dim=16, depth=2), epochs=3, batch_size=64, lr=3e-3)
 
@@ -30,7 +32,7 @@ def trained(real_csv, tmp_path_factory) -> SimpleNamespace:
     test = raw.iloc[2000:2500].reset_index(drop=True)
     test.to_csv(root / "test.csv", index=False)
     data = load(DataConfig(source="csv", train_csv=str(root / "train.csv"), seed=0))
-    result = fit(TRAIN, data, seed=0)
+    result = train.fit(TRAIN, data, seed=0)
     bundle = ModelBundle(result.best_params, TRAIN.model, data.pipeline)
     return SimpleNamespace(root=root, model=bundle.save(root / "model.npz"), bundle=bundle,
                            test=test, test_csv=root / "test.csv")
@@ -163,3 +165,121 @@ def test_predict_threshold_sets_the_predicted_label(trained, tmp_path):
     proba = trained.bundle.predict_proba(trained.test, source="test")
     assert got["prediction"].tolist() == (proba >= 0.9).astype(int).tolist()
     assert 0 < got["prediction"].sum() < (proba >= 0.5).sum()
+
+
+# --------------------------------------------------------------------------- faults and papercuts
+
+
+@pytest.mark.parametrize("cli", [evaluate, predict])
+@pytest.mark.parametrize("damage", ["truncated", "flipped"])
+def test_a_truncated_or_corrupt_model_exits_2_with_one_line_naming_it(trained, tmp_path, capsys, cli, damage):
+    blob = bytearray(Path(trained.model).read_bytes())
+    if damage == "truncated":
+        blob = blob[: len(blob) // 2]
+    else:
+        blob[len(blob) // 2] ^= 0xFF
+    bad = tmp_path / "damaged.npz"
+    bad.write_bytes(bytes(blob))
+    assert cli.main([str(bad), str(trained.test_csv)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {bad}: ") and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("cli", [evaluate, predict])
+@pytest.mark.parametrize("which", ["model", "data"])
+def test_a_directory_is_reported_as_a_directory(trained, tmp_path, capsys, cli, which):
+    args = [str(trained.model), str(trained.test_csv)]
+    args[0 if which == "model" else 1] = str(tmp_path)
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path}: is a directory" in err and "not found" not in err
+
+
+def test_predict_piped_into_head_ends_quietly(trained, tmp_path):
+    # Far more than a pipe holds (64 KiB), so predict is still writing when the reader goes.
+    big = _write(pd.concat([trained.test] * 40, ignore_index=True), tmp_path / "big.csv")
+    proc = subprocess.Popen([sys.executable, "-m", "mixer.predict", str(trained.model), str(big)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout.readline() == b"id,probability,prediction\n"
+    proc.stdout.close()  # what `| head -1` does after its line
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == evaluate.EXIT_BROKEN_PIPE
+    assert "Traceback" not in err and "BrokenPipeError" not in err and err == ""
+
+
+@pytest.mark.parametrize(("umask", "mode"), [(0o022, 0o644), (0o077, 0o600)], ids=["umask-022", "umask-077"])
+def test_predict_out_file_mode_follows_the_umask(trained, tmp_path, umask, mode):
+    out = tmp_path / "predictions.csv"
+    old = os.umask(umask)
+    try:
+        assert predict.main([str(trained.model), str(trained.test_csv), "--out", str(out)]) == 0
+    finally:
+        os.umask(old)
+    assert os.stat(out).st_mode & 0o777 == mode
+
+
+@pytest.mark.parametrize(("cli", "script", "module"), [(evaluate, "mixer-evaluate", "mixer.evaluate"),
+                                                       (predict, "mixer-predict", "mixer.predict"),
+                                                       (train, "mixer-train", "mixer.train")])
+def test_usage_names_the_command_as_it_was_typed(monkeypatch, capsys, cli, script, module):
+    for argv0, prog in ((f"/venv/bin/{script}", script), (f"/src/{module.replace('.', '/')}.py",
+                                                          f"python -m {module}")):
+        monkeypatch.setattr(sys, "argv", [argv0])
+        with pytest.raises(SystemExit) as exc:
+            cli.main(["--help"])
+        out = capsys.readouterr().out
+        assert exc.value.code == 0 and out.startswith(f"usage: {prog} ")
+        assert "Exit status: 0 done" in out and str(evaluate.EXIT_BROKEN_PIPE) in out
+
+
+def test_console_script_usage_names_the_script():
+    script = Path(sys.executable).with_name("mixer-predict")
+    assert script.exists(), "the project is installed (pip install -e .), so its console script is"
+    proc = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.startswith("usage: mixer-predict ")
+
+
+def _synthetic_model(tmp_path: Path) -> Path:
+    """A model trained by ``mixer.train --save`` on synthetic rows (one short epoch)."""
+    config = tmp_path / "synthetic.yaml"
+    config.write_text("data: {source: synthetic, n_rows: 300}\n"
+                      "train: {patch_size: 6, dim: 8, depth: 1, epochs: 1, batch_size: 64}\nseed: 0\n")
+    model = tmp_path / "synthetic.npz"
+    assert train.main([str(config), "--save", str(model)]) == 0
+    return model
+
+
+@pytest.mark.parametrize("cli", [evaluate, predict])
+def test_a_synthetic_model_on_a_csv_warns_and_still_scores(trained, tmp_path, capsys, cli):
+    model = _synthetic_model(tmp_path)
+    capsys.readouterr()
+    assert cli.main([str(model), str(trained.test_csv), *(["--out", str(tmp_path / "p.csv")]
+                                                         if cli is predict else [])]) == 0
+    err = capsys.readouterr().err
+    assert f"warning: {model} was trained on synthetic rows, and {trained.test_csv} is a CSV" in err
+
+
+def test_a_model_on_rows_of_its_own_kind_gives_no_warning(trained, tmp_path, capsys):
+    info = {"data_config": {"source": "csv", "train_csv": str(trained.root / "train.csv")}}
+    model = ModelBundle(trained.bundle.params, trained.bundle.config, trained.bundle.pipeline,
+                        info=info).save(tmp_path / "csv.npz")
+    assert evaluate.main([str(model), str(trained.test_csv)]) == 0
+    assert "warning" not in capsys.readouterr().err
+
+
+def test_columns_in_another_order_than_training_warn(trained, tmp_path, capsys):
+    columns = list(trained.test.columns)
+    columns[1], columns[2] = columns[2], columns[1]  # dur and proto swapped
+    path = _write(trained.test[columns], tmp_path / "swapped.csv")
+    assert evaluate.main([str(trained.model), str(path)]) == 0
+    err = capsys.readouterr().err
+    assert f"warning: {path}: feature columns in another order" in err and "'proto'" in err
+
+
+def test_train_save_to_a_directory_exits_2_naming_it(tmp_path, capsys):
+    config = tmp_path / "synthetic.yaml"
+    config.write_text("data: {source: synthetic, n_rows: 100}\n"
+                      "train: {patch_size: 6, dim: 8, depth: 1, epochs: 1, batch_size: 64}\nseed: 0\n")
+    (tmp_path / "models" / "inside").mkdir(parents=True)
+    assert train.main([str(config), "--save", str(tmp_path / "models")]) == 2
+    assert f"error: {tmp_path / 'models'}: cannot write" in capsys.readouterr().err
