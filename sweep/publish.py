@@ -12,9 +12,11 @@ its artifact, ``mixer`` in its ``code_paths``), the ``test_*`` metrics and the t
 ``best_trial_number``, ``best_model_uri``, ``best_model_seed``, ``best_model_epoch``; optionally it
 registers the model as ``register_name``.
 
-The pyfunc model takes a DataFrame of raw UNSW-NB15 rows (the 42 feature columns; ``id``,
-``label`` and ``attack_cat`` are dropped by the signature) and returns ``probability`` (P(label =
-1)) and ``prediction`` (0/1 at ``params={"threshold": 0.5}``), one row per input row::
+The pyfunc model takes a DataFrame of raw UNSW-NB15 rows (the 42 feature columns, typed as the
+training data holds them: ``double``, ``long``, ``string`` for the categoricals; ``id``, ``label``
+and ``attack_cat`` are dropped by the signature) and returns ``probability`` (P(label = 1)) and
+``prediction`` (0/1 at ``params={"threshold": 0.5}``), one row per input row. A bad value is an
+``MlflowException`` naming the column (a 400 from ``mlflow models serve``)::
 
     model = mlflow.pyfunc.load_model(result.model_uri)      # runs:/<parent run id>/model
     model.predict(raw_rows)                                 # DataFrame[probability, prediction]
@@ -64,11 +66,18 @@ class MixerPyfunc(mlflow.pyfunc.PythonModel):
         self.bundle = ModelBundle.load(context.artifacts["bundle"])
 
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
+        from mlflow.exceptions import MlflowException
+
         from mixer.predict import predict_frame
 
         threshold = float((params or {}).get("threshold", 0.5))
         frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
-        out = predict_frame(self.bundle, frame, source="model input", threshold=threshold)
+        try:
+            out = predict_frame(self.bundle, frame, source="model input", threshold=threshold)
+        except ValueError as exc:  # DataError (naming the column and row) or a bad threshold
+            # An MlflowException is the client's error (400, its message); anything else is answered
+            # with the server's stack trace.
+            raise MlflowException.invalid_parameter_value(str(exc)) from None
         return out[["probability", "prediction"]]
 
 
@@ -320,7 +329,7 @@ def _on_run(run_id: str | None, *, study_name: str) -> Iterator[str]:
 
 
 def _example_frame(data_config: Any) -> pd.DataFrame:
-    """A few raw rows (the feature columns, as read) for the model's input example."""
+    """A few raw rows (the feature columns, with the training frame's dtypes) for the input example."""
     from mixer.data import read_csv, synthetic_frame
 
     if data_config.source == "csv":
@@ -332,23 +341,23 @@ def _example_frame(data_config: Any) -> pd.DataFrame:
 
 
 def model_signature(example: pd.DataFrame, output: pd.DataFrame) -> Any:
-    """``infer_signature`` of the example rows, with the numeric feature columns typed ``Any``.
+    """``infer_signature`` of the example rows: each feature typed as the training data holds it.
 
-    MLflow's schema enforcement refuses int64 where the schema says double and float where it says
-    long, so an inferred numeric type would reject e.g. a ``dur`` column that happens to hold only
-    whole numbers. ``Any`` passes values through to ``Pipeline.transform``, which checks every value
-    and names the column and row of a bad one. Categorical columns stay ``string``; every feature
-    column stays required, and columns outside the signature (``id``, ``label``) are dropped.
+    ``_example_frame`` keeps the dtypes of the whole training frame, so a float column is ``double``
+    (even if the example rows hold whole numbers) and an integer one ``long``; categoricals are
+    ``string`` whatever they look like. Typed columns let MLflow's own schema enforcement refuse a
+    bad value naming the column, and let ``text/csv`` requests be parsed. Every feature column stays
+    required, and columns outside the signature (``id``, ``label``) are dropped.
     """
-    from mlflow.types.schema import AnyType, ColSpec, Schema
+    from mlflow.types.schema import ColSpec, DataType, Schema
 
     from mixer.data import CATEGORICAL
 
     with warnings.catch_warnings():
-        # Its hint about integer columns and missing values does not apply: they become Any below.
+        # Its hint is about missing values in integer columns; the data refuse missing values.
         warnings.filterwarnings("ignore", message="Hint: Inferred schema contains integer")
         inferred = mlflow.models.infer_signature(example, output, params={"threshold": 0.5})
-    inputs = Schema([spec if spec.name in CATEGORICAL else ColSpec(AnyType(), spec.name)
+    inputs = Schema([ColSpec(DataType.string, spec.name) if spec.name in CATEGORICAL else spec
                      for spec in inferred.inputs.inputs])
     return mlflow.models.ModelSignature(inputs=inputs, outputs=inferred.outputs, params=inferred.params)
 

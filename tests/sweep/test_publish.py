@@ -5,10 +5,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import signal
+import re
 import subprocess
 import sys
 import textwrap
+import urllib.error
 import urllib.request
 import uuid
 from types import SimpleNamespace
@@ -21,12 +22,12 @@ import pytest
 
 from mixer.bundle import ModelBundle
 from mixer.config import DataConfig, MixerConfig, TrainConfig
-from mixer.data import load
+from mixer.data import CATEGORICAL, FEATURE_NAMES, load
 from mixer.evaluate import evaluate_csv
 from mixer.predict import predict_frame
 from mixer.train import fit
 from sweep.publish import BUNDLE_NAME, PublishError, publish_best
-from tests.conftest import free_port, wait_http
+from tests.conftest import free_port, stop_process_group, wait_http
 
 TRAIN = TrainConfig(model=MixerConfig(patch_size=6, dim=16, depth=2), epochs=3, batch_size=64, lr=3e-3)
 SEED = 11
@@ -135,13 +136,33 @@ def test_logged_pyfunc_model_predicts_what_mixer_predict_does(published, monkeyp
     assert list(got.columns) == ["probability", "prediction"]
     np.testing.assert_allclose(got["probability"], expected["probability"], rtol=1e-12)
     assert got["prediction"].tolist() == expected["prediction"].tolist()
-    # Whole numbers in a float column and floats in an integer column both pass the signature.
-    retyped = rows.astype({"dur": "int64", "spkts": "float64"})
-    np.testing.assert_allclose(model.predict(retyped)["probability"],
-                               predict_frame(ModelBundle.load(published.result.bundle_path), retyped,
-                                             source="retyped")["probability"], rtol=1e-12)
     strict = model.predict(rows, params={"threshold": 0.99})["prediction"]
     assert strict.sum() < got["prediction"].sum()
+
+
+def test_signature_types_each_feature_as_the_training_data_holds_it(published, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", published.uri)
+    signature = mlflow.models.get_model_info(published.result.model_uri).signature
+    train = pd.read_csv(published.data_config.train_csv)
+    expected = {c: "string" if c in CATEGORICAL else "double" if train[c].dtype.kind == "f" else "long"
+                for c in FEATURE_NAMES}
+    assert (expected["dur"], expected["spkts"]) == ("double", "long")  # both kinds are there
+    assert {spec.name: spec.type.name for spec in signature.inputs.inputs} == expected
+    assert {spec.name: spec.type.name for spec in signature.outputs.inputs} == {
+        "probability": "double", "prediction": "long"}
+
+
+@pytest.mark.parametrize(("column", "value", "match"), [
+    ("dur", "soon", "column dur"),                       # refused by MLflow's schema enforcement
+    ("rate", np.inf, "column 'rate', data row 2"),       # passes the schema, refused by the model
+])
+def test_logged_model_refuses_a_bad_value_naming_the_column(published, monkeypatch, column, value, match):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", published.uri)
+    model = mlflow.pyfunc.load_model(published.result.model_uri)
+    rows = published.test.head(3).astype({column: object if isinstance(value, str) else "float64"})
+    rows.loc[1, column] = value
+    with pytest.raises(mlflow.exceptions.MlflowException, match=match):
+        model.predict(rows)
 
 
 def test_model_is_registered_under_the_given_name(published):
@@ -183,41 +204,74 @@ def test_model_loads_where_the_project_is_not_installed(published, tmp_path, mon
     np.testing.assert_allclose(got, expected, rtol=1e-6)
 
 
-@pytest.mark.slow  # downloads the model and starts a uvicorn server
-def test_mlflow_models_serve_scores_raw_rows_over_http(published, tmp_path):
+@pytest.fixture(scope="module")
+def served(published, tmp_path_factory) -> str:
+    """``mlflow models serve`` of the published model on a free loopback port; yields its URL."""
+    root = tmp_path_factory.mktemp("serve")
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    env = {**os.environ, "MLFLOW_TRACKING_URI": published.uri}
-    log = open(tmp_path / "serve.log", "wb")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "models", "serve", "-m", published.result.model_uri,
-         "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port), "-w", "1"],
-        env=env, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-    )
-    try:
+    with open(root / "serve.log", "wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "mlflow", "models", "serve", "-m", published.result.model_uri,
+             "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port), "-w", "1"],
+            env={**os.environ, "MLFLOW_TRACKING_URI": published.uri}, cwd=root, stdout=log,
+            stderr=subprocess.STDOUT, start_new_session=True,
+        )
         try:
-            wait_http(f"{url}/ping", timeout=90, proc=proc)
-        except (RuntimeError, TimeoutError) as exc:
-            raise AssertionError(f"{exc}\n{(tmp_path / 'serve.log').read_text()[-3000:]}") from None
-        rows = published.test.head(25)
-        body = json.dumps({"dataframe_split": json.loads(rows.to_json(orient="split", index=False))})
-        request = urllib.request.Request(f"{url}/invocations", data=body.encode(),
-                                         headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(request, timeout=30) as resp:
-            answer = json.loads(resp.read())
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
             try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-        log.close()
-    got = pd.DataFrame(answer["predictions"])
+                wait_http(f"{url}/ping", timeout=90, proc=proc)
+            except (RuntimeError, TimeoutError) as exc:
+                raise AssertionError(f"{exc}\n{(root / 'serve.log').read_text()[-3000:]}") from None
+            yield url
+        finally:
+            stop_process_group(proc)
+
+
+def _invoke(url: str, body: str, content_type: str) -> tuple[int, str]:
+    """POST ``body`` to the server's ``/invocations``; (HTTP status, response text), errors included."""
+    request = urllib.request.Request(f"{url}/invocations", data=body.encode(),
+                                     headers={"Content-Type": content_type})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as resp:
+            return resp.status, resp.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+def _split_json(rows: pd.DataFrame) -> str:
+    return json.dumps({"dataframe_split": json.loads(rows.to_json(orient="split", index=False))})
+
+
+@pytest.mark.slow  # downloads the model and starts a uvicorn server
+@pytest.mark.mlflow_server
+@pytest.mark.parametrize("content_type", ["application/json", "text/csv"])
+def test_mlflow_models_serve_scores_raw_rows_as_json_and_csv(published, served, content_type):
+    rows = published.test.head(25)  # id and label included: the signature drops them
+    body = _split_json(rows) if content_type == "application/json" else rows.to_csv(index=False)
+    status, text = _invoke(served, body, content_type)
+    assert status == 200, text[-2000:]
+    got = pd.DataFrame(json.loads(text)["predictions"])
     expected = predict_frame(ModelBundle.load(published.result.bundle_path), rows, source="rows")
     np.testing.assert_allclose(got["probability"], expected["probability"], rtol=1e-6)
     assert got["prediction"].tolist() == expected["prediction"].tolist()
+
+
+@pytest.mark.slow
+@pytest.mark.mlflow_server
+@pytest.mark.parametrize(("content_type", "column", "value"), [
+    ("application/json", "sbytes", "lots"),  # a string in a long column: refused by MLflow's schema
+    ("application/json", "dur", "soon"),     # ... in a double column
+    ("text/csv", "rate", "inf"),             # parses as a double, so it reaches the model's predict
+])
+def test_served_model_refuses_a_bad_value_naming_the_column_without_a_traceback(
+        published, served, content_type, column, value):
+    rows = published.test.head(3).astype({column: object})
+    rows.loc[1, column] = value
+    body = _split_json(rows) if content_type == "application/json" else rows.to_csv(index=False)
+    status, text = _invoke(served, body, content_type)
+    assert 400 <= status < 500, (status, text[-2000:])
+    assert re.search(rf"column '?{column}\b", json.loads(text)["message"]), text[-2000:]
+    assert "Traceback" not in text, text[-2000:]
 
 
 def test_study_without_a_completed_trial_cannot_be_published(tmp_path):
