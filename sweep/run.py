@@ -61,7 +61,9 @@ SUMMARISED_ATTR = "summarised_trials"
 def build_parser() -> argparse.ArgumentParser:
     """The command line of ``python -m sweep.run`` (docker-compose.yml's worker command is checked by it)."""
     p = argparse.ArgumentParser(
-        prog="python -m sweep.run",
+        # The console script's name when that is what runs (mixer.evaluate.prog_name, without NumPy).
+        prog=("mixer-sweep" if Path(sys.argv[0] if sys.argv else "").stem == "mixer-sweep"
+              else "python -m sweep.run"),
         description="Run an Optuna study of the NumPy Mixer described by one search-space YAML file, "
                     "tracked in MLflow. Running the same command again resumes the study. Values given "
                     "here override the file's.",
