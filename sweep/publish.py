@@ -31,7 +31,7 @@ import math
 import os
 import tempfile
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -118,7 +118,7 @@ class PublishResult:
     def summary(self) -> str:
         """Lines to print at the end of a study."""
         lines = [f"best trial {self.trial_number} (seed {self.seed}) retrained to epoch {self.epoch}: "
-                 f"{self.metric} {self.value:.4f}"
+                 f"{self.metric} {self.value:.6g}"
                  + ("" if self.reproduced else " (differs from the trial's recorded history!)"),
                  f"model bundle: {self.bundle_path}"]
         if self.model_uri:
@@ -172,13 +172,14 @@ class Retrained:
     data_config: Any
 
 
-def retrain_best(study: Any) -> Retrained:
+def retrain_best(study: Any, *, on_epoch: Callable[[Any, int], None] | None = None) -> Retrained:
     """Retrain ``study.best_trial`` up to the epoch the study scored it by, and bundle that epoch.
 
     The epoch is the best one of the trial's recorded ``history`` by the study's ``metric`` user attr
     (``val_loss`` if absent) and direction, the epoch whose value made the trial best. The run stops
     there; same seed, same config, so its parameters are the trial's at that epoch. Without a
     recorded history the whole run is retrained and ``fit``'s lowest-val_loss epoch is shipped.
+    ``on_epoch(metrics, epochs)`` is told of each retrained epoch (progress).
     """
     from mixer.bundle import ModelBundle
     from mixer.data import DataError, load
@@ -197,14 +198,21 @@ def retrain_best(study: Any) -> Retrained:
     metric = str(study.user_attrs.get("metric", "val_loss"))
     maximize = study.direction.name == "MAXIMIZE"
     target = best_epoch_of(trial.user_attrs.get("history") or [], metric, maximize=maximize)
+    epochs = target or config.epochs
+
+    def told(m: Any) -> bool:
+        if on_epoch is not None:
+            on_epoch(m, epochs)
+        return bool(target) and m.epoch >= target
+
     if target:
-        result = fit(config, data, seed=seed, on_epoch=lambda m: m.epoch >= target)
+        result = fit(config, data, seed=seed, on_epoch=told)
         if result.status == "diverged" or len(result.history) < target:
             raise PublishError(f"trial {trial.number}: retraining stopped before epoch {target}: "
                                f"{result.reason}")
         params = result.params
     else:
-        result = fit(config, data, seed=seed)
+        result = fit(config, data, seed=seed, on_epoch=told)
         if result.best_epoch == 0:
             raise PublishError(f"trial {trial.number}: retraining did not produce a model: {result.reason}")
         target, metric, params = result.best_epoch, "val_loss", result.best_params
@@ -226,7 +234,8 @@ def _history_matches(recorded: list[dict[str, Any]], history: list[Any]) -> bool
 
 
 def publish_best(study: Any, *, tracking_uri: str | None = None, out_dir: str | Path,
-                 register_name: str | None = None, log_model: bool = True) -> PublishResult:
+                 register_name: str | None = None, log_model: bool = True,
+                 on_epoch: Callable[[Any, int], None] | None = None) -> PublishResult:
     """Retrain the study's best trial, save it as a bundle and log it as an MLflow pyfunc model.
 
     Args:
@@ -239,6 +248,7 @@ def publish_best(study: Any, *, tracking_uri: str | None = None, out_dir: str | 
         out_dir: where ``best_model.npz`` is written (created if missing).
         register_name: if given, also register the model in the MLflow model registry under this name.
         log_model: False skips MLflow entirely (bundle and test metrics only).
+        on_epoch: told of each retrained epoch, as in ``retrain_best``.
 
     Returns:
         PublishResult (``.summary()`` gives the lines to print).
@@ -249,7 +259,7 @@ def publish_best(study: Any, *, tracking_uri: str | None = None, out_dir: str | 
     """
     from mixer.evaluate import evaluate_csv
 
-    retrained = retrain_best(study)
+    retrained = retrain_best(study, on_epoch=on_epoch)
     trial, bundle = retrained.trial, retrained.bundle
     reproduced = _history_matches(trial.user_attrs.get("history") or [], retrained.history)
     if trial.user_attrs.get("history") and not reproduced:

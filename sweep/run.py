@@ -33,6 +33,7 @@ import shlex
 import shutil
 import signal
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -261,6 +262,7 @@ def _make_tracker(settings: _Settings) -> Any:
 
 
 def _main(args: argparse.Namespace, argv: list[str]) -> int:
+    started = time.monotonic()
     settings = _Settings(args)
     space = settings.space
     log_to(None)
@@ -366,6 +368,7 @@ def _main(args: argparse.Namespace, argv: list[str]) -> int:
     for failure in failures:
         print(f"error: {failure}", file=sys.stderr)
         code = 1
+    print(f"study {settings.study_name}: done in {time.monotonic() - started:.0f} s", file=sys.stderr)
     return code
 
 
@@ -436,13 +439,25 @@ def _publish(study: Any, settings: _Settings, *, tracked: bool) -> int:
     if not study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
         return 0
     print("retraining the best trial to ship it as a model ...", file=sys.stderr, flush=True)
+    started, tty = time.monotonic(), sys.stderr.isatty()
+
+    def shown(m: Any, epochs: int) -> None:
+        if tty:
+            print(f"\r\x1b[K  retraining: epoch {m.epoch}/{epochs} {settings.space.metric} "
+                  f"{format_value(getattr(m, settings.space.metric))}", end="", file=sys.stderr, flush=True)
+
     try:
         result = publish_best(study, tracking_uri=settings.tracking_uri,
                               out_dir=settings.out_dir, register_name=settings.space.register_model,
-                              log_model=tracked)
+                              log_model=tracked, on_epoch=shown)
     except PublishError as exc:
         print(f"error: the best model was not published: {exc}", file=sys.stderr)
         return 1
+    finally:
+        if tty:
+            print("\r\x1b[K", end="", file=sys.stderr, flush=True)
+    print(f"retrained and {'logged' if tracked else 'saved'} the best model in "
+          f"{time.monotonic() - started:.0f} s", file=sys.stderr)
     print(result.summary())
     return 0
 

@@ -392,3 +392,17 @@ def test_tracked_study_has_a_parent_run_and_one_child_run_per_trial(in_tmp, mlfl
         history = client.get_metric_history(run.info.run_id, "val_loss")
         assert [m.value for m in sorted(history, key=lambda m: m.step)] == [
             h["val_loss"] for h in t.user_attrs["history"]]
+
+
+def test_the_best_value_is_printed_with_one_precision_and_the_final_phase_is_timed(in_tmp, capsys):
+    import re
+
+    space = write_space(in_tmp)
+    assert main([str(space), "--no-tracking", "--n-trials", "3"]) == 0
+    captured = capsys.readouterr()
+    text = captured.out + captured.err
+    best = journal_study(in_tmp / "runs").best_value
+    shown = {m for m in re.findall(r"val_loss (\d\.\d+)", text) if abs(float(m) - best) < 1e-3}
+    assert shown == {f"{best:.6g}"}, text
+    assert re.search(r"retrained and saved the best model in \d+ s", captured.err)
+    assert re.search(r"study tiny: done in \d+ s", captured.err)
