@@ -8,11 +8,15 @@ The sweep addresses them by their bare field name (``lr``, ``patch_size``,
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
+import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mixer.yaml_io import YamlError, load_yaml
+from mixer.yaml_io import YamlError, load_yaml, shorten
 
 GELU_FORMS = ("tanh", "erf")
 SCHEDULERS = ("constant", "cosine", "cosine_warm_restarts", "sharp_cosine")
@@ -21,10 +25,49 @@ SCALINGS = ("global", "standard", "log_standard")
 DATA_SOURCES = ("synthetic", "csv")
 DTYPES = ("float32", "float64")
 
+# Upper bounds, far past any useful run on this project's data (42 features, tens of thousands of
+# rows) and low enough that a typo such as `epochs: 100000000000` or `dim: 100000` is an error before
+# a study starts, not a run that never ends or dies of MemoryError in every trial.
+MAX_DIM = 4096  # channels per token (the notebook's model has 198)
+MAX_DEPTH = 256  # blocks (the shipped spaces search up to 12)
+MAX_EXPANSION = 16.0  # an MLP's hidden width over its input width (defaults 4 and 0.5)
+MAX_EPOCHS = 100_000  # also bounds the other counts of epochs: warmup_epochs, t_max, t_0, curvature_every
+MAX_BATCH_SIZE = 65_536  # rows per step, also for curvature_batch (the real sample has 20,000 rows)
+MAX_ROWS = 1_000_000  # synthetic rows, 50 times the real sample
+
+# A relative CSV path in a space or run config is looked up by its file name in this folder when set.
+DATA_DIR_ENV = "MIXER_DATA_DIR"
+
 
 def divisors(n: int) -> list[int]:
     """The patch sizes that cut ``n`` features into whole tokens."""
     return [d for d in range(1, n + 1) if n % d == 0]
+
+
+# A field's annotation -> what it must hold: YAML reads `1e11` and `.inf` as floats, `yes` as a bool.
+_KINDS = {"int": ("an integer", lambda v: isinstance(v, numbers.Integral)),
+          "float": ("a finite number", lambda v: isinstance(v, numbers.Real) and math.isfinite(v)),
+          "str": ("text", lambda v: isinstance(v, str)),
+          "str | None": ("text or null", lambda v: v is None or isinstance(v, str))}
+
+
+def _check_types(record: Any) -> None:
+    for f in dataclasses.fields(record):
+        v = getattr(record, f.name)
+        what, ok = _KINDS.get(f.type, ("", None))
+        if ok is not None and (isinstance(v, bool) or not ok(v)):
+            raise ValueError(f"{f.name} must be {what}, got {f.name}={shorten(v)}")
+
+
+def _check_choice(record: Any, name: str, allowed: tuple[str, ...]) -> None:
+    if getattr(record, name) not in allowed:
+        raise ValueError(f"{name} must be one of {allowed}, got {name}={shorten(getattr(record, name))}")
+
+
+def _check_max(record: Any, limit: float, *names: str) -> None:
+    for name in names:
+        if getattr(record, name) > limit:
+            raise ValueError(f"{name} must be <= {limit:,}, got {name}={shorten(getattr(record, name))}")
 
 
 @dataclass(frozen=True)
@@ -43,6 +86,10 @@ class MixerConfig:
     pos_weight: float = 1.0
 
     def __post_init__(self) -> None:
+        _check_types(self)
+        _check_max(self, MAX_DIM, "dim")
+        _check_max(self, MAX_DEPTH, "depth")
+        _check_max(self, MAX_EXPANSION, "token_expansion", "channel_expansion")
         if self.n_features < 1:
             raise ValueError(f"n_features must be >= 1, got n_features={self.n_features}")
         if self.patch_size < 1 or self.n_features % self.patch_size:
@@ -57,8 +104,7 @@ class MixerConfig:
         for name in ("dropout", "stochastic_depth"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"{name} must be in [0, 1), got {name}={getattr(self, name)}")
-        if self.gelu not in GELU_FORMS:
-            raise ValueError(f"gelu must be one of {GELU_FORMS}, got gelu={self.gelu!r}")
+        _check_choice(self, "gelu", GELU_FORMS)
         if self.pos_weight <= 0:
             raise ValueError(f"pos_weight must be > 0, got pos_weight={self.pos_weight}")
         if self.token_hidden < 1 or self.channel_hidden < 1:
@@ -99,14 +145,14 @@ class DataConfig:
     scaling: str = "log_standard"
 
     def __post_init__(self) -> None:
-        if self.source not in DATA_SOURCES:
-            raise ValueError(f"source must be one of {DATA_SOURCES}, got source={self.source!r}")
+        _check_types(self)
+        _check_max(self, MAX_ROWS, "n_rows")
+        _check_choice(self, "source", DATA_SOURCES)
         if self.source == "csv" and not self.train_csv:
             raise ValueError("source='csv' needs train_csv")
         if not 0.0 < self.val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in (0, 1), got val_fraction={self.val_fraction}")
-        if self.scaling not in SCALINGS:
-            raise ValueError(f"scaling must be one of {SCALINGS}, got scaling={self.scaling!r}")
+        _check_choice(self, "scaling", SCALINGS)
         if self.n_rows < 10:
             raise ValueError(f"n_rows must be >= 10, got n_rows={self.n_rows}")
 
@@ -144,15 +190,15 @@ class TrainConfig:
     curvature_iters: int = 20
 
     def __post_init__(self) -> None:
+        _check_types(self)
+        _check_max(self, MAX_EPOCHS, "epochs", "warmup_epochs", "t_max", "t_0", "curvature_every")
+        _check_max(self, MAX_BATCH_SIZE, "batch_size", "curvature_batch")
         for name in ("epochs", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {name}={getattr(self, name)}")
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {DTYPES}, got dtype={self.dtype!r}")
-        if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got optimizer={self.optimizer!r}")
-        if self.scheduler not in SCHEDULERS:
-            raise ValueError(f"scheduler must be one of {SCHEDULERS}, got scheduler={self.scheduler!r}")
+        _check_choice(self, "dtype", DTYPES)
+        _check_choice(self, "optimizer", OPTIMIZERS)
+        _check_choice(self, "scheduler", SCHEDULERS)
         if self.lr <= 0:
             raise ValueError(f"lr must be > 0, got lr={self.lr}")
         if not 0 <= self.eta_min <= self.lr:
@@ -197,14 +243,64 @@ assert not set(MODEL_FIELDS) & set(TRAIN_FIELDS) and not set(DATA_FIELDS) & (
 ), "knob names must be unique across the config records"
 
 
+def resolve_csv(value: str, *, base: Path) -> str:
+    """The absolute path of a CSV named in a YAML file in the folder ``base``.
+
+    An absolute path is kept. A relative one is relative to ``base``, unless ``$MIXER_DATA_DIR`` is
+    set: then its file name is looked up in that folder instead (the data live outside the clone).
+
+    Raises:
+        ValueError: the path is not a file; the message says where to put it.
+    """
+    p = Path(value)
+    if not p.is_absolute():
+        folder = os.environ.get(DATA_DIR_ENV)
+        p = Path(folder) / p.name if folder else base / p
+    p = p.resolve()
+    if p.is_dir():
+        raise ValueError(f"{p} is a directory, not a CSV file")
+    if not p.is_file():
+        raise ValueError(f"file not found: {p} (put the CSV there, set {DATA_DIR_ENV} to the folder that "
+                         f"holds it, or give its path with --train-csv; see data/README.md)")
+    return str(p)
+
+
+def check_memory(train: TrainConfig) -> None:
+    """Raise ValueError if training ``train`` cannot fit in this machine's physical memory."""
+    from mixer.model import param_count  # here: mixer.model imports this module
+
+    m = train.model
+    # A rough estimate: parameters, gradients and Adam's two moments, plus the activations each block
+    # keeps for the backward pass: per MLP, about three arrays of (tokens x batch x dim) (input,
+    # normalised input, dropout mask) and two of its hidden width (before and after the GELU).
+    per_block = train.batch_size * (6 * m.n_tokens * m.dim + 2 * m.token_hidden * m.dim
+                                    + 2 * m.n_tokens * m.channel_hidden)
+    need = (8 if train.dtype == "float64" else 4) * (4 * param_count(m) + m.depth * per_block)
+    have = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    if need > have:
+        raise ValueError(
+            f"training needs about {need / 2**30:,.1f} GiB (dim={m.dim}, depth={m.depth}, "
+            f"patch_size={m.patch_size}, batch_size={train.batch_size}, dtype={train.dtype}), more than "
+            f"this machine's {have / 2**30:,.1f} GiB")
+
+
+def bad_field(exc: BaseException, names: Any) -> str | None:
+    """Of ``names``, the one that the message of ``exc`` (raised by these records) names first."""
+    found = [(m.start(), n) for n in names if (m := re.search(rf"\b{re.escape(str(n))}\b", str(exc)))]
+    return min(found)[1] if found else None
+
+
 class ConfigError(ValueError):
     """A configuration file is wrong; the message names the file and the key."""
 
 
-def load_run_config(path: str | Path) -> tuple[DataConfig, TrainConfig, int]:
+def load_run_config(path: str | Path, *, train_csv: str | Path | None = None,
+                    ) -> tuple[DataConfig, TrainConfig, int]:
     """Read a single-run YAML (``data:``, ``train:``, ``seed:``), as ``python -m mixer.train`` takes.
 
     Read with ``mixer.yaml_io.load_yaml``, the search spaces' loader: ``lr: 1e-4`` is a float.
+    CSV paths are found by ``resolve_csv``. ``train_csv`` (a command line's ``--train-csv``, relative
+    to the working directory) replaces the file's ``data.train_csv`` and sets ``source: csv``.
 
     Raises:
         ConfigError: naming the file and the key, for anything missing, unknown or out of range.
@@ -216,9 +312,9 @@ def load_run_config(path: str | Path) -> tuple[DataConfig, TrainConfig, int]:
         raise ConfigError(str(exc)) from None
     if not isinstance(doc, dict):
         raise ConfigError(f"{path}: expected a mapping with keys data, train, seed")
-    unknown = sorted(set(doc) - {"data", "train", "seed"})
+    unknown = [k for k in doc if k not in ("data", "train", "seed")]
     if unknown:
-        raise ConfigError(f"{path}: unknown key {unknown[0]!r} (allowed: data, train, seed)")
+        raise ConfigError(f"{path}: unknown key {shorten(unknown[0])} (allowed: data, train, seed)")
     data_doc = doc.get("data") or {}
     train_doc = doc.get("train") or {}
     for key, section, allowed in (("data", data_doc, DATA_FIELDS),
@@ -227,23 +323,35 @@ def load_run_config(path: str | Path) -> tuple[DataConfig, TrainConfig, int]:
             raise ConfigError(f"{path}: {key} must be a mapping")
         for name in section:
             if name not in allowed:
-                raise ConfigError(f"{path}: unknown key {key}.{name}")
+                raise ConfigError(f"{path}: unknown key {key}.{str(name)[:80]}")
     seed = doc.get("seed", 0)
     if not isinstance(seed, int) or isinstance(seed, bool):
-        raise ConfigError(f"{path}: seed must be an integer, got {seed!r}")
+        raise ConfigError(f"{path}: seed must be an integer, got {shorten(seed)}")
+    if train_csv is not None:
+        data_doc = {**data_doc, "source": "csv", "train_csv": str(Path(train_csv).absolute())}
     if data_doc.get("source") == "csv":
-        # Relative CSV paths are relative to the config file, so configs travel with their data.
         for key in ("train_csv", "test_csv"):
-            if data_doc.get(key):
-                data_doc[key] = str((path.parent / data_doc[key]).resolve()
-                                    if not Path(data_doc[key]).is_absolute() else data_doc[key])
+            if isinstance(data_doc.get(key), str) and data_doc[key]:
+                try:
+                    data_doc = {**data_doc, key: resolve_csv(data_doc[key], base=path.parent)}
+                except ValueError as exc:
+                    raise ConfigError(f"{path}: data.{key}: {exc}") from None
+
+    def fail(section: str, exc: Exception, names: Any) -> ConfigError:
+        name = bad_field(exc, names)
+        return ConfigError(f"{path}: {section}{'.' + name if name else ''}: {exc}")
+
     try:
         data = DataConfig(**data_doc)
     except (TypeError, ValueError) as exc:
-        raise ConfigError(f"{path}: data: {exc}") from None
+        raise fail("data", exc, data_doc) from None
     try:
         train = TrainConfig.from_flat(train_doc)
     except (TypeError, ValueError, KeyError) as exc:
+        raise fail("train", exc, train_doc) from None
+    try:
+        check_memory(train)
+    except ValueError as exc:
         raise ConfigError(f"{path}: train: {exc}") from None
     return data, train, seed
 

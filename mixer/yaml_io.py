@@ -3,16 +3,43 @@
 PyYAML follows YAML 1.1, whose floats need a dot, so it reads ``lr: 1e-4`` as the string
 ``"1e-4"``; this loader reads it as a float, as YAML 1.2 does. It also refuses duplicate keys
 instead of silently keeping the last one. Otherwise it is PyYAML's safe loader.
+
+These files are small and written by hand, so hostile ones are refused before they cost anything:
+anything but a regular file (a directory, ``/dev/zero``, a pipe), a file over ``MAX_BYTES``, text
+that is not UTF-8, nesting deeper than ``MAX_NESTING``, and every YAML alias (``*name``, merge keys
+``<<: *name`` included). A space or a run config has no need of aliases, and refusing them outright
+is the simplest defence against a "billion laughs" document, whose aliases expand a few hundred
+bytes into gigabytes.
 """
 
 from __future__ import annotations
 
 import functools
+import os
 import re
+import reprlib
+import stat
 from pathlib import Path
 from typing import Any
 
-__all__ = ["YamlError", "load_yaml"]
+__all__ = ["MAX_BYTES", "MAX_NESTING", "YamlError", "load_yaml", "shorten"]
+
+_REPR = reprlib.Repr()
+_REPR.maxstring = _REPR.maxlong = _REPR.maxother = 80
+
+
+def shorten(value: object, *, limit: int = 80) -> str:
+    """``repr(value)`` cut to about ``limit`` characters: a value quoted in an error cannot flood it.
+
+    The one cut of quoted values (configs, spaces): here, not in ``sweep``, because a published
+    model ships only ``mixer``."""
+    text = _REPR.repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+# A space or a run config is a few kB, nested a few levels deep; past these it is something else
+# (and PyYAML's scanner slows down with each level of nesting).
+MAX_BYTES = 1 << 20
+MAX_NESTING = 32
 
 
 class YamlError(ValueError):
@@ -24,7 +51,21 @@ def _loader() -> type:
     import yaml
 
     class Loader(yaml.SafeLoader):
-        pass
+        nesting = 0
+
+        def compose_node(self, parent: Any, index: Any) -> Any:
+            event = self.peek_event()
+            if isinstance(event, yaml.AliasEvent):
+                problem = f"aliases are not allowed (*{event.anchor[:80]})"
+            elif self.nesting >= MAX_NESTING:
+                problem = f"nested more than {MAX_NESTING} levels deep"
+            else:
+                self.nesting += 1
+                try:
+                    return super().compose_node(parent, index)
+                finally:
+                    self.nesting -= 1
+            raise yaml.composer.ComposerError(None, None, problem, event.start_mark)
 
     Loader.yaml_implicit_resolvers = {k: list(v) for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
     Loader.add_implicit_resolver(
@@ -45,7 +86,7 @@ def _loader() -> type:
             if key in seen:
                 line = key_node.start_mark.line + 1
                 raise yaml.constructor.ConstructorError(
-                    None, None, f"duplicate key {key!r} (line {line})", key_node.start_mark)
+                    None, None, f"duplicate key {shorten(key)} (line {line})", key_node.start_mark)
             seen.add(key)
         return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
 
@@ -54,19 +95,36 @@ def _loader() -> type:
 
 
 def load_yaml(path: str | Path) -> Any:
-    """The document in the YAML file at ``path`` (``1e-4`` is a float; duplicate keys fail).
+    """The document in the YAML file at ``path`` (``1e-4`` is a float; duplicate keys and aliases fail).
 
     Raises:
-        YamlError: ``"<path>: cannot read: ..."`` or ``"<path>: not valid YAML: ..."``.
+        YamlError: ``"<path>: cannot read: ..."``, ``"<path>: not valid YAML: ..."`` or another
+            message starting with the path (not a regular file, too large, not UTF-8).
     """
     import yaml
 
     path = Path(path)
     try:
-        text = path.read_text()
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO opens at once, and is refused below
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise YamlError(f"{path}: not a regular file (a directory, a device or a pipe)")
+            with open(fd, "rb", closefd=False) as f:
+                raw = f.read(MAX_BYTES + 1)  # never more: /dev/zero or a growing file stop here
+        finally:
+            os.close(fd)
     except OSError as exc:
         raise YamlError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    if len(raw) > MAX_BYTES:
+        raise YamlError(f"{path}: larger than {MAX_BYTES >> 20} MiB, too large for a space or run config")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise YamlError(f"{path}: not UTF-8 text (byte {exc.start} is 0x{raw[exc.start]:02x})") from None
     try:
         return yaml.load(text, Loader=_loader())  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as exc:
         raise YamlError(f"{path}: not valid YAML: {exc}") from None
+    except ValueError as exc:  # what Python cannot build: an integer of over 4,300 digits, a 13th month
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise YamlError(f"{path}: not valid YAML: {first[:120]}") from None

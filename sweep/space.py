@@ -3,7 +3,8 @@
 The keys are listed in README.md ("Search spaces"); ``search_spaces/default.yaml`` is an example.
 Any knob of ``TrainConfig.to_flat()`` or of ``DataConfig`` may be fixed (``train:``, ``data:``) or
 searched (``params:``), but not both. ``n_features`` is not a knob: the data sets it. CSV paths in
-``data`` are relative to the YAML file's folder.
+``data`` are found by ``mixer.config.resolve_csv``: relative to the YAML file's folder, or by file
+name in ``$MIXER_DATA_DIR`` when it is set.
 
 ``eta_min`` must not exceed ``lr``: a searched or fixed ``eta_min`` trains with ``min(eta_min, lr)``
 (the Optuna parameter keeps the sampled value, the trial's ``config`` attribute the one trained
@@ -26,8 +27,8 @@ import re
 from pathlib import Path
 from typing import Any
 
-from mixer.config import DataConfig, divisors
-from mixer.yaml_io import YamlError
+from mixer.config import DataConfig, bad_field, check_memory, divisors, resolve_csv
+from mixer.yaml_io import YamlError, shorten
 from mixer.yaml_io import load_yaml as _load_yaml
 from sweep.messages import one_line
 from sweep.sampling import (
@@ -71,6 +72,15 @@ _NOT_SEARCHABLE = ("source", "train_csv", "test_csv")
 # space sets itself (seed, the grid, the wrapped pruner).
 _HIDDEN_OPTIONS = {"seed", "search_space", "wrapped_pruner", "gamma", "weights", "constraints_func",
                    "independent_sampler", "source_trials"}
+# Integer options of samplers and pruners that must be >= 1 (the others must be >= 0: a count of
+# trials, steps or epochs); Optuna itself accepts e.g. n_startup_trials=-5 or n_ei_candidates=0.
+_AT_LEAST_ONE = {"n_ei_candidates", "popsize", "interval_steps", "n_min_trials", "min_resource",
+                 "max_resource", "reduction_factor"}
+# Past these, a study would not end in any useful time (a trial takes seconds to minutes), or a
+# sampler's candidates or a pruner's steps would outnumber any study's trials and epochs.
+MAX_TRIALS = 100_000
+MAX_TIMEOUT = 30 * 24 * 3600  # seconds: a month
+MAX_OPTION = 100_000
 # Optional packages some samplers need (pyproject extra "samplers").
 _SAMPLER_NEEDS = {"cmaes": ("cmaes",), "gp": ("scipy", "torch")}
 
@@ -91,14 +101,14 @@ def load_yaml(path: str | Path) -> Any:
         raise SpaceError(str(exc)) from None
 
 
-def load_space(path: str | Path) -> Space:
-    """Read and validate a search-space file.
+def load_space(path: str | Path, *, train_csv: str | Path | None = None) -> Space:
+    """Read and validate a search-space file; ``train_csv`` as in ``parse_space``.
 
     Raises:
         SpaceError: naming the file and the key path of the first problem found.
     """
     path = Path(path)
-    return parse_space(load_yaml(path), path=path)
+    return parse_space(load_yaml(path), path=path, train_csv=train_csv)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -117,35 +127,42 @@ class _Checker:
         if value is None:
             return {}
         if not isinstance(value, dict):
-            raise self.fail(key, f"expected a mapping, got {type(value).__name__} {value!r}")
+            raise self.fail(key, f"expected a mapping, got {type(value).__name__} {shorten(value)}")
         for k in value:
             if not isinstance(k, str):
-                raise self.fail(key, f"keys must be strings, got {k!r}")
+                raise self.fail(key, f"keys must be strings, got {shorten(k)}")
             if allowed is not None and k not in allowed:
-                raise self.fail(_join(key, k), f"unknown key {k!r} (allowed: {', '.join(allowed)})")
+                raise self.fail(_join(key, k), f"unknown key {shorten(k)} (allowed: {', '.join(allowed)})")
         return value
 
-    def integer(self, value: Any, key: str, *, minimum: int | None = None) -> int:
+    def integer(self, value: Any, key: str, *, minimum: int | None = None, maximum: int | None = None) -> int:
         if not isinstance(value, int) or isinstance(value, bool):
-            raise self.fail(key, f"expected an integer, got {value!r}")
+            raise self.fail(key, f"expected an integer, got {shorten(value)}")
         if minimum is not None and value < minimum:
-            raise self.fail(key, f"must be >= {minimum}, got {value}")
+            raise self.fail(key, f"must be >= {minimum}, got {shorten(value)}")
+        if maximum is not None and value > maximum:
+            raise self.fail(key, f"must be <= {maximum:,}, got {shorten(value)}")
         return value
 
     def choice(self, value: Any, key: str, allowed: tuple[str, ...]) -> str:
         if value not in allowed:
-            raise self.fail(key, f"expected one of {', '.join(allowed)}, got {value!r}")
+            raise self.fail(key, f"expected one of {', '.join(allowed)}, got {shorten(value)}")
         return value
 
 
 def _join(key: str, sub: str | int) -> str:
     if isinstance(sub, int):
         return f"{key}[{sub}]"
+    sub = sub if len(sub) <= 80 else sub[:77] + "..."  # a hostile key cannot flood the message either
     return f"{key}.{sub}" if key else sub
 
 
-def parse_space(doc: Any, *, path: str | Path = "<space>") -> Space:
-    """Validate an already-parsed space document (see the module doc). ``path`` names it in errors."""
+def parse_space(doc: Any, *, path: str | Path = "<space>", train_csv: str | Path | None = None) -> Space:
+    """Validate an already-parsed space document (see the module doc). ``path`` names it in errors.
+
+    ``train_csv`` (a command line's ``--train-csv``, relative to the working directory) replaces the
+    file's ``data.train_csv`` and sets ``data.source: csv``.
+    """
     path = Path(path)
     c = _Checker(path)
     if doc is None:
@@ -154,12 +171,15 @@ def parse_space(doc: Any, *, path: str | Path = "<space>") -> Space:
 
     name = doc.get("study", path.stem)
     if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.\-]*", name):
-        raise c.fail("study", f"expected a name of letters, digits, '_', '-', '.', got {name!r}")
+        raise c.fail("study", f"expected a name of letters, digits, '_', '-', '.', got {shorten(name)}")
     seed = c.integer(doc.get("seed", 0), "seed", minimum=0)
     if "description" in doc and not isinstance(doc["description"], str):
         raise c.fail("description", "expected text")
 
-    data = _check_fixed(c, c.mapping(doc.get("data"), "data"), "data", path)
+    data = c.mapping(doc.get("data"), "data")
+    if train_csv is not None:
+        data = {**data, "source": "csv", "train_csv": str(Path(train_csv).absolute())}
+    data = _check_fixed(c, data, "data", path)
     train = _check_fixed(c, c.mapping(doc.get("train"), "train"), "train", path)
     params = _check_params(c, c.mapping(doc.get("params"), "params"), data, train)
 
@@ -170,6 +190,7 @@ def parse_space(doc: Any, *, path: str | Path = "<space>") -> Space:
         raise c.fail(key, "give eta_min or eta_min_ratio, not both")
 
     _check_ranges(c, data, train, params)
+    _check_memory(c, data, train, params)
     params = _order_conditions(c, params, data, train)
 
     metric = c.choice(doc.get("metric", "val_loss"), "metric", METRICS)
@@ -182,17 +203,17 @@ def parse_space(doc: Any, *, path: str | Path = "<space>") -> Space:
     budget = c.mapping(doc.get("budget"), "budget", ("n_trials", "timeout"))
     n_trials = budget.get("n_trials")
     if n_trials is not None:
-        c.integer(n_trials, "budget.n_trials", minimum=1)
+        c.integer(n_trials, "budget.n_trials", minimum=1, maximum=MAX_TRIALS)
     timeout = budget.get("timeout")
-    if timeout is not None and (not _num(timeout) or timeout <= 0):
-        raise c.fail("budget.timeout", f"expected seconds > 0, got {timeout!r}")
+    if timeout is not None and (not _num(timeout) or not 0 < timeout <= MAX_TIMEOUT):
+        raise c.fail("budget.timeout", f"expected seconds in (0, {MAX_TIMEOUT:,}], got {shorten(timeout)}")
 
     experiment = doc.get("experiment")
     if experiment is not None and (not isinstance(experiment, str) or not experiment.strip()):
-        raise c.fail("experiment", f"expected a non-empty name, got {experiment!r}")
+        raise c.fail("experiment", f"expected a non-empty name, got {shorten(experiment)}")
     register_model = doc.get("register_model")
     if register_model is not None and (not isinstance(register_model, str) or not register_model.strip()):
-        raise c.fail("register_model", f"expected a non-empty model name, got {register_model!r}")
+        raise c.fail("register_model", f"expected a non-empty model name, got {shorten(register_model)}")
 
     space = Space(path=path, study_name=name, seed=seed, data=data, train=train, params=params,
                   metric=metric, direction=direction, sampler=sampler, pruner=pruner,
@@ -220,20 +241,18 @@ def _check_fixed(c: _Checker, section: dict[str, Any], key: str, path: Path) -> 
         if name in _NOT_A_KNOB:
             raise c.fail(k, _NOT_A_KNOB[name])
         if name not in KNOBS:
-            raise c.fail(k, f"unknown setting {name!r}")
+            raise c.fail(k, f"unknown setting {shorten(name)}")
         record, kind = KNOBS[name]
         if (record == "data") != (key == "data"):
             other = "data" if record == "data" else "train"
             raise c.fail(k, f"{name} is a {other} setting: put it under {other}:")
         if not _type_ok(kind, value):
-            raise c.fail(k, f"expected {_kind_name(kind)}, got {value!r}")
+            raise c.fail(k, f"expected {_kind_name(kind)}, got {shorten(value)}")
         if name in ("train_csv", "test_csv") and value:
-            p = Path(value)
-            if not p.is_absolute():
-                p = (path.parent / p).resolve()
-            if not p.is_file():
-                raise c.fail(k, f"file not found: {p}")
-            value = str(p)
+            try:
+                value = resolve_csv(value, base=path.parent)
+            except ValueError as exc:
+                raise c.fail(k, str(exc)) from None
         out[name] = value
     if key == "data":
         if out.get("source", "synthetic") != "csv" and ("train_csv" in out or "test_csv" in out):
@@ -241,7 +260,7 @@ def _check_fixed(c: _Checker, section: dict[str, Any], key: str, path: Path) -> 
         try:
             DataConfig(**out)
         except (TypeError, ValueError) as exc:
-            bad = next((f for f in out if re.search(rf"\b{f}\b", str(exc))), None)
+            bad = bad_field(exc, out)
             raise c.fail(_join("data", bad) if bad else "data", str(exc)) from None
     else:
         for name, value in out.items():
@@ -260,7 +279,7 @@ def _check_params(c: _Checker, section: dict[str, Any], data: dict[str, Any],
         if name in _NOT_A_KNOB:
             raise c.fail(k, _NOT_A_KNOB[name])
         if name not in KNOBS:
-            raise c.fail(k, f"unknown setting {name!r} (a TrainConfig.to_flat() key, a DataConfig "
+            raise c.fail(k, f"unknown setting {shorten(name)} (a TrainConfig.to_flat() key, a DataConfig "
                             f"field or eta_min_ratio)")
         if name in _NOT_SEARCHABLE:
             raise c.fail(k, f"{name} cannot be searched (fix it under data:)")
@@ -285,16 +304,16 @@ def _order_conditions(c: _Checker, raw: dict[str, Param], data: dict[str, Any],
                 for i, v in enumerate(allowed):
                     if not target.contains(v):
                         kk = _join(k, i) if len(allowed) > 1 else k
-                        raise c.fail(kk, f"{v!r} is not a value params.{knob} can take "
+                        raise c.fail(kk, f"{shorten(v)} is not a value params.{knob} can take "
                                          f"({_describe(target)})")
             elif knob in fixed:
                 kind = KNOBS[knob][1]
                 for i, v in enumerate(allowed):
                     if not _type_ok(kind, v):
                         kk = _join(k, i) if len(allowed) > 1 else k
-                        raise c.fail(kk, f"expected {_kind_name(kind)} for {knob}, got {v!r}")
+                        raise c.fail(kk, f"expected {_kind_name(kind)} for {knob}, got {shorten(v)}")
             else:
-                raise c.fail(k, f"unknown parameter {knob!r}: a condition must name a searched "
+                raise c.fail(k, f"unknown parameter {shorten(knob)}: a condition must name a searched "
                                 f"parameter or a fixed setting")
     ordered: dict[str, Param] = {}
     visiting: set[str] = set()
@@ -319,7 +338,7 @@ def _order_conditions(c: _Checker, raw: dict[str, Param], data: dict[str, Any],
 
 def _describe(p: Param) -> str:
     if p.type == "categorical":
-        return "choices " + ", ".join(map(repr, p.choices))
+        return f"choices {shorten(list(p.choices))}"
     return f"{p.type} in [{p.low}, {p.high}]"
 
 
@@ -340,17 +359,17 @@ def _check_param(c: _Checker, name: str, spec: Any, k: str) -> Param:
     if ptype == "categorical":
         choices = spec.get("choices")
         if not isinstance(choices, list) or not choices:
-            raise c.fail(_join(k, "choices"), f"expected a non-empty list, got {choices!r}")
+            raise c.fail(_join(k, "choices"), f"expected a non-empty list, got {shorten(choices)}")
         seen: list[Any] = []
         for i, v in enumerate(choices):
             kk = _join(_join(k, "choices"), i)
             if not _type_ok(kind, v):
-                raise c.fail(kk, f"expected {_kind_name(kind)} for {name}, got {v!r}")
+                raise c.fail(kk, f"expected {_kind_name(kind)} for {name}, got {shorten(v)}")
             if name == "patch_size" and N_FEATURES % v:
                 raise c.fail(kk, f"{v} does not divide n_features={N_FEATURES} "
                                  f"(valid: {', '.join(map(str, divisors(N_FEATURES)))})")
             if v in seen:
-                raise c.fail(kk, f"duplicate choice {v!r}")
+                raise c.fail(kk, f"duplicate choice {shorten(v)}")
             seen.append(v)
         return Param(name=name, type=ptype, choices=tuple(choices), when=when)
 
@@ -363,23 +382,23 @@ def _check_param(c: _Checker, name: str, spec: Any, k: str) -> Param:
             raise c.fail(_join(k, bound), "missing")
         v = spec[bound]
         if ptype == "int" and (not isinstance(v, int) or isinstance(v, bool)):
-            raise c.fail(_join(k, bound), f"expected an integer, got {v!r}")
+            raise c.fail(_join(k, bound), f"expected an integer, got {shorten(v)}")
         if not _num(v) or not math.isfinite(v):
-            raise c.fail(_join(k, bound), f"expected a finite number, got {v!r}")
+            raise c.fail(_join(k, bound), f"expected a finite number, got {shorten(v)}")
     low, high = spec["low"], spec["high"]
     if low > high:
         raise c.fail(_join(k, "low"), f"low={low} is greater than high={high}")
     log = spec.get("log", False)
     if not isinstance(log, bool):
-        raise c.fail(_join(k, "log"), f"expected true or false, got {log!r}")
+        raise c.fail(_join(k, "log"), f"expected true or false, got {shorten(log)}")
     if log and low <= 0:
         raise c.fail(_join(k, "low"), f"a log scale needs low > 0, got low={low}")
     step = spec.get("step")
     if step is not None:
         if ptype == "int" and (not isinstance(step, int) or isinstance(step, bool)):
-            raise c.fail(_join(k, "step"), f"expected an integer, got {step!r}")
+            raise c.fail(_join(k, "step"), f"expected an integer, got {shorten(step)}")
         if not _num(step) or step <= 0:
-            raise c.fail(_join(k, "step"), f"expected a number > 0, got {step!r}")
+            raise c.fail(_join(k, "step"), f"expected a number > 0, got {shorten(step)}")
         if log and step != 1:
             raise c.fail(_join(k, "step"), "step cannot be combined with log: true")
         n = (high - low) / step
@@ -415,7 +434,7 @@ def _check_ranges(c: _Checker, data: dict[str, Any], train: dict[str, Any],
     try:
         _build_configs({**data, **train})
     except (TypeError, ValueError, KeyError) as exc:
-        bad = next((f for f in {**data, **train} if re.search(rf"\b{f}\b", one_line(exc))), None)
+        bad = bad_field(exc, {**data, **train})
         section = "data" if bad in data else "train"
         raise c.fail(_join(section, bad) if bad else "train", one_line(exc)) from None
     for name, p in params.items():
@@ -424,6 +443,27 @@ def _check_ranges(c: _Checker, data: dict[str, Any], train: dict[str, Any],
                 _build_configs({**data, **train, name: value})
             except (TypeError, ValueError, KeyError) as exc:
                 raise c.fail(f"params.{name}.{suffix}", one_line(exc)) from None
+
+
+# The knobs that size a run's memory, and which of a searched knob's values makes the largest run.
+_LARGEST = {"dim": max, "depth": max, "batch_size": max, "token_expansion": max, "channel_expansion": max,
+            "patch_size": min, "dtype": lambda values: "float64" if "float64" in values else values[0]}
+
+
+def _check_memory(c: _Checker, data: dict[str, Any], train: dict[str, Any],
+                  params: dict[str, Param]) -> None:
+    """The largest model the space can sample must fit in the machine's memory (mixer.config)."""
+    largest, keys = {}, []
+    for name, pick in _LARGEST.items():
+        if name in params:
+            largest[name] = pick([v for _, v in params[name].candidates()])
+            keys.append(f"params.{name}")
+        elif name in train:
+            keys.append(f"train.{name}")
+    try:
+        check_memory(_build_configs({**data, **train, **largest})[1])
+    except ValueError as exc:
+        raise c.fail(", ".join(keys) or "train", str(exc)) from None
 
 
 def _check_sampler(c: _Checker, spec: Any, params: dict[str, Param]) -> SamplerSpec:
@@ -468,19 +508,29 @@ def _check_pruner(c: _Checker, spec: Any, key: str) -> PrunerSpec:
 
 
 def _check_options(c: _Checker, cls: Any, options: dict[str, Any], key: str) -> None:
-    accepted = [n for n, p in inspect.signature(cls).parameters.items()
+    signature = inspect.signature(cls).parameters
+    accepted = [n for n, p in signature.items()
                 if n not in _HIDDEN_OPTIONS and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
-    for opt in options:
+    for opt, value in options.items():
         if opt not in accepted:
-            raise c.fail(_join(key, opt), f"{cls.__name__} has no option {opt!r} "
+            raise c.fail(_join(key, opt), f"{cls.__name__} has no option {shorten(opt)} "
                                           f"(options: {', '.join(accepted) or 'none'})")
+        # Optuna annotates its options (`int`, `str | int`, `float | None`) and checks few of them.
+        annotation = signature[opt].annotation
+        kinds = str(getattr(annotation, "__name__", annotation)).split(" | ")
+        if value is None and "None" in kinds or isinstance(value, str) and "str" in kinds:
+            continue
+        if "int" in kinds:
+            c.integer(value, _join(key, opt), minimum=int(opt in _AT_LEAST_ONE), maximum=MAX_OPTION)
+        elif "float" in kinds and (not _num(value) or not math.isfinite(value)):
+            raise c.fail(_join(key, opt), f"expected a finite number, got {shorten(value)}")
 
 
 def _check_enqueue(c: _Checker, entries: Any, space: Space) -> tuple[dict[str, Any], ...]:
     if entries is None:
         return ()
     if not isinstance(entries, list):
-        raise c.fail("enqueue", f"expected a list of parameter mappings, got {entries!r}")
+        raise c.fail("enqueue", f"expected a list of parameter mappings, got {shorten(entries)}")
     out = []
     for i, entry in enumerate(entries):
         k = _join("enqueue", i)
@@ -492,16 +542,17 @@ def _check_enqueue(c: _Checker, entries: Any, space: Space) -> tuple[dict[str, A
             if name not in space.params:
                 hint = " (it is fixed: search it to vary it per trial)" if name in {
                     **space.data, **space.train} else ""
-                raise c.fail(kk, f"{name!r} is not a searched parameter{hint}")
+                raise c.fail(kk, f"{shorten(name)} is not a searched parameter{hint}")
             if not space.params[name].contains(value):
-                raise c.fail(kk, f"{value!r} is outside params.{name} ({_describe(space.params[name])})")
+                raise c.fail(kk, f"{shorten(value)} is outside params.{name} "
+                                 f"({_describe(space.params[name])})")
         # A value for a parameter whose condition is known to be false would be silently ignored.
         active = space.active(entry)
         for name in entry:
             p = space.params[name]
             if name not in active and all(kn in entry or kn not in space.params for kn in p.when):
                 known = {**space.data, **space.train, **entry}
-                holds = ", ".join(f"{kn}={known.get(kn)!r}" for kn in p.when)
+                holds = ", ".join(f"{kn}={shorten(known.get(kn))}" for kn in p.when)
                 raise c.fail(_join(k, name), f"{name} is not sampled when {holds}")
         try:
             space.build({n: v for n, v in entry.items() if n in active})

@@ -1,11 +1,13 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 import yaml
 
 from mixer.config import (
+    DATA_DIR_ENV,
     ConfigError,
     DataConfig,
     MixerConfig,
@@ -13,7 +15,10 @@ from mixer.config import (
     divisors,
     dump_run_config,
     load_run_config,
+    resolve_csv,
 )
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_patch_size_that_does_not_divide_features_names_the_valid_sizes():
@@ -60,12 +65,113 @@ def test_run_config_round_trips_through_yaml(tmp_path):
     assert load_run_config(path) == (data, train, 7)
 
 
-def test_run_config_csv_paths_resolve_against_the_file(tmp_path):
+def test_run_config_csv_paths_resolve_against_the_file(tmp_path, monkeypatch):
+    monkeypatch.delenv(DATA_DIR_ENV, raising=False)
     (tmp_path / "sub").mkdir()
+    (tmp_path / "rows.csv").touch()
     path = tmp_path / "sub" / "run.yaml"
     path.write_text("data: {source: csv, train_csv: ../rows.csv}\n")
     data, _, _ = load_run_config(path)
     assert data.train_csv == str(tmp_path / "rows.csv")
+
+
+def test_mixer_data_dir_finds_a_relative_csv_by_its_file_name(tmp_path, monkeypatch):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "rows.csv").touch()
+    (tmp_path / "rows.csv").touch()  # beside the file: not the one read while MIXER_DATA_DIR is set
+    path = tmp_path / "run.yaml"
+    path.write_text("data: {source: csv, train_csv: data/rows.csv, test_csv: /abs/kept.csv}\n")
+    monkeypatch.setenv(DATA_DIR_ENV, str(elsewhere))
+    assert resolve_csv("../data/rows.csv", base=tmp_path) == str(elsewhere / "rows.csv")
+    assert resolve_csv(str(tmp_path / "rows.csv"), base=tmp_path) == str(tmp_path / "rows.csv")
+    with pytest.raises(ConfigError, match="data.test_csv: file not found: /abs/kept.csv"):
+        load_run_config(path)  # an absolute path is used as it is
+
+
+def test_a_missing_csv_says_where_to_put_it(tmp_path, monkeypatch):
+    monkeypatch.delenv(DATA_DIR_ENV, raising=False)
+    path = tmp_path / "run.yaml"
+    path.write_text("data: {source: csv, train_csv: ../data/rows.csv}\n")
+    with pytest.raises(ConfigError) as err:
+        load_run_config(path)
+    message = str(err.value)
+    missing = tmp_path.parent / "data" / "rows.csv"
+    assert message.startswith(f"{path}: data.train_csv: file not found: {missing}")
+    assert "MIXER_DATA_DIR" in message and "--train-csv" in message and "data/README.md" in message
+    (tmp_path / "folder.csv").mkdir()
+    with pytest.raises(ConfigError, match="data.train_csv: .*folder.csv is a directory, not a CSV file"):
+        load_run_config(path, train_csv=tmp_path / "folder.csv")
+
+
+def test_train_csv_argument_replaces_the_files_data(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv(DATA_DIR_ENV, str(tmp_path / "unused"))  # a command-line path is the cwd's
+    (tmp_path / "mine.csv").touch()
+    path = tmp_path / "run.yaml"
+    path.write_text("data: {source: synthetic, n_rows: 100}\n")
+    data, _, _ = load_run_config(path, train_csv="mine.csv")
+    assert (data.source, data.train_csv) == ("csv", str(tmp_path / "mine.csv"))
+
+
+def test_shipped_headline_config_reads_the_real_sample_from_the_data_folder(real_csv, monkeypatch):
+    path = ROOT / "configs" / "notebook_headline.yaml"
+    assert (path.parent / yaml.safe_load(path.read_text())["data"]["train_csv"]).resolve() == (
+        ROOT / "data" / real_csv.name)
+    monkeypatch.setenv(DATA_DIR_ENV, str(real_csv.parent))
+    data, train, _ = load_run_config(path)
+    assert data.train_csv == str(real_csv.resolve()) and train.model.dim == 198
+
+
+# (YAML, the key path the message must name): each would start a run that never ends or dies.
+ABSURD = [
+    ("train: {epochs: 1e11}\n", "train.epochs"),
+    ("train: {epochs: 100000000000}\n", "train.epochs"),
+    ("train: {batch_size: 1e8}\n", "train.batch_size"),
+    ("train: {batch_size: 100000000}\n", "train.batch_size"),
+    ("train: {dim: 100000}\n", "train.dim"),
+    ("train: {depth: 10.0}\n", "train.depth"),
+    ("train: {depth: 100000}\n", "train.depth"),
+    ("train: {channel_expansion: 1000.0}\n", "train.channel_expansion"),
+    ("train: {lr: .inf}\n", "train.lr"),
+    ("train: {lr: .nan}\n", "train.lr"),
+    ("train: {warmup_epochs: 10000000}\n", "train.warmup_epochs"),
+    ("train: {dropout: true}\n", "train.dropout"),
+    ("data: {n_rows: 1000000000}\n", "data.n_rows"),
+    ("data: {scaling: [1, 2]}\n", "data.scaling"),
+    # Within every bound, but the largest model there is: far more memory than any machine has.
+    ("train: {dim: 4096, depth: 256, patch_size: 1, batch_size: 65536, channel_expansion: 16}\n", "train"),
+]
+
+
+@pytest.mark.parametrize("text, key", ABSURD, ids=[a[0].strip() for a in ABSURD])
+def test_absurd_values_are_refused_naming_the_key(tmp_path, text, key):
+    path = tmp_path / "run.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as err:
+        load_run_config(path)
+    assert str(err.value).startswith(f"{path}: {key}: "), str(err.value)
+
+
+def test_the_memory_check_says_how_much_is_needed_and_what_the_machine_has(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text(ABSURD[-1][0])
+    with pytest.raises(ConfigError, match=r"training needs about [\d,.]+ GiB \(dim=4096, depth=256, "
+                                          r"patch_size=1, batch_size=65536, dtype=float32\), more than "
+                                          r"this machine's [\d,.]+ GiB"):
+        load_run_config(path)
+
+
+def test_a_long_value_is_cut_in_the_message(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text(f"train: {{gelu: {'x' * 5000}}}\nseed: {'y' * 5000}\n")
+    with pytest.raises(ConfigError) as err:
+        load_run_config(path)
+    assert len(str(err.value)) < len(str(path)) + 130 and "..." in str(err.value), str(err.value)
+    with pytest.raises(ValueError) as err:
+        MixerConfig(gelu="z" * 5000)
+    assert "gelu must be one of ('tanh', 'erf'), got gelu='zzz" in str(err.value)
+    assert len(str(err.value)) < 140
 
 
 @pytest.mark.parametrize("text, key", [

@@ -1,10 +1,13 @@
-"""The one YAML loader: YAML 1.2 floats, duplicate keys refused, errors naming the file."""
+"""The one YAML loader: YAML 1.2 floats, duplicate keys and aliases refused, hostile files refused at
+once, errors naming the file."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
-from mixer.yaml_io import YamlError, load_yaml
+from mixer.yaml_io import MAX_BYTES, YamlError, load_yaml
 
 
 def write(tmp_path, text: str):
@@ -39,3 +42,56 @@ def test_a_missing_file_or_bad_yaml_is_an_error_naming_the_file(tmp_path):
 def test_only_plain_data_is_built(tmp_path):
     with pytest.raises(YamlError, match="not valid YAML"):
         load_yaml(write(tmp_path, "x: !!python/object/apply:os.system ['true']\n"))
+
+
+# ----------------------------------------------------------------------------------- hostile files
+
+
+def test_aliases_are_refused_naming_the_line(tmp_path):
+    path = write(tmp_path, "base: &b {lr: 0.1}\ntrain: *b\n")
+    with pytest.raises(YamlError, match=r"aliases are not allowed \(\*b\)") as err:
+        load_yaml(path)
+    assert str(err.value).startswith(f"{path}: not valid YAML") and "line 2" in str(err.value)
+
+
+def test_a_merge_key_needs_an_alias_and_is_refused_too(tmp_path):
+    with pytest.raises(YamlError, match="aliases are not allowed"):
+        load_yaml(write(tmp_path, "base: &b {lr: 0.1}\ntrain:\n  <<: *b\n  dim: 8\n"))
+
+
+def test_a_directory_is_refused_as_not_a_regular_file(tmp_path):
+    # /dev/zero and a FIFO are tried in a subprocess (tests/sweep/test_space.py): on a loader that
+    # reads them they would exhaust memory or block.
+    with pytest.raises(YamlError, match=rf"^{re.escape(str(tmp_path))}: not a regular file"):
+        load_yaml(tmp_path)
+
+
+def test_a_file_over_the_size_limit_is_refused_before_it_is_parsed(tmp_path):
+    path = write(tmp_path, "#" * MAX_BYTES + "\n")  # valid YAML (a comment), one byte too many
+    with pytest.raises(YamlError, match=rf"^{re.escape(str(path))}: larger than 1 MiB"):
+        load_yaml(path)
+
+
+def test_text_that_is_not_utf8_is_refused_naming_the_byte(tmp_path):
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes("study: café\n".encode("latin-1"))
+    with pytest.raises(YamlError, match=rf"^{re.escape(str(path))}: not UTF-8 text \(byte 10 is 0xe9\)"):
+        load_yaml(path)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("a: " + "[" * 5000 + "]" * 5000 + "\n", "nested more than 32 levels deep"),
+    ("a: " + "9" * 5000 + "\n", "4300 digits"),
+    ("a: 2024-13-45\n", "month must be in 1..12"),
+])
+def test_documents_python_cannot_build_are_yaml_errors(tmp_path, text, message):
+    with pytest.raises(YamlError, match=message) as err:
+        load_yaml(write(tmp_path, text))
+    assert "not valid YAML" in str(err.value) and len(str(err.value)) < 300
+
+
+def test_a_duplicate_long_key_is_cut_in_the_message(tmp_path):
+    key = "k" * 1000
+    with pytest.raises(YamlError, match=r"duplicate key 'k+\.\.\.k+' \(line 2\)") as err:
+        load_yaml(write(tmp_path, f"{key}: 1\n{key}: 2\n"))
+    assert len(str(err.value)) < 600  # PyYAML's own snippet of the line is cut at about 75 characters

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import os
+import resource
+import subprocess
+import sys
 import textwrap
 from pathlib import Path
 
 import optuna
 import pytest
+import yaml
 
-from mixer.config import DataConfig, TrainConfig
+from mixer.config import DATA_DIR_ENV, DataConfig, TrainConfig
+from sweep.run import main
 from sweep.space import SpaceError, load_space
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -62,7 +68,8 @@ def test_default_space_searches_the_five_parameters_on_synthetic_data():
         "constant", "cosine", "cosine_warm_restarts", "sharp_cosine"}
 
 
-def test_unsw_space_covers_the_notebook_values_on_the_real_sample(real_csv):
+def test_unsw_space_covers_the_notebook_values_on_the_real_sample(real_csv, monkeypatch):
+    monkeypatch.setenv(DATA_DIR_ENV, str(real_csv.parent))
     space = load_space(SPACES / "unsw_nb15.yaml")
     assert Path(space.data["train_csv"]) == real_csv.resolve()
     assert space.data["scaling"] in ("standard", "log_standard")  # per feature, not the notebook's global
@@ -74,7 +81,8 @@ def test_unsw_space_covers_the_notebook_values_on_the_real_sample(real_csv):
     assert len(p["scheduler"].choices) == 4
 
 
-def test_seed_experiments_enqueue_the_notebook_runs_as_fixed_trials(real_csv):
+def test_seed_experiments_enqueue_the_notebook_runs_as_fixed_trials(real_csv, monkeypatch):
+    monkeypatch.setenv(DATA_DIR_ENV, str(real_csv.parent))
     space = load_space(SPACES / "seed_experiments.yaml")
     assert space.data["scaling"] == "global" and space.pruner.name == "none" and space.n_trials == 5
     assert len(space.enqueue) == 5
@@ -149,7 +157,8 @@ def test_yaml_exponent_without_a_dot_is_a_number(tmp_path):
     assert space.params["lr"].low == 1e-4 and isinstance(space.params["lr"].low, float)
 
 
-def test_relative_csv_paths_resolve_against_the_space_file(tmp_path, real_csv):
+def test_relative_csv_paths_resolve_against_the_space_file(tmp_path, real_csv, monkeypatch):
+    monkeypatch.delenv(DATA_DIR_ENV, raising=False)
     folder = tmp_path / "a" / "b"
     folder.mkdir(parents=True)
     rel = Path("..") / ".." / "data.csv"
@@ -248,6 +257,34 @@ BAD = [
     ("enqueued inactive conditional", GOOD + "enqueue:\n  - {scheduler: constant, t_0: 3}\n",
      "enqueue[0].t_0"),
     ("duplicate key", GOOD + "  lr: {type: float, low: 0.1, high: 0.2}\n", "duplicate key 'lr'"),
+    # Absurd values: each would start a study that never ends, or whose every trial dies.
+    ("n_trials 1e30", GOOD + "budget: {n_trials: 1e30}\n", "budget.n_trials"),
+    ("n_trials 10**30", GOOD + "budget: {n_trials: 1000000000000000000000000000000}\n", "budget.n_trials"),
+    ("infinite timeout", GOOD + "budget: {timeout: .inf}\n", "budget.timeout"),
+    ("epochs 1e11", GOOD.replace("epochs: 3", "epochs: 100000000000"), "train.epochs"),
+    ("batch_size 1e8", GOOD.replace("epochs: 3", "epochs: 3, batch_size: 100000000"), "train.batch_size"),
+    ("dim 100000", GOOD.replace("dim: 8", "dim: 100000"), "train.dim"),
+    ("searched dim up to 100000", GOOD.replace("dim: 8", "batch_size: 8")
+     + "  dim: {type: int, low: 8, high: 100000}\n", "params.dim.high"),
+    ("depth 100000", GOOD.replace("low: 1, high: 3}", "low: 1, high: 100000}"), "params.depth.high"),
+    ("negative n_startup_trials", GOOD + "sampler: {name: tpe, options: {n_startup_trials: -5}}\n",
+     "sampler.options.n_startup_trials"),
+    ("float n_startup_trials", GOOD + "sampler: {name: tpe, options: {n_startup_trials: 10.5}}\n",
+     "sampler.options.n_startup_trials"),
+    ("zero candidates", GOOD + "sampler: {name: tpe, options: {n_ei_candidates: 0}}\n",
+     "sampler.options.n_ei_candidates"),
+    ("zero min_resource", GOOD + "pruner: {name: hyperband, options: {min_resource: 0}}\n",
+     "pruner.options.min_resource"),
+    ("huge max_resource", GOOD + "pruner: {name: hyperband, options: {max_resource: 1000000000000}}\n",
+     "pruner.options.max_resource"),
+    ("wrapped pruner's option", GOOD + "pruner: {name: patient, options: {patience: 1}, wrapped: "
+     "{name: median, options: {n_warmup_steps: 1e9}}}\n", "pruner.wrapped.options.n_warmup_steps"),
+    ("infinite float option", GOOD + "pruner: {name: patient, options: {patience: 1, min_delta: .inf}}\n",
+     "pruner.options.min_delta"),
+    ("largest model does not fit", GOOD.replace("dim: 8", "dim: 4096, batch_size: 65536")
+     .replace("high: 3}", "high: 256}") + "  channel_expansion: {type: float, low: 0.5, high: 16}\n",
+     "train.dim, params.depth, train.batch_size, params.channel_expansion, params.patch_size: "
+     "training needs"),
 ]
 
 
@@ -272,3 +309,91 @@ def test_empty_or_missing_file_is_a_space_error(tmp_path):
         load_space(write(tmp_path, ""))
     with pytest.raises(SpaceError, match="cannot read"):
         load_space(tmp_path / "missing.yaml")
+
+
+def test_a_long_value_or_key_is_cut_in_the_message(tmp_path):
+    for letter, text in (("x", GOOD.replace("dim: 8", "dim: 8, gelu: " + "x" * 5000)),
+                         ("y", GOOD + "enqueue:\n  - {scheduler: " + "y" * 5000 + "}\n"),
+                         ("z", GOOD + "sampler: {name: tpe, options: {" + "z" * 1000 + ": 1}}\n")):
+        path = write(tmp_path, text)
+        with pytest.raises(SpaceError) as info:
+            load_space(path)
+        message = str(info.value)
+        assert letter * 30 in message and letter * 81 not in message and "..." in message, message
+
+
+# ------------------------------------------------------------------------------- the real data
+
+
+def test_shipped_files_read_the_real_sample_from_the_projects_data_folder():
+    for path in [SPACES / "unsw_nb15.yaml", SPACES / "seed_experiments.yaml",
+                 ROOT / "configs" / "notebook_headline.yaml"]:
+        csv = (path.parent / yaml.safe_load(path.read_text())["data"]["train_csv"]).resolve()
+        assert csv == ROOT / "data" / "UNSWNB15_training_coursework.csv", path
+
+
+def test_mixer_data_dir_finds_the_csv_by_its_file_name(tmp_path, monkeypatch):
+    (tmp_path / "store").mkdir()
+    (tmp_path / "store" / "rows.csv").touch()
+    path = write(tmp_path, GOOD.replace("{source: synthetic, n_rows: 300}",
+                                        "{source: csv, train_csv: ../data/rows.csv}"))
+    monkeypatch.setenv(DATA_DIR_ENV, str(tmp_path / "store"))
+    assert load_space(path).data["train_csv"] == str(tmp_path / "store" / "rows.csv")
+    monkeypatch.delenv(DATA_DIR_ENV)
+    with pytest.raises(SpaceError) as info:
+        load_space(path)
+    message = str(info.value)
+    missing = tmp_path.parent / "data" / "rows.csv"
+    assert message.startswith(f"{path}: data.train_csv: file not found: {missing}")
+    assert "MIXER_DATA_DIR" in message and "--train-csv" in message and "data/README.md" in message
+
+
+def test_train_csv_argument_replaces_the_spaces_data(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "mine.csv").touch()
+    space = load_space(write(tmp_path, GOOD), train_csv="mine.csv")
+    assert space.data["source"] == "csv" and space.data["train_csv"] == str(tmp_path / "mine.csv")
+    with pytest.raises(SpaceError, match="data.train_csv: file not found: .*other.csv"):
+        load_space(write(tmp_path, GOOD), train_csv="other.csv")
+
+
+# ------------------------------------------------------------------------------- hostile files
+
+
+def test_a_space_that_is_not_utf8_exits_2_naming_the_byte_and_creates_nothing(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes(GOOD.replace("study: tiny", "study: tiny\ndescription: café").encode("latin-1"))
+    assert main([str(path), "--out", "out"]) == 2
+    err = capsys.readouterr().err
+    assert f"{path}: not UTF-8 text (byte 28 is 0xe9)" in err and "Traceback" not in err
+    assert os.listdir(tmp_path) == ["latin1.yaml"]
+
+
+def _billion_laughs(path: Path) -> Path:
+    """Nine aliases of nine: 9**9 "lol"s, some 3 GB once expanded, in a file of 400 bytes."""
+    lines = ["seed:", '  - &a ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    for prev, cur in zip("abcdefgh", "bcdefghi", strict=True):
+        lines.append(f"  - &{cur} [" + ", ".join([f"*{prev}"] * 9) + "]")
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.mark.parametrize("hostile", ["billion laughs", "/dev/zero", "a FIFO", "a directory"])
+def test_a_hostile_file_exits_2_at_once_within_1_gib(tmp_path, hostile):
+    path = {"billion laughs": lambda: _billion_laughs(tmp_path / "laughs.yaml"),
+            "/dev/zero": lambda: Path("/dev/zero"),
+            "a FIFO": lambda: os.mkfifo(tmp_path / "fifo.yaml") or tmp_path / "fifo.yaml",
+            "a directory": lambda: tmp_path}[hostile]()
+
+    def limit_memory() -> None:  # a loader that expands the aliases or reads /dev/zero hits this
+        resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))
+
+    # A loader that waits for a FIFO's writer would hang: the timeout only ends such a test.
+    proc = subprocess.run([sys.executable, "-m", "sweep.run", str(path), "--out", str(tmp_path / "out")],
+                          capture_output=True, text=True, timeout=120, preexec_fn=limit_memory)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.startswith(f"error: {path}: ") and len(proc.stderr) < 600, proc.stderr[-2000:]
+    assert "aliases are not allowed" in proc.stderr if hostile == "billion laughs" else (
+        "not a regular file" in proc.stderr)
+    assert not (tmp_path / "out").exists()
