@@ -4,13 +4,14 @@
   inside BLAS calls and ufunc loops), and the caller sums their results. BLAS itself is kept
   single-threaded: multi-threaded OpenBLAS is slower than one thread on the Mixer's skinny
   matrices, so parallelism over shards is the only kind used.
-- The thread count is ``MIXER_NUM_THREADS`` if set, else the CPUs this process may run on;
-  ``set_num_threads`` changes it. Sweep workers sharing a machine should set it to the cores each
-  one owns. It is a ceiling: for each kind of work (a ``key``: training or prediction, model
-  shape), the first calls alternate between one thread and all of them, timed, and the faster is
-  kept for the rest of the process. A small model's shards hold the GIL most of the time, so two
-  threads passing it back and forth lose to one; a large model's gain from two
-  (``benchmarks/bench_threads.py`` measures where the cross-over lies).
+- The thread count is ``MIXER_NUM_THREADS`` if set, else ``available_cpus()`` (the CPUs this
+  process may run on, capped by a container's CPU quota); ``set_num_threads`` changes it. Sweep
+  workers sharing a machine should set it to the cores each one owns. It is a ceiling: for each
+  kind of work (a ``key``: training or prediction, model shape), the first calls alternate between
+  one thread and all of them, timed, and the faster is kept for the rest of the process. A small
+  model's shards hold the GIL most of the time, so two threads passing it back and forth lose to
+  one; a large model's gain from two (``benchmarks/bench_threads.py`` measures where the
+  cross-over lies).
 - The first call tunes the process (``tune_process``): single-threaded BLAS, and an allocator that
   keeps freed buffers.
 """
@@ -20,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import itertools
+import math
 import os
 import statistics
 import threading
@@ -28,8 +30,8 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
-__all__ = ["PROBES", "bounds", "fastest", "get_num_threads", "parallel_map", "set_num_threads",
-           "threads_chosen", "tune_process"]
+__all__ = ["CGROUP_ROOT", "PROBES", "available_cpus", "bounds", "fastest", "get_num_threads", "parallel_map",
+           "set_num_threads", "threads_chosen", "tune_process"]
 
 _T = TypeVar("_T")
 _R = TypeVar("_R")
@@ -38,6 +40,8 @@ _num_threads: int | None = None
 _pool: ThreadPoolExecutor | None = None  # get_num_threads() - 1 workers: the caller is one more
 _tuned = False
 _adaptive = True
+# Where the kernel shows this process's CPU quota (in a container, its own cgroup: `cpus:` in compose).
+CGROUP_ROOT = "/sys/fs/cgroup"
 # Timed calls of each thread count before one is chosen (after one untimed warm-up call).
 PROBES = 3
 _chosen: dict[tuple, int] = {}                   # (*key, items, ceiling) -> threads
@@ -61,10 +65,33 @@ def _default_threads() -> int:
         if n < 1:
             raise ValueError(f"MIXER_NUM_THREADS must be a positive integer, got {env!r}")
         return n
+    return available_cpus()
+
+
+def available_cpus() -> int:
+    """The CPUs this process may run on, capped by the cgroup CPU quota (rounded up, at least 1).
+
+    A container limited by ``cpus:`` (``docker run --cpus``) still sees every host core in its
+    affinity; only the quota (cgroup v2 ``cpu.max``, v1 ``cpu.cfs_quota_us``/``cpu.cfs_period_us``)
+    tells how many it may use.
+    """
     try:
-        return len(os.sched_getaffinity(0))
+        n = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
-        return os.cpu_count() or 1
+        n = os.cpu_count() or 1
+    root = CGROUP_ROOT
+    try:
+        if os.path.isfile(f"{root}/cpu.max"):  # v2: "max 100000" (no quota) or "200000 100000"
+            with open(f"{root}/cpu.max") as fh:
+                quota, period = fh.read().split()
+        else:
+            with open(f"{root}/cpu/cpu.cfs_quota_us") as q, open(f"{root}/cpu/cpu.cfs_period_us") as p:
+                quota, period = q.read().strip(), p.read().strip()  # quota -1: none
+        if quota not in ("max", "-1"):
+            n = min(n, math.ceil(int(quota) / int(period)))
+    except (OSError, ValueError, ZeroDivisionError):  # no CPU controller to read: no quota
+        pass
+    return max(1, n)
 
 
 def get_num_threads() -> int:

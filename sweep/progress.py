@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import socket
 import time
 from pathlib import Path
 from typing import Any, TextIO
@@ -35,7 +36,9 @@ def log_to(target: TextIO | Path | None) -> None:
         handler = logging.FileHandler(target)
     else:
         handler = logging.StreamHandler(target)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(process)d %(name)s %(levelname)s %(message)s"))
+    # The host too: workers in containers sharing one sweep.log on a volume are all PID 1.
+    handler.setFormatter(logging.Formatter(
+        f"%(asctime)s {socket.gethostname()} %(process)d %(name)s %(levelname)s %(message)s"))
     for h in list(root.handlers):
         root.removeHandler(h)
     for h in held:

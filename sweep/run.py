@@ -95,6 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=_nonnegative_int, metavar="S",
                    help="study seed (overrides the file's `seed`): trial seeds and the sampler's seed "
                         "derive from it")
+    p.add_argument("--train-csv", metavar="CSV",
+                   help="train on this labelled CSV instead of the file's data (sets data.source: csv; "
+                        "see also $MIXER_DATA_DIR)")
     p.add_argument("--no-tracking", action="store_true", help="do not log to MLflow at all")
     p.add_argument("--republish", action="store_true",
                    help="summarise the study and publish its best model again, even if that was done "
@@ -178,7 +181,7 @@ class _Settings:
         from sweep.space import SpaceError, load_space
 
         try:
-            self.space = load_space(args.space)
+            self.space = load_space(args.space, train_csv=args.train_csv)
         except SpaceError as exc:
             raise UsageError(str(exc)) from None
         s = self.space
@@ -199,6 +202,7 @@ class _Settings:
             raise UsageError(f"{args.space}: budget: set budget.n_trials or budget.timeout "
                              f"(or --n-trials / --timeout)")
         self.seed_given = args.seed  # passed on to workers only when given
+        self.train_csv = str(Path(args.train_csv).resolve()) if args.train_csv else None
         self.workers = args.workers
         self.out_dir = Path(args.out).resolve() / self.study_name
         self.tracking = not args.no_tracking

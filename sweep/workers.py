@@ -4,7 +4,7 @@ The parent (``sweep.run --workers K``) starts K fresh ``python -m sweep.run ... 
 processes with ``cores / K`` BLAS threads each (set in their environment, before NumPy is first
 imported there), shows the study's progress from the storage until they end, and forwards Ctrl-C to
 them exactly once. Each worker runs trials until the study's budget is spent or its parent is gone,
-and leaves ``workers/worker-I.json`` (its tracking errors) and ``workers/worker-I.log`` behind.
+and leaves ``workers/<host>/worker-I.json`` (its tracking errors) and ``workers/<host>/worker-I.log``.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -32,11 +33,10 @@ STOP_SECONDS = 60  # how long stopped workers get to mark their trials failed be
 
 
 def cores() -> int:
-    """The cores this process may run on."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
+    """The cores this process may run on, a container's CPU quota included."""
+    from mixer._parallel import available_cpus
+
+    return available_cpus()
 
 
 def run_workers(settings: Any, study: Any, progress: Progress) -> tuple[bool, list[str], int]:
@@ -52,8 +52,9 @@ def run_workers(settings: Any, study: Any, progress: Progress) -> tuple[bool, li
     env = dict(os.environ, MIXER_STORAGE=settings.storage, **{var: str(threads) for var in BLAS_VARS})
     if settings.tracking_uri:
         env["MLFLOW_TRACKING_URI"] = settings.tracking_uri
-    workdir = settings.out_dir / "workers"
-    workdir.mkdir(exist_ok=True)
+    # Per host: containers that share the study folder on a volume each start their own workers.
+    workdir = settings.out_dir / "workers" / socket.gethostname()
+    workdir.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     base = [sys.executable, "-m", "sweep.run", str(settings.space_path), "--workers", "1",
             "--study-name", settings.study_name,
@@ -66,6 +67,8 @@ def run_workers(settings: Any, study: Any, progress: Progress) -> tuple[bool, li
         base += ["--timeout", str(settings.timeout)]
     if not settings.tracking:
         base.append("--no-tracking")
+    if settings.train_csv:
+        base += ["--train-csv", settings.train_csv]
     procs: list[subprocess.Popen] = []
     logs = []
     for i in range(k):
@@ -165,7 +168,8 @@ def worker_main(settings: Any, worker_of: str) -> int:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         undelivered = tracker.close() if tracker is not None else 0
         summary = {"undelivered": undelivered, "tracking_errors": objective.tracking_errors}
-        (settings.out_dir / "workers" / f"worker-{index}.json").write_text(json.dumps(summary))
+        (settings.out_dir / "workers" / socket.gethostname() / f"worker-{index}.json").write_text(
+            json.dumps(summary))
     if code == 0 and (undelivered or objective.tracking_errors):
         code = 1
     return code

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 
 import numpy as np
 import pytest
 
+from mixer import _parallel
 from mixer import model as M
 from mixer._parallel import PROBES, bounds, fastest, parallel_map
 from mixer.config import MixerConfig
@@ -117,3 +119,34 @@ def test_mixer_num_threads_sets_the_default_and_is_checked(monkeypatch):
     M.set_num_threads(None)
     with pytest.raises(ValueError, match="MIXER_NUM_THREADS must be a positive integer, got 'many'"):
         M.get_num_threads()
+
+
+@pytest.mark.parametrize(("version", "files", "expected"), [
+    ("v2", {"cpu.max": "200000 100000\n"}, 2),
+    ("v2", {"cpu.max": "150000 100000\n"}, 2),         # 1.5 CPUs: rounded up
+    ("v2", {"cpu.max": "20000 100000\n"}, 1),          # a fifth of a CPU: still one thread
+    ("v2", {"cpu.max": "max 100000\n"}, 8),            # no quota: the affinity
+    ("v1", {"cpu/cpu.cfs_quota_us": "300000\n", "cpu/cpu.cfs_period_us": "100000\n"}, 3),
+    ("v1", {"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, 8),
+    ("none", {}, 8),                                    # no cgroup files at all
+    ("garbage", {"cpu.max": "nonsense\n"}, 8),
+])
+def test_default_threads_are_capped_by_the_containers_cpu_quota(tmp_path, monkeypatch, version, files,
+                                                                 expected):
+    # `cpus: 2` in docker-compose.yml on an 8-core host: the affinity still shows all 8 cores.
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    monkeypatch.setattr(_parallel, "CGROUP_ROOT", str(tmp_path))
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)))
+    monkeypatch.delenv("MIXER_NUM_THREADS", raising=False)
+    M.set_num_threads(None)
+    assert M.get_num_threads() == expected
+
+
+def test_mixer_num_threads_wins_over_the_cpu_quota(tmp_path, monkeypatch):
+    (tmp_path / "cpu.max").write_text("100000 100000\n")
+    monkeypatch.setattr(_parallel, "CGROUP_ROOT", str(tmp_path))
+    monkeypatch.setenv("MIXER_NUM_THREADS", "2")
+    M.set_num_threads(None)
+    assert M.get_num_threads() == 2

@@ -1,10 +1,12 @@
 """docker-compose.yml stays honest without a Docker engine.
 
-The file is read as Compose reads it (``${VAR:-default}`` interpolation), every command line is
-checked by the parser of the program it runs (``sweep.run``'s argparse, ``mlflow server``'s click
-command), and the topology itself — PostgreSQL with the init script's second database, ``mlflow
-server`` with the compose file's own flags, two workers with the compose file's own command line —
-runs natively on loopback to a finished study.
+The file is read as Compose reads it (``${VAR:-default}`` and ``${VAR:?error}`` interpolation),
+every command line is checked by the parser of the program it runs (``sweep.run``'s argparse,
+``mlflow server``'s click command, with the service's environment), and the topology itself —
+PostgreSQL with the init script's second database, ``mlflow server`` with the compose file's own
+flags and environment, two workers with the compose file's own command line and environment sharing
+one output folder — runs natively on loopback to a finished study, and so does optuna-dashboard's
+command where the pinned optuna-dashboard is installed.
 """
 
 from __future__ import annotations
@@ -38,6 +40,9 @@ from tests.conftest import (
 COMPOSE = ROOT / "docker-compose.yml"
 DOCKERFILE = ROOT / "docker" / "Dockerfile"
 MLFLOW_DOCKERFILE = ROOT / "docker" / "mlflow.Dockerfile"
+DASHBOARD_DOCKERFILE = ROOT / "docker" / "dashboard.Dockerfile"
+# Compose refuses to start without a password (`${POSTGRES_PASSWORD:?...}`): the tests give one.
+PASSWORD = "pw-Only4Tests"
 INIT_SCRIPT = ROOT / "docker" / "postgres-init" / "10-create-mlflow-db.sh"
 
 # A study small enough for a test: synthetic rows, a one-block Mixer, two epochs per trial.
@@ -61,19 +66,26 @@ params:
 _VAR = re.compile(r"\$(?:\$|\{(?P<braced>[^}]*)\}|(?P<bare>[A-Za-z_][A-Za-z0-9_]*))")
 
 
+class MissingVariable(KeyError):
+    """Compose's refusal of ``${VAR:?message}`` with VAR unset or empty."""
+
+
 def interpolate(text: str, env: dict[str, str]) -> str:
-    """Compose's variable interpolation: ``${VAR}``, ``${VAR:-default}``, ``${VAR-default}``, ``$$``."""
+    """Compose's variable interpolation: ``${VAR}``, ``${VAR:-default}``, ``${VAR-default}``,
+    ``${VAR:?error}``, ``${VAR?error}``, ``$$``."""
 
     def one(match: re.Match[str]) -> str:
         if match.group(0) == "$$":
             return "$"
         expr = match.group("braced") if match.group("braced") is not None else match.group("bare")
-        for sep, use_default_if_empty in ((":-", True), ("-", False)):
-            name, found, default = expr.partition(sep)
+        for sep, if_empty in ((":-", True), ("-", False), (":?", True), ("?", False)):
+            name, found, rest = expr.partition(sep)
             if found:
                 value = env.get(name)
-                if value is None or (use_default_if_empty and value == ""):
-                    return default
+                if value is None or (if_empty and value == ""):
+                    if "?" in sep:
+                        raise MissingVariable(f"required variable {name} is missing a value: {rest}")
+                    return rest
                 return value
         if expr not in env:
             raise KeyError(f"docker-compose.yml uses ${{{expr}}} without a default")
@@ -93,8 +105,41 @@ def _walk(node: Any, env: dict[str, str]) -> Any:
 
 
 def load_compose(env: dict[str, str] | None = None) -> dict[str, Any]:
-    """The compose file with every variable resolved from ``env`` (default: the defaults alone)."""
-    return _walk(yaml.safe_load(COMPOSE.read_text()), env or {})
+    """The compose file with every variable resolved from ``env`` (default: the password alone)."""
+    return _walk(yaml.safe_load(COMPOSE.read_text()), {"POSTGRES_PASSWORD": PASSWORD} if env is None else env)
+
+
+def _variables() -> list[str]:
+    """Every ``${...}`` expression in the file's values (comments aside), uninterpolated."""
+    found: list[str] = []
+
+    def walk(node: Any) -> None:
+        if isinstance(node, str):
+            found.extend(re.findall(r"\$\{([^}]*)\}", node))
+        elif isinstance(node, (list, dict)):
+            for x in node.values() if isinstance(node, dict) else node:
+                walk(x)
+
+    walk(yaml.safe_load(COMPOSE.read_text()))
+    return found
+
+
+def _commands(service: dict[str, Any]) -> list[str]:
+    """Every argument a service's container runs with: command, entrypoint, healthcheck, build args."""
+    args = []
+    for key in ("command", "entrypoint"):
+        value = service.get(key) or []
+        args += [value] if isinstance(value, str) else value
+    args += (service.get("healthcheck") or {}).get("test", [])
+    args += [str(v) for v in ((service.get("build") or {}).get("args") or {}).values()]
+    return args
+
+
+def _dockerfile_arg(dockerfile: Path, name: str) -> str:
+    """The default of ``ARG name=...`` in a Dockerfile."""
+    found = re.search(rf"^ARG {name}=(\S+)$", dockerfile.read_text(), re.MULTILINE)
+    assert found, f"{dockerfile.name} has no ARG {name}=default"
+    return found.group(1).strip('"')
 
 
 def _option(argv: list[str], flag: str) -> str:
@@ -116,10 +161,13 @@ def _sweep_parser():
     return build_parser()
 
 
-def _mlflow_server_context(args: list[str]):
-    """Parse ``mlflow server`` arguments with MLflow's own click command (types and choices checked)."""
+def _mlflow_server_context(args: list[str], env: dict[str, str], monkeypatch):
+    """Parse ``mlflow server`` arguments with MLflow's own click command (types and choices checked),
+    its options' environment variables (MLFLOW_BACKEND_STORE_URI, ...) read from ``env``."""
     from mlflow.cli import server
 
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
     return server.make_context("server", list(args))
 
 
@@ -130,7 +178,7 @@ def _mlflow_server_context(args: list[str]):
 def test_compose_declares_postgres_mlflow_worker_and_named_volumes():
     c = load_compose()
     assert {"postgres", "mlflow", "worker"} <= set(c["services"])
-    assert {"postgres-data", "mlflow-artifacts"} <= set(c["volumes"])
+    assert {"postgres-data", "mlflow-artifacts", "runs"} <= set(c["volumes"])
     # Every named volume a service mounts is declared at the top level (or Compose refuses to start).
     for name, svc in c["services"].items():
         for mount in svc.get("volumes", []):
@@ -156,17 +204,20 @@ def test_mlflow_waits_for_healthy_postgres_serves_artifacts_and_publishes_port_5
     assert ml["build"]["dockerfile"] == "docker/mlflow.Dockerfile"
     argv = ml["command"]
     assert argv[:2] == ["mlflow", "server"]
-    assert _option(argv, "--backend-store-uri").startswith("postgresql+psycopg2://")
+    assert ml["environment"]["MLFLOW_BACKEND_STORE_URI"].startswith("postgresql+psycopg2://")
     assert "--serve-artifacts" in argv
     dest = _option(argv, "--artifacts-destination")
     assert f"mlflow-artifacts:{dest}" in ml["volumes"]
-    assert any(p.endswith(":5000:5000") or p == "5000:5000" for p in ml["ports"])
+    assert ml["ports"] == ["127.0.0.1:5000:5000"]
     assert "/health" in " ".join(ml["healthcheck"]["test"])
 
 
-def test_mlflow_command_is_accepted_by_mlflow_server():
-    argv = load_compose()["services"]["mlflow"]["command"]
-    params = _mlflow_server_context(argv[2:]).params
+def test_mlflow_command_is_accepted_by_mlflow_server(monkeypatch):
+    ml = load_compose()["services"]["mlflow"]
+    params = _mlflow_server_context(ml["command"][2:], ml["environment"], monkeypatch).params
+    # The backend store, password included, comes from the environment, not the command line.
+    assert params["backend_store_uri"] == ml["environment"]["MLFLOW_BACKEND_STORE_URI"]
+    assert PASSWORD in params["backend_store_uri"]
     assert params["serve_artifacts"] is True
     assert params["port"] == 5000
     assert params["host"] == "0.0.0.0"
@@ -191,15 +242,19 @@ def test_worker_waits_for_healthy_postgres_and_mlflow_and_is_built_from_the_proj
 
 def test_worker_command_is_accepted_by_the_sweep_cli():
     c = load_compose()
-    argv = c["services"]["worker"]["command"]
+    w = c["services"]["worker"]
+    argv = w["command"]
     assert argv[:3] == ["python", "-m", "sweep.run"]
     args = _sweep_parser().parse_args(argv[3:])
     assert args.tracking_uri == "http://mlflow:5000"
+    # The storage comes from MIXER_STORAGE (sweep.run's default for --storage), not the command line.
+    assert args.storage is None
+    storage = w["environment"]["MIXER_STORAGE"]
     # SQLAlchemy >= 2.1 maps a bare postgresql:// to psycopg 3; the images ship psycopg2.
-    assert args.storage.startswith("postgresql+psycopg2://") and "@postgres:5432/" in args.storage
+    assert storage.startswith("postgresql+psycopg2://") and "@postgres:5432/" in storage
     # Optuna and MLflow both keep an alembic_version table: they need two databases.
-    optuna_db = args.storage.rsplit("/", 1)[1]
-    mlflow_db = _option(c["services"]["mlflow"]["command"], "--backend-store-uri").rsplit("/", 1)[1]
+    optuna_db = storage.rsplit("/", 1)[1]
+    mlflow_db = c["services"]["mlflow"]["environment"]["MLFLOW_BACKEND_STORE_URI"].rsplit("/", 1)[1]
     assert optuna_db != mlflow_db
     assert c["services"]["postgres"]["environment"]["POSTGRES_DB"] == optuna_db
     assert c["services"]["postgres"]["environment"]["MLFLOW_DB"] == mlflow_db
@@ -209,38 +264,87 @@ def test_worker_command_is_accepted_by_the_sweep_cli():
     load_space(ROOT / args.space)
 
 
-def test_shipped_spaces_find_their_data_inside_the_worker_container():
-    import posixpath
+def test_worker_keeps_one_shared_study_folder_on_a_named_volume():
+    c = load_compose()
+    w = c["services"]["worker"]
+    args = _sweep_parser().parse_args(w["command"][3:])
+    # --out on the `runs` volume: every scaled worker writes the same <study>/ folder, and it
+    # outlives `docker compose down`.
+    assert f"runs:{args.out}" in w["volumes"] and "runs" in c["volumes"]
+    # The volume starts as a copy of the image's folder, which the non-root worker must own.
+    text = DOCKERFILE.read_text()
+    assert re.search(rf"mkdir {re.escape(args.out)} && chown mixer:mixer [^\n]*{re.escape(args.out)}", text)
+
+
+def test_worker_sizes_the_mixers_threads_to_its_cpu_limit():
+    for given, cpus in (({}, 1), ({"WORKER_CPUS": "3"}, 3)):
+        w = load_compose({"POSTGRES_PASSWORD": PASSWORD, **given})["services"]["worker"]
+        # Compose casts `cpus` to a number; the Mixer runs as many threads as the CPUs it may use.
+        assert float(w["cpus"]) == cpus
+        assert w["environment"]["MIXER_NUM_THREADS"] == str(cpus)
+
+
+def test_worker_reads_the_real_data_from_a_read_only_mount_named_by_mixer_data_dir():
+    from mixer.config import DATA_DIR_ENV
 
     w = load_compose()["services"]["worker"]
-    mounts = {m.split(":")[1]: m.split(":")[0] for m in w["volumes"]}
-    spaces_dir = "/app/search_spaces"
-    assert mounts.get(spaces_dir) == "./search_spaces", "the worker mounts ./search_spaces"
+    data_dir = w["environment"][DATA_DIR_ENV]
+    assert f"./data:{data_dir}:ro" in w["volumes"], "the worker mounts ${DATA_DIR:-./data} read-only"
+    assert "./search_spaces:/app/search_spaces:ro" in w["volumes"]
+    elsewhere = load_compose({"POSTGRES_PASSWORD": PASSWORD, "DATA_DIR": "/srv/unsw"})["services"]["worker"]
+    assert f"/srv/unsw:{data_dir}:ro" in elsewhere["volumes"]
+    # The shipped spaces name their CSV in the project's data/ folder, the mount's default source, so
+    # "put the CSV in ./data" serves a local run and the containers alike (MIXER_DATA_DIR looks the file
+    # name up in the mount).
     checked = 0
     for path in sorted((ROOT / "search_spaces").glob("*.yaml")):
         data = (yaml.safe_load(path.read_text()) or {}).get("data") or {}
         for key in ("train_csv", "test_csv"):
             if isinstance(data.get(key), str) and not data[key].startswith("/"):
-                inside = posixpath.normpath(posixpath.join(spaces_dir, data[key]))
-                assert any(inside.startswith(target.rstrip("/") + "/") for target in mounts), (
-                    f"{path.name}: {key} is {inside} in the container, under no mounted folder")
+                on_host = (path.parent / data[key]).resolve()
+                assert on_host.parent == ROOT / "data", f"{path.name}: {key} {data[key]} is not in data/"
                 checked += 1
     assert checked, "at least one shipped space reads a CSV"
 
 
-def test_credentials_come_from_the_environment_and_are_not_baked_into_images():
-    text = COMPOSE.read_text()
-    for var, default in (("POSTGRES_USER", "mixer"), ("POSTGRES_PASSWORD", "mixer")):
-        assert f"${{{var}:-{default}}}" in text
+def test_the_password_has_no_default_and_compose_refuses_to_start_without_it():
+    uses = [v.removeprefix("POSTGRES_PASSWORD") for v in _variables() if v.startswith("POSTGRES_PASSWORD")]
+    assert uses and all(u.startswith(":?") and ".env" in u for u in uses), uses
+    for env in ({}, {"POSTGRES_PASSWORD": ""}):
+        with pytest.raises(MissingVariable, match="POSTGRES_PASSWORD is missing a value: put it in .env"):
+            load_compose(env)
+
+
+def test_every_variable_has_a_default_or_a_refusal():
+    for expr in _variables():
+        assert re.match(r"[A-Za-z_]\w*(:?-|:?\?)", expr), f"${{{expr}}} has neither a default nor a :? error"
+
+
+def test_no_secret_in_any_command_line_and_none_baked_into_images():
     c = load_compose({"POSTGRES_USER": "alice", "POSTGRES_PASSWORD": "s3cret", "POSTGRES_DB": "opt"})
-    assert c["services"]["postgres"]["environment"]["POSTGRES_PASSWORD"] == "s3cret"
-    storage = _option(c["services"]["worker"]["command"], "--storage")
+    svc = c["services"]
+    for name, service in svc.items():
+        assert not [a for a in _commands(service) if "s3cret" in a], f"{name}: a password on a command line"
+    # ... it travels in the environment instead.
+    assert svc["postgres"]["environment"]["POSTGRES_PASSWORD"] == "s3cret"
+    storage = svc["worker"]["environment"]["MIXER_STORAGE"]
     assert storage == "postgresql+psycopg2://alice:s3cret@postgres:5432/opt"
-    backend = _option(c["services"]["mlflow"]["command"], "--backend-store-uri")
+    assert svc["optuna-dashboard"]["environment"]["MIXER_STORAGE"] == storage
+    backend = svc["mlflow"]["environment"]["MLFLOW_BACKEND_STORE_URI"]
     assert backend.startswith("postgresql+psycopg2://alice:s3cret@postgres:5432/")
-    for dockerfile in (DOCKERFILE, MLFLOW_DOCKERFILE):
+    for dockerfile in (DOCKERFILE, MLFLOW_DOCKERFILE, DASHBOARD_DOCKERFILE):
         assert "POSTGRES_PASSWORD" not in dockerfile.read_text()
         assert "postgresql://" not in dockerfile.read_text()
+
+
+def test_published_ports_are_on_loopback_unless_the_user_opts_in():
+    services = load_compose()["services"]
+    published = {name: svc["ports"] for name, svc in services.items() if svc.get("ports")}
+    assert {"postgres", "mlflow", "optuna-dashboard"} <= set(published)
+    for name, ports in published.items():
+        assert all(p.startswith("127.0.0.1:") for p in ports), f"{name} publishes {ports}"
+    opened = load_compose({"POSTGRES_PASSWORD": PASSWORD, "MLFLOW_BIND": "0.0.0.0"})["services"]["mlflow"]
+    assert opened["ports"] == ["0.0.0.0:5000:5000"]
 
 
 def _dockerignored(path: str, patterns: list[str]) -> bool:
@@ -277,11 +381,32 @@ def test_worker_image_is_python_311_slim_non_root_and_copies_only_files_in_the_b
         assert _dockerignored(path, patterns), f"{path} would be sent to the Docker build"
 
 
-def test_dashboard_is_optional_behind_a_profile():
+def test_every_image_is_pinned():
+    for name, svc in load_compose()["services"].items():
+        if "build" not in svc:  # pulled: a tag that names a release
+            repo, _, tag = svc["image"].rpartition(":")
+            assert repo and tag and tag != "latest", f"{name}: image {svc['image']} is not pinned"
+
+
+def test_dashboard_is_optional_pinned_to_the_workers_optuna_and_starts_after_a_worker():
+    import optuna
+
     c = load_compose()
-    dash = c["services"].get("optuna-dashboard")
-    assert dash is not None and dash["profiles"] == ["dashboard"]
-    assert dash["command"][0] == _option(c["services"]["worker"]["command"], "--storage")
+    dash = c["services"]["optuna-dashboard"]
+    assert dash["profiles"] == ["dashboard"]
+    assert dash["build"]["dockerfile"] == "docker/dashboard.Dockerfile"
+    version = _dockerfile_arg(DASHBOARD_DOCKERFILE, "OPTUNA_DASHBOARD_VERSION")
+    assert re.fullmatch(r"\d+\.\d+\.\d+", version) and dash["image"].endswith(f":{version}")
+    assert '"optuna-dashboard==${OPTUNA_DASHBOARD_VERSION}"' in DASHBOARD_DOCKERFILE.read_text()
+    # The Optuna that reads the study is the one that writes it, the one these tests run.
+    assert (_dockerfile_arg(DASHBOARD_DOCKERFILE, "OPTUNA_VERSION")
+            == _dockerfile_arg(DOCKERFILE, "OPTUNA_VERSION") == optuna.__version__)
+    assert dash["depends_on"]["worker"] == {"condition": "service_started"}
+    assert dash["depends_on"]["postgres"] == {"condition": "service_healthy"}
+    assert dash["restart"] == "unless-stopped"  # should it lose the race to create the tables
+    assert dash["environment"]["MIXER_STORAGE"] == c["services"]["worker"]["environment"]["MIXER_STORAGE"]
+    assert dash["command"][:2] == ["python", "-c"]
+    compile(dash["command"][2], "dashboard command", "exec")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -321,19 +446,28 @@ def _http_status(url: str, host: str) -> int:
         return exc.code
 
 
-def _job_runners(pgid: int) -> list[str]:
-    """Command lines of the MLflow job runner's huey consumers in process group ``pgid``."""
+def _cmdlines(pgid: int) -> list[str]:
+    """Command lines of the processes in process group ``pgid``."""
     found = []
     for proc in Path("/proc").glob("[0-9]*"):
         try:
             if os.getpgid(int(proc.name)) != pgid:
                 continue
-            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            found.append((proc / "cmdline").read_bytes().replace(b"\0", b" ").decode())
         except OSError:  # the process is gone
             continue
-        if "huey" in cmdline:
-            found.append(cmdline)
     return found
+
+
+def _job_runners(pgid: int) -> list[str]:
+    """Command lines of the MLflow job runner's huey consumers in process group ``pgid``."""
+    return [c for c in _cmdlines(pgid) if "huey" in c]
+
+
+def _with_password(url: str) -> str:
+    """``url`` with the tests' password: PostgreSQL's trust authentication here ignores it, so it only
+    shows where it would leak."""
+    return re.sub(r"://([^@:/]+)@", rf"://\1:{PASSWORD}@", url, count=1)
 
 
 @pytest.mark.slow  # most of it MLflow migrating its empty database
@@ -353,17 +487,18 @@ def test_compose_topology_runs_natively_to_a_finished_study(postgres_url, mlflow
     pg_check[0] = which_or_skip("pg_isready")
     assert subprocess.run(pg_check, capture_output=True, timeout=10).returncode == 0
 
-    # The MLflow server with the compose file's flags; only where things live is substituted.
+    # The MLflow server with the compose file's flags and environment; only where things live is
+    # substituted.
     port = free_port()
     server_argv = svc["mlflow"]["command"][2:]
-    server_argv = _replace_option(server_argv, "--backend-store-uri", mlflow_db_url)
     server_argv = _replace_option(server_argv, "--artifacts-destination", str(tmp_path / "mlartifacts"))
     server_argv = _replace_option(server_argv, "--host", "127.0.0.1")
     server_argv = _replace_option(server_argv, "--port", str(port))
     server_argv = _replace_option(server_argv, "--workers", "1")  # two cores shared by the test suite
     uri = f"http://127.0.0.1:{port}"
     log = open(tmp_path / "mlflow.log", "wb")
-    server_env = {**os.environ, **svc["mlflow"]["environment"]}
+    server_env = {**os.environ, **svc["mlflow"]["environment"],
+                  "MLFLOW_BACKEND_STORE_URI": _with_password(mlflow_db_url)}
     server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", *server_argv], env=server_env,
                               stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     workers: list[subprocess.Popen] = []
@@ -388,21 +523,32 @@ def test_compose_topology_runs_natively_to_a_finished_study(postgres_url, mlflow
         budget = 6
         worker_argv = svc["worker"]["command"]
         worker_argv = [sys.executable, *worker_argv[1:3], str(space), *worker_argv[4:]]
-        storage = psycopg2_url(postgres_url)
-        worker_argv = _replace_option(worker_argv, "--storage", storage)
         worker_argv = _replace_option(worker_argv, "--tracking-uri", uri)
-        worker_argv += ["--n-trials", str(budget), "--out", str(tmp_path / "runs")]
-        env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1")
+        runs = tmp_path / "runs"  # the `runs` volume, shared by both workers
+        worker_argv = _replace_option(worker_argv, "--out", str(runs))
+        worker_argv += ["--n-trials", str(budget)]
+        # The compose file's environment: the storage (no --storage on the command line), the Mixer's
+        # threads, the data folder; the image's BLAS settings.
+        storage = _with_password(psycopg2_url(postgres_url))
+        assert PASSWORD in storage
+        env = {**os.environ, **svc["worker"]["environment"], "MIXER_STORAGE": storage,
+               "MIXER_DATA_DIR": str(tmp_path / "data"), "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1",
+               "MKL_NUM_THREADS": "1"}
         env.pop("MLFLOW_TRACKING_URI", None)
         started = time.monotonic()
         for i in range(2):
             out = open(tmp_path / f"worker-{i}.log", "wb")
             workers.append(subprocess.Popen(worker_argv, env=env, cwd=tmp_path, stdout=out,
                                             stderr=subprocess.STDOUT, start_new_session=True))
+        # The password is on no command line (`ps`), the server's and its workers' included.
+        assert not [c for p in (server, *workers) for c in _cmdlines(p.pid) if PASSWORD in c]
         for i, w in enumerate(workers):
             code = w.wait(timeout=240)
             assert code == 0, (f"worker {i} exited {code}: {shlex.join(worker_argv)}\n"
                                + (tmp_path / f"worker-{i}.log").read_text()[-3000:])
+        # ... and nowhere in what they print or log.
+        for printed in [tmp_path / "mlflow.log", *tmp_path.glob("worker-*.log"), *runs.rglob("sweep.log")]:
+            assert PASSWORD not in printed.read_text(errors="replace"), printed
         elapsed = time.monotonic() - started
 
         study = optuna.load_study(study_name="compose-native", storage=storage)
@@ -411,6 +557,16 @@ def test_compose_topology_runs_natively_to_a_finished_study(postgres_url, mlflow
                                                      optuna.trial.TrialState.PRUNED)]
         assert len(finished) == budget, [(t.number, t.state) for t in trials]
         assert len({t.number for t in trials}) == len(trials)
+        # One study folder holds what both workers wrote: the last one's summary and model, and one
+        # log that both appended to.
+        study_dir = runs / "compose-native"
+        assert sorted(p.name for p in study_dir.iterdir() if p.is_file()) == [
+            "best_config.yaml", "best_model.npz", "sweep.log", "trials.csv"]
+        import pandas as pd
+
+        assert len(pd.read_csv(study_dir / "trials.csv")) == budget
+        log_text = (study_dir / "sweep.log").read_text()
+        assert all(f" {w.pid} sweep " in log_text for w in workers), log_text[-2000:]
 
         monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)  # mlflow-artifacts:/ URIs resolve through it
         client = MlflowClient(uri)
@@ -436,3 +592,44 @@ def test_compose_topology_runs_natively_to_a_finished_study(postgres_url, mlflow
         stop_process_group(server)
         log.close()
         shutil.rmtree(tmp_path / "mlartifacts", ignore_errors=True)
+
+
+@pytest.mark.postgres
+def test_dashboard_command_serves_a_study_this_optuna_wrote(postgres_url, tmp_path):
+    """The dashboard's command, storage from the environment, on a study written by the workers' Optuna.
+
+    Runs where optuna-dashboard is installed at the pinned version (docker/dashboard.Dockerfile).
+    """
+    dashboard = pytest.importorskip("optuna_dashboard")
+    import json
+
+    import optuna
+
+    version = _dockerfile_arg(DASHBOARD_DOCKERFILE, "OPTUNA_DASHBOARD_VERSION")
+    if dashboard.__version__ != version:
+        pytest.skip(f"optuna-dashboard {dashboard.__version__} installed, the image pins {version}")
+    storage = psycopg2_url(postgres_url)
+    study = optuna.create_study(study_name="dash", storage=storage)
+    study.set_metric_names(["val_loss"])
+    study.optimize(lambda t: t.suggest_float("lr", 1e-4, 1e-2, log=True), n_trials=3)
+
+    dash = load_compose()["services"]["optuna-dashboard"]
+    port = free_port()
+    code = dash["command"][2].replace("host='0.0.0.0', port=8080", f"host='127.0.0.1', port={port}")
+    assert code != dash["command"][2]
+    log = open(tmp_path / "dashboard.log", "wb")
+    proc = subprocess.Popen([sys.executable, "-c", code], env={**os.environ, "MIXER_STORAGE": storage},
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_http(f"http://127.0.0.1:{port}/api/studies", timeout=60, proc=proc)
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies", timeout=10) as resp:
+            (summary,) = json.load(resp)["study_summaries"]
+        assert summary["study_name"] == "dash"
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies/{summary['study_id']}",
+                                    timeout=10) as resp:
+            detail = json.load(resp)
+        assert detail["objective_names"] == ["val_loss"]
+        assert len(detail["trials"]) == 3
+    finally:
+        stop_process_group(proc)
+        log.close()

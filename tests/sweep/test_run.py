@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -301,7 +302,7 @@ def test_two_workers_share_the_budget_exactly_with_their_share_of_the_cores(in_t
     assert len(workers) == 2  # both took part
     threads = max(1, len(os.sched_getaffinity(0)) // 2)
     for i in range(2):
-        log = (in_tmp / "out" / "tiny" / "workers" / f"worker-{i}.log").read_text()
+        log = (in_tmp / "out" / "tiny" / "workers" / socket.gethostname() / f"worker-{i}.log").read_text()
         assert f"OMP_NUM_THREADS={threads} " in log and f"MIXER_NUM_THREADS={threads}" in log
 
 
@@ -406,3 +407,13 @@ def test_the_best_value_is_printed_with_one_precision_and_the_final_phase_is_tim
     assert shown == {f"{best:.6g}"}, text
     assert re.search(r"retrained and saved the best model in \d+ s", captured.err)
     assert re.search(r"study tiny: done in \d+ s", captured.err)
+
+
+def test_train_csv_flag_trains_every_trial_and_worker_on_that_file(in_tmp, real_csv):
+    space = write_space(in_tmp, TINY.replace("n_rows: 300", "n_rows: 300, seed: 0"))
+    assert main([str(space), "--no-tracking", "--n-trials", "2", "--workers", "2",
+                 "--train-csv", str(real_csv)]) == 0
+    trials = journal_study(in_tmp / "runs").get_trials(deepcopy=False)
+    assert len(trials) == 2
+    assert {(t.user_attrs["config"]["source"], t.user_attrs["config"]["train_csv"]) for t in trials} == {
+        ("csv", str(real_csv))}
