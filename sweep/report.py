@@ -21,7 +21,11 @@ MLflow run (user attribute ``mlflow_parent_run_id``) and the tracking store is r
 (``--tracking-uri``, else ``MLFLOW_TRACKING_URI``, else the local store ``sweep.run`` uses), the
 three files are logged to it under ``report/``; otherwise the report says why and still succeeds.
 
-Exit status: 0 written, 2 bad usage (unknown study, missing storage, bad option).
+Metric values are printed with ``.6g`` (one precision everywhere). Every file is written whole or
+not at all (``mixer.bundle.atomic_write``): a disk that fills keeps the previous version.
+
+Exit status: 0 written, 1 a file could not be written (disk full, unwritable folder), 2 bad usage
+(unknown study, missing storage, bad option).
 """
 
 from __future__ import annotations
@@ -32,22 +36,38 @@ import math
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
+from mixer.bundle import atomic_write
 from sweep.messages import UsageError, one_line, redact
+from sweep.plots import (
+    DEFAULT_GROUP_BY,
+    DEFAULT_TOP,
+    IMPORTANCE_MIN_COMPLETE,
+    STUDY_PLOTS,
+    metric_name,
+    plot_curves,
+    plot_intermediate_values,
+    study_figures,
+)
 from sweep.study import open_storage
 
-__all__ = ["TrialRecord", "collect", "find_study", "main", "plot_curves", "ranked", "trials_table",
-           "write_study_files"]
+__all__ = ["IMPORTANCE_MIN_COMPLETE", "ReportWriteError", "TrialRecord", "collect", "find_study", "main",
+           "metric_name", "plot_curves", "plot_intermediate_values", "ranked", "STUDY_PLOTS",
+           "study_figures", "trials_table", "write_study_files"]
 
 CURVE_KEYS = ("train_loss", "val_loss", "lr", "grad_norm_mean", "hessian_max_eig", "hessian_min_eig")
-DEFAULT_GROUP_BY = "scheduler"
-DEFAULT_TOP = 5
 
 log = logging.getLogger("sweep")
+
+
+class ReportWriteError(Exception):
+    """A report file could not be written (disk full, unwritable folder); the message names the folder.
+    Each file is written whole or not at all, so the previous version of a file is intact."""
 
 
 @dataclass
@@ -65,11 +85,11 @@ class TrialRecord:
     mlflow_run_id: str | None = None
     history_source: str = "none"    # "optuna", "mlflow" or "none"
 
-    def knob(self, name: str) -> Any:
-        """A parameter's value: sampled (``params``) or fixed by the space (``config``)."""
-        if name in self.params:
-            return self.params[name]
-        return self.config.get(name)
+    def knob(self, name: str, *, searched: bool) -> Any:
+        """A parameter's value. A ``searched`` one (some trial sampled it) comes from ``params`` only:
+        a trial that did not sample it (a conditional parameter) has none, not the config's unused
+        default. Any other knob is fixed by the space and read from ``config``."""
+        return self.params.get(name) if searched else self.config.get(name)
 
     def curve(self, key: str) -> tuple[list[int], list[float]]:
         points = [(int(h["epoch"]), float(h[key])) for h in self.history
@@ -140,13 +160,14 @@ def _history_from_mlflow(client, run_id: str) -> list[dict[str, float]]:
 def collect(study, *, mlflow_client=None) -> list[TrialRecord]:
     """One record per trial; histories missing from Optuna are read from MLflow if a client is given."""
     from mixer.diagnosis import diagnose
+    from sweep.objective import trial_run_id
 
     records = []
     for t in study.get_trials(deepcopy=False):
         attrs = t.user_attrs
         history = [dict(h) for h in attrs.get("history") or []]
         source = "optuna" if history else "none"
-        run_id = attrs.get("mlflow_run_id")
+        run_id = trial_run_id(study, t)  # on the trial, or on the study if the run came later
         if not history and run_id and mlflow_client is not None:
             try:
                 history = _history_from_mlflow(mlflow_client, run_id)
@@ -190,9 +211,8 @@ def trials_table(records: Sequence[TrialRecord], *, group_by: str = DEFAULT_GROU
     """The ranked trials: rank, trial, state, value, best_val_loss, epochs, pruned_epoch, diagnosis,
     then the group-by knob and every sampled parameter."""
     order = ranked(records, minimize=minimize)
-    param_names = sorted({name for r in order for name in r.params})
-    if group_by not in param_names:
-        param_names = [group_by, *param_names]
+    r_params = {name for r in order for name in r.params}
+    param_names = sorted(r_params) if group_by in r_params else [group_by, *sorted(r_params)]
     rows = []
     for rank, r in enumerate(order, start=1):
         row: dict[str, Any] = {
@@ -201,12 +221,14 @@ def trials_table(records: Sequence[TrialRecord], *, group_by: str = DEFAULT_GROU
             "epochs": len(r.history), "pruned_epoch": r.pruned_epoch, "diagnosis": r.diagnosis,
         }
         for name in param_names:
-            row[name] = r.knob(name)
+            row[name] = r.knob(name, searched=name in r_params)
         rows.append(row)
     columns = ["rank", "trial", "state", "value", "best_val_loss", "epochs", "pruned_epoch",
                "diagnosis", *param_names]
     table = pd.DataFrame(rows, columns=columns)
     table["pruned_epoch"] = table["pruned_epoch"].astype("Int64")
+    # An integer parameter some trials lack stays integer (t_0 = 4, not 4.0) with empty cells.
+    table[param_names] = table[param_names].convert_dtypes()
     return table
 
 
@@ -214,7 +236,7 @@ def _cell(value: Any) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)) or value is pd.NA:
         return ""
     if isinstance(value, float):
-        return f"{value:.4g}"
+        return f"{value:.6g}"
     return str(value).replace("|", "\\|")
 
 
@@ -229,229 +251,56 @@ def to_markdown(table: pd.DataFrame) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# The figure
-
-
-def _sort_key(value: Any) -> tuple[int, Any]:
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return 0, value
-    return 1, str(value)
-
-
-def _minor_log_label(value: float, _pos: int) -> str:
-    """Label the 2, 3 and 5 of each decade: enough to read a level without crowding the axis."""
-    if value <= 0:
-        return ""
-    mantissa = value / 10 ** math.floor(math.log10(value) + 1e-9)
-    return f"{value:g}" if any(abs(mantissa - m) < 1e-6 for m in (2, 3, 5)) else ""
-
-
-def _spans_decades(values, *, ratio: float = 8.0) -> bool:
-    """True if the positive finite values span at least ``ratio`` (max / min)."""
-    finite = [v for v in values if math.isfinite(v) and v > 0]
-    return bool(finite) and max(finite) / min(finite) >= ratio
-
-
-def plot_curves(records: Sequence[TrialRecord], *, group_by: str = DEFAULT_GROUP_BY, top: int = DEFAULT_TOP,
-                minimize: bool = True, title: str = ""):
-    """The side-by-side figure (a ``matplotlib.figure.Figure``; no pyplot state is touched)."""
-    from matplotlib.figure import Figure
-    from matplotlib.lines import Line2D
-    from matplotlib.ticker import FuncFormatter
-
-    order = ranked(records, minimize=minimize)
-    best = [r for r in order if r.state == "COMPLETE" and r.value is not None][:top]
-    palette = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf",
-               "#bcbd22", "#7f7f7f"]
-    colours = {r.number: palette[i % len(palette)] for i, r in enumerate(best)}
-
-    # Trials without curves (failed before an epoch) would only add empty panels.
-    drawn = [r for r in records if r.history]
-    groups = sorted({r.knob(group_by) for r in drawn}, key=_sort_key) or [None]
-    has_curvature = any(r.curve("hessian_max_eig")[0] for r in records)
-    rows = ["loss", "lr", "grad", *(["curvature"] if has_curvature else [])]
-    ncols = len(groups)
-    heights = {"loss": 3.2, "lr": 1.4, "grad": 1.5, "curvature": 1.8}
-    fig = Figure(figsize=(max(7.0, 5.0 * ncols), sum(heights[r] for r in rows) + 1.4),
-                 layout="constrained")
-    axes = fig.subplots(len(rows), ncols, sharex=True, sharey="row", squeeze=False,
-                        gridspec_kw={"height_ratios": [heights[r] for r in rows]})
-    grey = "#9a9a9a"
-
-    for col, group in enumerate(groups):
-        members = [r for r in order if r.history and r.knob(group_by) == group]
-        coloured = [r for r in members if r.number in colours]
-        others = [r for r in members if r.number not in colours]
-        n_pruned = sum(r.state == "PRUNED" for r in members)
-        n_done = sum(r.state == "COMPLETE" for r in members)
-        for r in [*others, *coloured]:  # grey first so the top trials draw on top
-            c = colours.get(r.number, grey)
-            top_trial = r.number in colours
-            style = {"color": c, "lw": 1.8 if top_trial else 0.9, "alpha": 1.0 if top_trial else 0.55,
-                     "zorder": 3 if top_trial else 1}
-            # A one-epoch curve (a trial just started) would be an invisible line: mark its point.
-            style["marker"], style["ms"] = ("o", 3) if len(r.history) == 1 else (None, None)
-            ep, val = r.curve("val_loss")
-            axes[0, col].plot(ep, val, "-", **style)
-            ep_t, tr = r.curve("train_loss")
-            axes[0, col].plot(ep_t, tr, "--", **{**style, "lw": style["lw"] * 0.8})
-            if r.state == "PRUNED" and ep:
-                axes[0, col].plot(ep[-1], val[-1], "x", color=c, ms=6, mew=1.5, zorder=style["zorder"])
-            for row_name, key in (("lr", "lr"), ("grad", "grad_norm_mean")):
-                ep_k, vals = r.curve(key)
-                axes[rows.index(row_name), col].plot(ep_k, vals, "-", **style)
-            if has_curvature:
-                ax = axes[rows.index("curvature"), col]
-                probe_style = {k: v for k, v in style.items() if k not in ("marker", "ms")}
-                ep_k, vals = r.curve("hessian_max_eig")
-                ax.plot(ep_k, vals, "-o", ms=3, **probe_style)
-                ep_k, vals = r.curve("hessian_min_eig")
-                ax.plot(ep_k, vals, ":v", ms=3, **probe_style)
-        label = "(unset)" if group is None else group
-        counts = f"{n_done} complete, {n_pruned} pruned"
-        n_other = len(members) - n_done - n_pruned
-        if n_other:
-            counts += f", {n_other} running/failed"
-        axes[0, col].set_title(f"{group_by} = {label}\n{len(members)} trial{'s' * (len(members) != 1)}: "
-                               f"{counts}", fontsize=10)
-        handles = [Line2D([], [], color=colours[r.number], lw=1.8,
-                          label=f"#{r.number}  {r.value:.4g}  {r.diagnosis}".rstrip())
-                   for r in coloured]
-        if others:
-            handles.append(Line2D([], [], color=grey, lw=0.9,
-                                  label=f"other trials ({len(others)})" + (", × pruned" if n_pruned else "")))
-        handles += [Line2D([], [], color="k", ls="-", lw=1.2, label="validation"),
-                    Line2D([], [], color="k", ls="--", lw=1.0, label="train")]
-        axes[0, col].legend(handles=handles, fontsize=7.5, loc="upper right", framealpha=0.85)
-        if has_curvature:
-            axes[rows.index("curvature"), col].axhline(0.0, color="k", lw=0.6, zorder=0)
-
-    # Log y where the values span a decade or so (losses falling from 0.7 to 0.05, learning rates);
-    # linear where they do not (a loss stuck between 0.47 and 0.55 is unreadable on a log axis).
-    log_rows = {"lr": True,
-                "loss": _spans_decades(r2 for r in drawn for k in ("train_loss", "val_loss")
-                                       for r2 in r.curve(k)[1]),
-                "grad": _spans_decades(v for r in drawn for v in r.curve("grad_norm_mean")[1])}
-    lrs = [v for r in drawn for v in r.curve("lr")[1] if math.isfinite(v)]
-    positive = [v for v in lrs if v > 0]
-    lr_floor = (10 ** math.floor(math.log10(min(positive)))
-                if positive and any(v == 0 for v in lrs) else None)
-    ylabels = {"loss": "loss" + (" (log)" if log_rows["loss"] else ""), "lr": "learning rate",
-               "grad": "grad norm\n(epoch mean)", "curvature": "Hessian λ_max (—o)\nλ_min (⋯v)"}
-    for i, row_name in enumerate(rows):
-        axes[i, 0].set_ylabel(ylabels[row_name], fontsize=9)
-        for ax in axes[i]:
-            ax.grid(True, which="major", alpha=0.3)
-            ax.tick_params(labelsize=8)
-            if row_name == "lr" and lr_floor is not None:
-                # A schedule that reaches lr = 0 (eta_min 0) must show it, not drop the points as a
-                # log axis would: symmetric log, linear below the smallest non-zero rate.
-                ax.set_yscale("symlog", linthresh=lr_floor, linscale=0.4)
-                ax.set_ylim(bottom=0.0)
-            elif log_rows.get(row_name):
-                ax.set_yscale("log", nonpositive="mask")
-                if row_name != "lr":
-                    # 0.2, 0.3 reads better than 2×10⁻¹ for values within a decade or two.
-                    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-                    ax.yaxis.set_minor_formatter(FuncFormatter(_minor_log_label))
-    if has_curvature:
-        # Symmetric log: λ_max and λ_min differ by orders of magnitude and λ_min changes sign. The
-        # linear band around 0 reaches the smallest probed |λ| (a power of 10, at least 1e-3 of
-        # the largest), so every probe sits on the logarithmic part and the band stays narrow.
-        sizes = [abs(v) for r in records for k in ("hessian_max_eig", "hessian_min_eig")
-                 for v in r.curve(k)[1] if math.isfinite(v) and v != 0]
-        largest = max(sizes, default=1.0)
-        smallest = max(min(sizes, default=1.0), largest * 1e-3, 1e-12)
-        for ax in axes[rows.index("curvature")]:
-            ax.set_yscale("symlog", linthresh=10 ** math.floor(math.log10(smallest)))
-    for ax in axes[-1]:
-        ax.set_xlabel("epoch", fontsize=9)
-        ax.xaxis.get_major_locator().set_params(integer=True)
-    if title:
-        fig.suptitle(title, fontsize=11)
-    return fig
-
-
-# ---------------------------------------------------------------------------------------------
-# The study's own files: the full table and Optuna's plots
-
-_OPTUNA_PLOTS = ("optimization_history", "intermediate_values", "param_importances", "parallel_coordinate")
-
+# The study's own files: the full table and its plots
 
 def write_study_files(study, out_dir: str | Path) -> list[tuple[Path, str | None]]:
-    """Write ``trials.csv`` and Optuna's plots (``plots/<name>.png``) of ``study`` into ``out_dir``.
+    """Write ``trials.csv`` and the study's plots (``plots/<name>.png``) of ``study`` into ``out_dir``.
 
     ``trials.csv`` is ``study.trials_dataframe()`` without the per-epoch history and the full
     config (too wide for a table; they stay in the storage). A plot the study cannot support yet
-    (importances need two completed trials whose parameters differ) is left out, and why is logged.
+    (importances below ``IMPORTANCE_MIN_COMPLETE`` completed trials) is replaced by
+    ``plots/<name>.txt`` saying why. Each file is replaced whole or not at all.
 
     Returns:
         Each file written with the artifact folder it belongs in: None for ``trials.csv``,
-        ``"plots"`` for the PNGs.
+        ``"plots"`` for the PNGs and notes.
+
+    Raises:
+        ReportWriteError: a file could not be written (disk full, unwritable folder).
     """
+    import matplotlib.pyplot as plt
+
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    table = out / "trials.csv"
     frame = study.trials_dataframe()
     frame = frame.drop(columns=[c for c in ("user_attrs_history", "user_attrs_config") if c in frame])
-    frame.to_csv(table, index=False)
-    files: list[tuple[Path, str | None]] = [(table, None)]
-    for name, why in _study_plots(study, out / "plots"):
-        if isinstance(why, Path):
-            files.append((why, "plots"))
-        else:
-            log.info("study plot %s skipped: %s", name, why)
+    figures = study_figures(study)
+    try:
+        files: list[tuple[Path, str | None]] = [
+            (atomic_write(out / "trials.csv", partial(frame.to_csv, index=False), mode="w"), None)]
+        for name, fig in figures.items():
+            png, note = out / "plots" / f"{name}.png", out / "plots" / f"{name}.txt"
+            if isinstance(fig, str):
+                log.info("study plot %s skipped: %s", name, fig)
+                files.append((atomic_write(note, partial(_write_text, f"{name}: not drawn, {fig}\n"),
+                                           mode="w"), "plots"))
+                png.unlink(missing_ok=True)  # an older study's plot would contradict the note
+            else:
+                files.append((atomic_write(png, partial(fig.savefig, format="png", dpi=100,
+                                                        bbox_inches="tight")), "plots"))
+                note.unlink(missing_ok=True)
+    except OSError as exc:
+        raise ReportWriteError(f"cannot write the study's files in {out}: {exc.strerror or exc}") from exc
+    finally:
+        for fig in figures.values():
+            if not isinstance(fig, str):
+                plt.close(fig)
     return files
 
 
-def _study_plots(study, folder: Path) -> list[tuple[str, Path | str]]:
-    """Each Optuna plot: (name, the PNG written) or (name, why it was skipped)."""
-    import warnings
-
-    import matplotlib
-
-    matplotlib.use("Agg")  # headless: the sweep runs on servers and in CI
-    import matplotlib.pyplot as plt
-    import optuna.visualization.matplotlib as ovm
-
-    folder.mkdir(parents=True, exist_ok=True)
-    done: list[tuple[str, Path | str]] = []
-    for name in _OPTUNA_PLOTS:
-        if name == "param_importances" and (why := _importances_unsupported(study)):
-            done.append((name, why))
-            continue
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # ExperimentalWarning, empty-plot warnings
-                axes = getattr(ovm, f"plot_{name}")(study)
-            fig = axes.figure if hasattr(axes, "figure") else axes.flat[0].figure
-            if not any(ax.has_data() for ax in fig.axes):
-                done.append((name, "nothing to plot yet"))
-                continue
-            path = folder / f"{name}.png"
-            fig.savefig(path, dpi=100, bbox_inches="tight")
-            done.append((name, path))
-        except Exception as exc:  # noqa: BLE001 - a plot the study cannot support is left out
-            done.append((name, one_line(exc)))
-        finally:
-            plt.close("all")
-    return done
+def _write_text(text: str, fh) -> None:
+    fh.write(text)
 
 
-def _importances_unsupported(study) -> str | None:
-    """Why parameter importances mean nothing yet (Optuna would draw equal bars), or None."""
-    from optuna.trial import TrialState
-
-    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    if len(complete) < 2:
-        return f"needs >= 2 completed trials, the study has {len(complete)}"
-    names = {name for t in complete for name in t.params}
-    if not any(len({repr(t.params.get(name)) for t in complete}) > 1 for name in names):
-        return "no parameter varies across the completed trials"
-    return None
-
-
-# ---------------------------------------------------------------------------------------------
 # MLflow
 
 
@@ -522,6 +371,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as exc:
         print(f"sweep.report: error: {exc}", file=sys.stderr)
         return 2
+    except ReportWriteError as exc:
+        print(f"sweep.report: error: {exc}", file=sys.stderr)
+        return 1
 
 
 def _report(args: argparse.Namespace) -> int:
@@ -547,20 +399,22 @@ def _report(args: argparse.Namespace) -> int:
                          f"(known: {', '.join(sorted(known)) or 'none'})")
 
     out = Path(args.out) if args.out else Path("runs") / args.study / "report"
-    out.mkdir(parents=True, exist_ok=True)
     table = trials_table(records, group_by=args.group_by, minimize=minimize)
     csv_path, md_path, png_path = out / "trials.csv", out / "trials.md", out / "curves.png"
-    table.to_csv(csv_path, index=False)
-    md_path.write_text(f"# Study {args.study}\n\n" + to_markdown(table))
     n = len(records)
     counts = pd.Series([r.state.lower() for r in records]).value_counts()
     summary = ", ".join(f"{v} {k}" for k, v in counts.items())
-    objective = (getattr(study, "metric_names", None) or ["value"])[0]
     shown = min(args.top, int(counts.get("complete", 0)))
     title = (f"study {args.study}: {n} trials ({summary}); top {shown} "
-             f"by {objective} ({'lowest' if minimize else 'highest'}) in colour")
+             f"by {metric_name(study)} ({'lowest' if minimize else 'highest'}) in colour")
     fig = plot_curves(records, group_by=args.group_by, top=args.top, minimize=minimize, title=title)
-    fig.savefig(png_path, dpi=110)
+    try:
+        atomic_write(csv_path, partial(table.to_csv, index=False), mode="w")
+        markdown = f"# Study {args.study}\n\n" + to_markdown(table)
+        atomic_write(md_path, partial(_write_text, markdown), mode="w")
+        atomic_write(png_path, partial(fig.savefig, format="png", dpi=110))
+    except OSError as exc:
+        raise ReportWriteError(f"cannot write the report in {out}: {exc.strerror or exc}") from exc
     print(f"wrote {png_path}, {md_path}, {csv_path} ({n} trials: {summary})")
     missing = [r.number for r in records if r.history_source == "none"]
     from_mlflow = [r.number for r in records if r.history_source == "mlflow"]

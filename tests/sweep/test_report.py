@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import math
 from pathlib import Path
 
@@ -55,30 +56,39 @@ def make_history(n: int, seed: int, *, scheduler: str, lr: float, probes: bool =
     return out
 
 
+DISTRIBUTIONS = {"lr": optuna.distributions.FloatDistribution(1e-4, 1e-1, log=True),
+                 "scheduler": optuna.distributions.CategoricalDistribution(SCHEDULERS),
+                 "patch_size": optuna.distributions.CategoricalDistribution([1, 3, 6]),
+                 "t_0": optuna.distributions.IntDistribution(2, 5)}
+
+
 def add_trials(study: optuna.Study, n_epochs: int = 12) -> dict[int, float]:
-    """Nine completed trials over three schedulers, three pruned, one failed; returns values."""
+    """Nine completed trials over three schedulers, three pruned, one failed; returns values.
+
+    ``t_0`` is conditional, as in the default space: sampled for warm restarts only, while every
+    trial's full config carries the scheduler's unused default ``t_0: 10``."""
     values = {}
-    number = 0
+    number = len(study.get_trials(deepcopy=False))
     for k in range(12):
         scheduler = SCHEDULERS[k % 3]
         lr = float(10 ** (-4 + 2.5 * ((k * 7) % 12) / 11))
         params = {"lr": lr, "scheduler": scheduler, "patch_size": [1, 3, 6][k % 3]}
+        if scheduler == "cosine_warm_restarts":
+            params["t_0"] = 2 + k % 4
         pruned = k in (2, 7, 10)
         n = 4 if pruned else n_epochs
         hist = make_history(n, k, scheduler=scheduler, lr=lr, probes=k in (0, 4),
                             wiggle=0.08 if k == 5 else 0.0, plateau=(2, 8) if k == 3 else None)
         best = min(h["val_loss"] for h in hist)
-        attrs = {"history": hist, "config": {**params, "epochs": n_epochs, "depth": 2},
+        attrs = {"history": hist, "config": {"t_0": 10, **params, "epochs": n_epochs, "depth": 2},
                  "diagnosis": "plateau" if k == 3 else ("oscillating" if k == 5 else "healthy"),
                  "status": "stopped" if pruned else "completed", "seed": k}
         if pruned:
             attrs["pruned_epoch"] = n
-        distributions = {"lr": optuna.distributions.FloatDistribution(1e-4, 1e-1, log=True),
-                         "scheduler": optuna.distributions.CategoricalDistribution(SCHEDULERS),
-                         "patch_size": optuna.distributions.CategoricalDistribution([1, 3, 6])}
         trial = create_trial(
             state=TrialState.PRUNED if pruned else TrialState.COMPLETE,
-            value=None if pruned else best, params=params, distributions=distributions,
+            value=None if pruned else best, params=params,
+            distributions={name: DISTRIBUTIONS[name] for name in params},
             user_attrs=attrs, intermediate_values={h["epoch"]: h["val_loss"] for h in hist},
         )
         study.add_trial(trial)
@@ -173,24 +183,153 @@ def test_unopenable_storage_exits_2_without_its_password(in_tmp, capsys):
     assert "cannot open storage postgresql://me:***@127.0.0.1" in err and "s3cret" not in err
 
 
-def test_study_files_are_the_table_and_the_optuna_plots(in_tmp):
+def test_study_files_are_the_table_and_the_plots_with_importances_from_ten_completed_trials(in_tmp):
+    assert report.IMPORTANCE_MIN_COMPLETE == 10  # the number the README states
     study = optuna.create_study(direction="minimize")
-    add_trials(study)
+    add_trials(study)  # 9 completed: one short of the threshold
     study.add_trial(create_trial(state=TrialState.FAIL, params={}, distributions={},
                                  user_attrs={"history": [{"epoch": 1}], "config": {"a": 1}}))
-    with_plots = report.write_study_files(study, Path("files-a"))
-    assert with_plots[0] == (Path("files-a/trials.csv"), None)
-    assert {p.name for p, folder in with_plots[1:] if folder == "plots"} == {
-        f"{name}.png" for name in ("optimization_history", "intermediate_values", "param_importances",
-                                   "parallel_coordinate")}
-    columns = pd.read_csv("files-a/trials.csv").columns
-    assert "params_lr" in columns and not {"user_attrs_history", "user_attrs_config"} & set(columns)
-    # One completed trial: parameter importances mean nothing yet, so that plot is left out.
-    single = optuna.create_study()
-    single.add_trial(create_trial(value=0.5, params={"lr": 0.1},
-                                  distributions={"lr": optuna.distributions.FloatDistribution(0.01, 1)}))
-    names = {p.name for p, _ in report.write_study_files(single, Path("files-b"))}
-    assert "param_importances.png" not in names and "trials.csv" in names
+    files = report.write_study_files(study, Path("files-a"))
+    assert files[0] == (Path("files-a/trials.csv"), None)
+    assert {p.name for p, folder in files[1:] if folder == "plots"} == {
+        "optimization_history.png", "intermediate_values.png", "parallel_coordinate.png",
+        "param_importances.txt"}
+    note = Path("files-a/plots/param_importances.txt").read_text()
+    assert "need >= 10 completed trials, the study has 9" in note
+    assert not Path("files-a/plots/param_importances.png").exists()
+    table = pd.read_csv("files-a/trials.csv")
+    assert "params_lr" in table.columns
+    assert not {"user_attrs_history", "user_attrs_config"} & set(table.columns)
+    restarts = (table["params_scheduler"] == "cosine_warm_restarts").tolist()
+    assert table["params_t_0"].notna().tolist() == restarts
+
+    add_trials(study)  # 18 completed: the importances are drawn and the note goes
+    names = {p.name for p, _ in report.write_study_files(study, Path("files-a"))}
+    assert "param_importances.png" in names and "param_importances.txt" not in names
+    assert Path("files-a/plots/param_importances.png").stat().st_size > 0
+    assert not Path("files-a/plots/param_importances.txt").exists()
+
+
+def _study_with_names(metric: str = "val_loss") -> optuna.Study:
+    study = optuna.create_study(direction="minimize")
+    study.set_metric_names([metric])
+    add_trials(study)
+    add_trials(study)
+    return study
+
+
+def _legend_texts(ax) -> list[str]:
+    return [t.get_text() for t in ax.get_legend().get_texts()]
+
+
+def test_intermediate_values_name_the_metric_and_the_epoch_and_emphasise_the_best():
+    study = _study_with_names()
+    fig = report.study_figures(study, top=3)["intermediate_values"]
+    (ax,) = fig.axes
+    assert (ax.get_xlabel(), ax.get_ylabel()) == ("epoch", "val_loss")
+    legend = _legend_texts(ax)
+    # 24 trials with curves: the 3 best by value, then one entry for every other trial, not 24 entries.
+    assert len(legend) == 4 and legend[-1] == "other trials (21), × pruned (6)"
+    best = study.best_trial
+    assert legend[0] == f"#{best.number}  {best.value:.6g}  (best)"
+    curves = [line for line in ax.get_lines() if line.get_linestyle() == "-"]
+    thickest = max(curves, key=lambda line: line.get_linewidth())
+    assert thickest is curves[-1]  # drawn last, so on top
+    assert list(thickest.get_ydata()) == [v for _, v in sorted(best.intermediate_values.items())]
+    assert thickest.get_linewidth() > 1.5 * max(line.get_linewidth() for line in curves[:-1])
+
+
+def test_optuna_plots_are_relabelled_and_conditional_parameters_get_no_none_tick():
+    study = _study_with_names()
+    figures = report.study_figures(study)
+    history = figures["optimization_history"].axes[0]
+    assert (history.get_xlabel(), history.get_ylabel()) == ("trial", "val_loss")
+    assert f"best: #{study.best_trial.number}  {study.best_value:.6g}" in _legend_texts(history)
+    parallel = figures["parallel_coordinate"]
+    ticks = [t.get_text() for ax in parallel.axes for t in [*ax.get_yticklabels(), *ax.get_xticklabels()]]
+    assert "None" not in ticks and "val_loss" in ticks
+    assert "conditional parameters not shown: t_0" in parallel.axes[0].get_title()
+    assert _legend_texts(parallel.axes[0]) == [f"best: #{study.best_trial.number}  {study.best_value:.6g}"]
+    importances = figures["param_importances"].axes[0]
+    assert importances.get_xlabel() == "importance for val_loss"
+    assert "18 completed trials" in importances.get_title()
+
+
+def test_a_study_with_no_completed_trial_gets_notes_not_empty_plots(in_tmp):
+    study = optuna.create_study()
+    study.add_trial(create_trial(state=TrialState.FAIL, params={}, distributions={}))
+    figures = report.study_figures(study)
+    assert all(isinstance(why, str) for why in figures.values()), figures
+    assert "the study has 0" in figures["param_importances"]
+    report.write_study_files(study, "empty")
+    notes = sorted(p.name for p in Path("empty/plots").iterdir())
+    assert notes == sorted(f"{name}.txt" for name in report.STUDY_PLOTS)
+
+
+def test_conditional_parameters_a_trial_did_not_sample_are_empty_and_values_have_six_digits(journal_study):
+    name, values = journal_study
+    assert main([name]) == 0
+    table = pd.read_csv("runs/demo/report/trials.csv")
+    restarts = table["scheduler"] == "cosine_warm_restarts"
+    # Not the config's unused default t_0 = 10: only warm-restart trials sampled t_0.
+    assert table.loc[restarts, "t_0"].between(2, 5).all() and table.loc[~restarts, "t_0"].isna().all()
+    md = Path("runs/demo/report/trials.md").read_text().splitlines()
+    header = [c.strip() for c in md[2].split("|")]
+    column = header.index("t_0")
+    rows = [[c.strip() for c in line.split("|")] for line in md[4:]]
+    assert {row[column] for row in rows if "cosine_warm_restarts" not in row} == {""}
+    best = min(values, key=values.get)
+    assert f"| {best} | complete | {values[best]:.6g} |" in md[4]
+
+
+def test_figure_legends_give_values_with_six_significant_digits(journal_study):
+    study = optuna.load_study(study_name="demo", storage=report.find_study(None, "demo"))
+    records = report.collect(study)
+    fig = report.plot_curves(records, top=3)
+    legend = [t for ax in fig.axes if ax.get_legend() for t in _legend_texts(ax)]
+    for r in report.ranked(records)[:3]:
+        assert any(text.startswith(f"#{r.number}  {r.value:.6g}") for text in legend)
+
+
+def _disk_full_after(chunk):
+    """A writer that writes ``chunk`` (to a path or an open file), then fails as a full disk does."""
+    def write(self, target, *args, **kwargs):
+        if isinstance(target, (str, Path)):
+            with open(target, "w" if isinstance(chunk, str) else "wb") as fh:
+                fh.write(chunk)
+        else:
+            target.write(chunk)
+        raise OSError(errno.ENOSPC, "No space left on device")
+    return write
+
+
+@pytest.mark.parametrize("patched, chunk, victim", [
+    ("pandas.DataFrame.to_csv", "number,value\n0,", "trials.csv"),
+    ("matplotlib.figure.Figure.savefig", b"\x89PNG", "plots/optimization_history.png"),
+])
+def test_a_full_disk_leaves_the_previous_study_files_whole(in_tmp, monkeypatch, patched, chunk, victim):
+    study = optuna.create_study(direction="minimize")
+    add_trials(study)
+    report.write_study_files(study, Path("out"))
+    before = Path("out", victim).read_bytes()
+    study.add_trial(create_trial(value=0.01, params={}, distributions={}))  # the next version differs
+    monkeypatch.setattr(patched, _disk_full_after(chunk))
+    with pytest.raises(report.ReportWriteError, match="cannot write the study's files in out: No space left"):
+        report.write_study_files(study, Path("out"))
+    assert Path("out", victim).read_bytes() == before
+    assert not [p for p in Path("out").rglob("*") if p.name.endswith(".tmp")]
+
+
+def test_report_command_on_a_full_disk_exits_1_naming_the_folder(journal_study, monkeypatch, capsys):
+    assert main(["demo"]) == 0
+    before = {name: Path("runs/demo/report", name).read_bytes() for name in ("trials.csv", "curves.png")}
+    monkeypatch.setattr("pandas.DataFrame.to_csv", _disk_full_after("rank,trial\n1,"))
+    assert main(["demo", "--top", "2"]) == 1
+    err = capsys.readouterr().err
+    assert "cannot write the report in runs/demo/report: No space left on device" in err
+    assert "Traceback" not in err
+    assert {name: Path("runs/demo/report", name).read_bytes() for name in before} == before
+    assert not [p for p in Path("runs/demo/report").iterdir() if p.name.endswith(".tmp")]
 
 
 def test_group_by_a_fixed_knob_reads_it_from_the_config(journal_study):
