@@ -9,7 +9,9 @@ catch=(TrialFailed,))`` records the trial as FAIL and the study goes on.
 Whatever the outcome, the trial ends with these user attributes: ``seed``, ``config`` (flat dict of
 every data and training knob actually used), ``history`` (a ``{"epoch": n, **EpochMetrics.as_dict()}``
 per epoch), ``status`` (completed, pruned, diverged, error, interrupted), ``reason``, ``diagnosis``
-(``mixer.diagnosis`` label), ``mlflow_run_id``, ``pruned_epoch`` and ``worker`` (host:pid).
+(``mixer.diagnosis`` label), ``mlflow_run_id``, ``pruned_epoch`` and ``worker`` (host:pid). The run id of
+a trial that ended before the tracking server created its run is a study attribute instead
+(``trial_run_id`` finds it either way).
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from mixer.config import DataConfig, TrainConfig
 from sweep.messages import one_line
 from sweep.space import Space, flat_config
 
-__all__ = ["Interrupts", "Objective", "TrialFailed", "load_data", "trial_seed"]
+__all__ = ["RUN_ID_ATTR", "Interrupts", "Objective", "TrialFailed", "load_data", "trial_run_id", "trial_seed"]
 
 log = logging.getLogger("sweep")
 
@@ -48,19 +50,34 @@ def trial_seed(study_seed: int, trial_number: int) -> int:
     return int(np.random.SeedSequence([study_seed, trial_number]).generate_state(1)[0])
 
 
+RUN_ID_ATTR = "mlflow_run_id"
+
+
 def store_run_id(trial: Any, run_id: str) -> None:
-    """Record the trial's MLflow run id (called on the tracker's sending thread).
+    """Record the trial's MLflow run id (called on the tracker's sending thread once the run exists).
 
     Straight through the storage, which is thread-safe, not the ``Trial`` object, whose cache belongs
-    to the training thread. A trial that has already finished gets the id from ``_finish`` instead.
+    to the training thread. A trial that finished before its run existed (the server was down) no
+    longer takes attributes: the study keeps the id, as ``mlflow_run_id.<trial number>``.
     """
+    from optuna.exceptions import UpdateFinishedTrialError
+
     storage, trial_id = getattr(trial, "storage", None), getattr(trial, "_trial_id", None)
     if storage is None or trial_id is None:
         return
     try:
-        storage.set_trial_user_attr(trial_id, "mlflow_run_id", run_id)
-    except Exception as exc:  # noqa: BLE001 - finished meanwhile, or storage trouble: not fatal
-        log.debug("trial %s: mlflow_run_id not stored now: %s", getattr(trial, "number", "?"), exc)
+        try:
+            storage.set_trial_user_attr(trial_id, RUN_ID_ATTR, run_id)
+        except UpdateFinishedTrialError:
+            trial.study.set_user_attr(f"{RUN_ID_ATTR}.{trial.number}", run_id)
+    except Exception as exc:  # noqa: BLE001 - storage trouble: not fatal, the run is fine
+        log.warning("trial %s: its MLflow run id %s could not be stored: %s", trial.number, run_id,
+                    one_line(exc))
+
+
+def trial_run_id(study: Any, trial: Any) -> str | None:
+    """The MLflow run id of ``trial`` (a ``FrozenTrial`` of ``study``), wherever it was recorded."""
+    return trial.user_attrs.get(RUN_ID_ATTR) or study.user_attrs.get(f"{RUN_ID_ATTR}.{trial.number}")
 
 
 class TrialFailed(Exception):
@@ -277,10 +294,10 @@ class Objective:
                  "pruned_epoch": state["pruned_epoch"]}
         run = state["run"]
         # Known long since, unless the trial was shorter than one server round trip (or the server
-        # is down: then None at once); after this the finished trial no longer takes attributes.
+        # is down: then None at once, and store_run_id records it on the study once the run exists).
         run_id = getattr(run, "run_id", None)
         if run_id is not None:
-            attrs["mlflow_run_id"] = run_id
+            attrs[RUN_ID_ATTR] = run_id
         for key, value in attrs.items():
             trial.set_user_attr(key, value)
         if run is not None:

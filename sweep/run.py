@@ -363,7 +363,8 @@ def _main(args: argparse.Namespace, argv: list[str]) -> int:
     if tracker is not None:
         from sweep.tracking import ui_hint
 
-        if hint := ui_hint(tracker.uri, tracker.experiment_id):
+        if hint := ui_hint(tracker.uri, tracker.experiment_id, metric=settings.space.metric,
+                           direction=settings.space.direction):
             print(hint)
     if tracking_errors:
         print(f"error: {tracking_errors} MLflow calls failed (see {settings.out_dir / 'sweep.log'})",
@@ -414,10 +415,14 @@ def _study_files(study: Any, settings: _Settings, tracker: Any) -> int:
     """Write trials.csv and the Optuna plots; with ``tracker``, also summarise the study on its
     parent run (which logs them there) and close that run. Returns the exit code."""
     from sweep.messages import one_line
-    from sweep.report import write_study_files
+    from sweep.report import ReportWriteError, write_study_files
 
     if tracker is None:
-        write_study_files(study, settings.out_dir)
+        try:
+            write_study_files(study, settings.out_dir)
+        except ReportWriteError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
         return 0
     print(f"logging the study summary to MLflow ({redact(tracker.uri)}) ...", file=sys.stderr, flush=True)
     try:

@@ -26,8 +26,7 @@ from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote, urlparse
-from urllib.request import urlopen
+from urllib.parse import quote, unquote, urlencode, urlparse
 
 import optuna
 import requests
@@ -65,8 +64,6 @@ _MAX_METRICS, _MAX_TAG_CHARS = 800, 5000
 _PERMANENT = frozenset({"INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST", "RESOURCE_ALREADY_EXISTS",
                         "INVALID_STATE", "BAD_REQUEST", "PERMISSION_DENIED", "UNAUTHENTICATED",
                         "ENDPOINT_NOT_FOUND", "INVALID_REQUEST"})
-# MLflow 3 opens its UI on the GenAI pages; this selects the training runs' pages directly.
-_UI_RUNS_PAGE = "#/experiments/{experiment_id}/runs?workflowType=machine_learning"
 
 
 class TrackingUnavailable(RuntimeError):
@@ -94,18 +91,26 @@ def _sqlite_path(uri: str) -> Path | None:
     return Path(path) if path and path != ":memory:" else None
 
 
-def ui_hint(tracking_uri: str, experiment_id: str | None) -> str | None:
-    """Where to look at an experiment's runs: the page's address, and for a local store how to serve it."""
+def ui_hint(tracking_uri: str, experiment_id: str | None, *, metric: str | None = None,
+            direction: str = "minimize") -> str | None:
+    """Where to see the study's curves: its completed trials, best ``metric`` (last value) first, in the
+    chart view, which draws the first 10 runs listed; for a local store, how to serve it without MLflow
+    3's job runner (which takes CPU and memory from training)."""
+    if direction not in ("minimize", "maximize"):
+        raise ValueError(f"direction must be minimize or maximize, got {direction=}")
     if experiment_id is None:
         return None
-    page = _UI_RUNS_PAGE.format(experiment_id=experiment_id)
+    # workflowType: MLflow 3 would open its GenAI pages. The filter leaves the parent out, so that
+    # the trials are listed flat instead of folded under it.
+    query = {"workflowType": "machine_learning", "compareRunsMode": "CHART",
+             "searchFilter": "tags.trial_state = 'completed'"}
+    if metric:
+        query |= {"orderByKey": f"metrics.`{metric}`", "orderByAsc": str(direction == "minimize").lower()}
+    page = f"#/experiments/{experiment_id}/runs?{urlencode(query, quote_via=quote)}"
     if urlparse(tracking_uri).scheme in ("http", "https"):
         return f"curves: {redact(tracking_uri).rstrip('/')}/{page}"
-    sqlite = _sqlite_path(tracking_uri)
-    here = default_tracking_uri() == tracking_uri
-    serve = "mlflow ui" if here else f"mlflow ui --backend-store-uri {shlex.quote(redact(tracking_uri))}"
-    if sqlite is not None and not here and default_tracking_uri(sqlite.parent) == tracking_uri:
-        serve = f"cd {shlex.quote(str(sqlite.parent))} && mlflow ui"
+    serve = ("MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false mlflow ui --port 5000 "
+             f"--backend-store-uri {shlex.quote(redact(tracking_uri))}")
     return f"curves: run `{serve}`, then open http://127.0.0.1:5000/{page}"
 
 
@@ -122,23 +127,25 @@ def _open_client(uri: str) -> MlflowClient:
 
 
 def check_reachable(uri: str, *, timeout: float = 3.0) -> None:
-    """Raise :class:`TrackingUnavailable` within about ``timeout`` s if ``uri`` cannot be used: a server
-    must answer ``/health`` and an API call (which may fail behind a healthy ``/health``)."""
+    """Raise :class:`TrackingUnavailable` within about ``timeout`` s if ``uri`` cannot be used. A server
+    must answer an API call made as MLflow makes it, with MLflow's credentials (``user:password@`` in
+    the URI, or ``MLFLOW_TRACKING_USERNAME``/``MLFLOW_TRACKING_PASSWORD``); ``/health`` alone is not
+    enough, since it answers while the API may fail."""
     http = urlparse(uri).scheme in ("http", "https")
     where = f"MLflow tracking {'server at' if http else 'store'} {redact(uri)}"
     try:
         if not http:
             _open_client(uri).search_experiments(max_results=1)
             return
-        urlopen(uri.rstrip("/") + "/health", timeout=timeout).close()
-        # An API call as MLflow makes it (with its credentials), without its retries.
         resp = http_request(get_default_host_creds(uri), "/api/2.0/mlflow/experiments/search", "POST",
                             max_retries=0, timeout=timeout, raise_on_status=False, json={"max_results": 1})
     except Exception as exc:  # noqa: BLE001 - any failure means "cannot track there"
-        raise TrackingUnavailable(f"{where} is not usable: {one_line(getattr(exc, 'reason', exc))}") from None
+        while exc.__cause__ or exc.__context__:  # the root cause reads best: "Connection refused"
+            exc = exc.__cause__ or exc.__context__
+        raise TrackingUnavailable(f"{where} is not usable: {one_line(exc)}") from None
     if resp.status_code != 200:
-        raise TrackingUnavailable(f"{where} answers /health, but its API answered HTTP "
-                                  f"{resp.status_code}: {resp.text.strip()[:200]}")
+        raise TrackingUnavailable(f"{where} answered its API call with HTTP {resp.status_code}: "
+                                  f"{redact(resp.text.strip()[:200])}")
 
 
 def _is_transient(exc: BaseException) -> bool:
@@ -160,7 +167,8 @@ class _Run:
 
 @dataclasses.dataclass(eq=False)
 class _Write:
-    """One queued write: create | batch | barrier, or an ``MlflowClient`` method's name (its ``args``)."""
+    """One queued write: create | batch | params_once | barrier, or an ``MlflowClient`` method's name
+    (its ``args``)."""
 
     kind: str
     run: _Run | None
@@ -275,6 +283,9 @@ class _Sender:
             raise RuntimeError(f"run {run.label} was never created")  # not transient: dropped
         elif write.kind == "batch":
             client.log_batch(run.run_id, metrics=write.metrics, params=write.params, tags=write.tags)
+        elif write.kind == "params_once":  # params cannot change: all of them, or none if one is there
+            if not {p.key for p in write.params} & client.get_run(run.run_id).data.params.keys():
+                client.log_batch(run.run_id, params=write.params)
         elif write.kind != "barrier":  # log_text, log_artifact, set_terminated
             getattr(client, write.kind)(run.run_id, *write.args)
 
@@ -500,9 +511,14 @@ class Tracker:
     def finish_study(self, study: optuna.Study, out_dir: str | Path) -> dict[str, Any]:
         """Summarise the study on its parent run and mark it FINISHED: metrics ``best_value``,
         ``n_complete``, ``n_pruned``, ``n_failed``, ``n_trials``; tags ``best_trial_number``,
-        ``best_param.<name>``, ``optuna_direction``, ``study_name``; as artifacts the files
+        ``best_param.<name>``, ``optuna_direction``, ``study_name``; params ``best.<name>`` and
+        ``best.trial_number`` (for *Compare* across studies); as artifacts the files
         ``sweep.report.write_study_files`` writes into ``out_dir``. Returns the counts,
-        ``best_value`` (None without a completed trial) and ``files``."""
+        ``best_value`` (None without a completed trial) and ``files``.
+
+        MLflow params cannot change, so the params are those of the first summary's best trial, all
+        of them: a resumed study whose best changed keeps them (``best.trial_number`` says which trial
+        they describe), while the tags follow the current best."""
         from sweep.report import write_study_files  # sweep.report imports this module
 
         if self.parent_run_id is None or self._study_name != study.study_name:
@@ -518,6 +534,9 @@ class Tracker:
             best_value = (best := study.best_trial).value
             metrics.append(Metric("best_value", float(best.value), now, step))
             tags.update({f"best_param.{k}": v for k, v in best.params.items()}, best_trial_number=best.number)
+            params = {"best.trial_number": best.number, **{f"best.{k}": v for k, v in best.params.items()}}
+            self._sender.put(_Write("params_once", self._parent,
+                                    params=[Param(k, str(v)) for k, v in params.items()]))
         files = write_study_files(study, Path(out_dir))
         self._sender.put(_Write("batch", self._parent, metrics=metrics, tags=_tags(tags)))
         for path, folder in files:

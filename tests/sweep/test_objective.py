@@ -10,8 +10,9 @@ import pytest
 
 import mixer.train
 from mixer.config import load_run_config
+from mixer.diagnosis import LABELS
 from mixer.train import EpochMetrics, FitResult
-from sweep.objective import Objective, TrialFailed, trial_seed
+from sweep.objective import Objective, TrialFailed, trial_run_id, trial_seed
 from sweep.space import load_space, split_flat
 
 ATTRS = {"seed", "config", "history", "status", "reason", "diagnosis", "mlflow_run_id", "pruned_epoch"}
@@ -94,7 +95,7 @@ def test_completed_trial_returns_best_epoch_value_and_records_every_attr(space, 
     assert t.value == min(h["val_loss"] for h in history)
     assert t.user_attrs["status"] == "completed" and t.user_attrs["reason"] is None
     assert t.user_attrs["seed"] == trial_seed(3, 0)
-    assert t.user_attrs["diagnosis"] in {"healthy", "plateau", "saddle", "oscillating", "diverged"}
+    assert t.user_attrs["diagnosis"] in LABELS
     # One diagnosis per trial: the one stored is the one the run was ended with.
     assert tracker.run.diagnosis.label == t.user_attrs["diagnosis"]
     assert t.user_attrs["mlflow_run_id"] == "run-0"
@@ -104,6 +105,53 @@ def test_completed_trial_returns_best_epoch_value_and_records_every_attr(space, 
     assert tracker.log == [("start", 0, 3, 300, trial_seed(3, 0)), ("stored run id", "run-0"),
                            ("epoch", 1), ("epoch", 2), ("epoch", 3), ("end", "completed", 3, None, None)]
     assert list(t.intermediate_values) == [1, 2, 3]
+
+
+class LateTracker(FakeTracker):
+    """The server is down: the run is created (``create()``) only after the trial has ended."""
+
+    def start_trial(self, trial, config, data_config, *, seed, on_created=None):
+        self.run = FakeRun(self.log, trial.number)
+        self.run_id, self.run.run_id = self.run.run_id, None
+        self.create = lambda: on_created(self.run_id)
+        return self.run
+
+
+def test_a_run_created_after_its_trial_ended_is_still_found_from_the_trial(space, tmp_path):
+    tracker = LateTracker()
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+    study.optimize(Objective(space, study_seed=3, tracker=tracker), n_trials=1)
+    assert "mlflow_run_id" not in study.trials[0].user_attrs  # unknown when the trial ended
+    tracker.create()  # the server is back: the run exists now, and the trial no longer takes attrs
+    study = optuna.load_study(study_name=study.study_name, storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+    assert trial_run_id(study, study.trials[0]) == "run-0"
+
+
+@pytest.mark.mlflow_server
+def test_a_trial_started_while_the_server_is_down_gets_its_run_id_once_the_run_exists(space, tmp_path,
+                                                                                     mlflow_server):
+    from mlflow import MlflowClient
+
+    from sweep.tracking import Tracker
+    from tests.sweep.test_tracking import CuttableProxy, wait_until
+
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    study = optuna.create_study(study_name="late-run", storage=storage)
+    proxy = CuttableProxy(mlflow_server.port)
+    tracker = Tracker(proxy.uri, max_backoff=0.5)
+    try:
+        tracker.ensure_parent_run(study)
+        proxy.cut()
+        study.optimize(Objective(space, study_seed=3, tracker=tracker), n_trials=1)
+        assert "mlflow_run_id" not in study.trials[0].user_attrs  # the trial ended before its run
+        proxy.restore()
+        wait_until(lambda: tracker.flush(5), what="the delivery")
+    finally:
+        proxy.close()
+        assert tracker.close(timeout=0) == 0
+    study = optuna.load_study(study_name="late-run", storage=storage)
+    run = MlflowClient(mlflow_server.uri).get_run(trial_run_id(study, study.trials[0]))
+    assert run.info.status == "FINISHED" and run.data.tags["trial_number"] == "0"
 
 
 def test_trial_config_and_seed_reproduce_its_curve_with_fit(space, tmp_path):

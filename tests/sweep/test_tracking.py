@@ -8,6 +8,7 @@ server trouble is made with proxies between the tracker and the server.
 
 from __future__ import annotations
 
+import base64
 import http.client
 import http.server
 import json
@@ -15,6 +16,7 @@ import logging
 import math
 import os
 import re
+import shlex
 import socket
 import subprocess
 import sys
@@ -30,8 +32,9 @@ import yaml
 from mlflow import MlflowClient
 
 from mixer.config import DataConfig, MixerConfig, TrainConfig, dump_run_config, load_run_config
-from mixer.diagnosis import Diagnosis, diagnose
+from mixer.diagnosis import LABELS, Diagnosis, diagnose
 from mixer.train import EpochMetrics
+from sweep.messages import redact
 from sweep.tracking import (
     EXPERIMENT_ATTR,
     PARENT_RUN_ATTR,
@@ -277,6 +280,10 @@ def test_parent_run_holds_the_study_summary_and_the_study_files(tracked, tmp_pat
     assert tags["best_trial_number"] == str(study.best_trial.number)
     assert float(tags["best_param.lr"]) == pytest.approx(study.best_params["lr"])
     assert tags["optuna_direction"] == "minimize" and tags["study_name"] == study.study_name
+    # The best trial's parameters are the parent's params too, for Compare across studies.
+    best = study.best_trial
+    assert parent.data.params == {"best.trial_number": str(best.number),
+                                  **{f"best.{k}": str(v) for k, v in best.params.items()}}
     # Every file sweep.report wrote is on the parent run, trials.csv at the top, plots under plots/.
     files = [Path(p) for p in summary["files"]]
     assert files and all(p.is_file() for p in files)
@@ -290,6 +297,35 @@ def test_parent_run_holds_the_study_summary_and_the_study_files(tracked, tmp_pat
     assert list(frame["state"]) == ["COMPLETE", "PRUNED", "FAIL", "FAIL", "COMPLETE"]
 
 
+@pytest.mark.mlflow_server
+def test_a_resumed_study_whose_best_changed_finishes_and_keeps_one_trials_params(mlflow_server, tmp_path,
+                                                                                 caplog):
+    caplog.set_level(logging.WARNING, logger="sweep.tracking")
+    client = MlflowClient(mlflow_server.uri)
+    study = optuna.create_study(study_name=f"resumed-{time.time_ns()}")
+    with Tracker(mlflow_server.uri) as tracker:
+        tracker.ensure_parent_run(study)
+        first = run_trial(study, tracker, "completed")
+        tracker.finish_study(study, tmp_path / "out")
+    # Resumed: a better trial, with a parameter the first best did not have.
+    study.add_trial(optuna.trial.create_trial(
+        params={"lr": 0.05, "patch_size": 3, "t_0": 4}, value=-1.0,
+        distributions={"lr": optuna.distributions.FloatDistribution(1e-4, 1e-1, log=True),
+                       "patch_size": optuna.distributions.CategoricalDistribution([1, 2, 3]),
+                       "t_0": optuna.distributions.IntDistribution(1, 10)}))
+    with Tracker(mlflow_server.uri) as tracker:
+        tracker.ensure_parent_run(study)
+        summary = tracker.finish_study(study, tmp_path / "out")
+    assert tracker.close() == 0 and summary["best_value"] == -1.0
+    assert not [r for r in caplog.records if "dropping" in r.getMessage()]
+    parent = client.get_run(study.user_attrs[PARENT_RUN_ATTR])
+    assert parent.info.status == "FINISHED"
+    assert parent.data.tags["best_trial_number"] == "1" and parent.data.tags["best_param.t_0"] == "4"
+    # MLflow params cannot change: they stay those of the first best trial, all of them and only them.
+    assert parent.data.params == {"best.trial_number": str(first["number"]),
+                                  **{f"best.{k}": str(v) for k, v in study.trials[0].params.items()}}
+
+
 # ----------------------------------------------------------------------------------------------
 # What reaches the server, and when
 # ----------------------------------------------------------------------------------------------
@@ -299,14 +335,19 @@ class RecordingProxy:
 
     ``before(method, path, body)`` runs first; ``lose(method, path, body)`` True passes the request
     on and then drops the connection without answering, as a network that loses a response does.
+    ``auth`` lists each request's Authorization header.
     """
 
     def __init__(self, target_port: int, *, before=None, lose=None):
+        self.auth: list[str | None] = []
+        auth = self.auth
+
         class Handler(http.server.BaseHTTPRequestHandler):
             def log_message(self, *args):
                 pass
 
             def _forward(self):
+                auth.append(self.headers.get("Authorization"))
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
                 try:
                     parsed = json.loads(body) if "json" in self.headers.get("Content-Type", "") else {}
@@ -510,6 +551,46 @@ def test_a_server_whose_health_answers_but_whose_api_fails_is_refused():
         server.server_close()
 
 
+def basic(user: str, password: str) -> str:
+    return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+
+
+@pytest.mark.mlflow_server
+def test_credentials_in_the_uri_reach_the_server_and_every_write_carries_them(mlflow_server, tmp_path):
+    proxy = RecordingProxy(mlflow_server.port)
+    uri = proxy.uri.replace("http://", "http://alice:s3cret@")
+    study = optuna.create_study(study_name=f"credentials-{time.time_ns()}")
+    try:
+        check_reachable(uri)  # refused before as "Name or service not known"
+        assert proxy.auth == [basic("alice", "s3cret")]
+        with Tracker(uri) as tracker:
+            tracker.check_reachable()
+            tracker.ensure_parent_run(study)
+            t = run_trial(study, tracker, "completed")
+            tracker.finish_study(study, tmp_path / "out")
+        assert tracker.close() == 0
+    finally:
+        proxy.close()
+    assert set(proxy.auth) == {basic("alice", "s3cret")}  # artifacts included
+    assert_history_equal(MlflowClient(mlflow_server.uri), t["run"].run_id, t["history"])
+
+
+@pytest.mark.mlflow_server
+def test_credentials_from_mlflows_environment_variables_are_used_and_never_shown(mlflow_server,
+                                                                                monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "bob")
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "hunter2")
+    proxy = RecordingProxy(mlflow_server.port)
+    try:
+        check_reachable(proxy.uri)
+    finally:
+        proxy.close()
+    assert proxy.auth == [basic("bob", "hunter2")]
+    with pytest.raises(TrackingUnavailable, match="Connection refused") as raised:
+        check_reachable(f"http://carol:pw2@127.0.0.1:{free_port()}", timeout=2)
+    assert "hunter2" not in str(raised.value) and "pw2" not in str(raised.value)
+
+
 @pytest.mark.mlflow_server
 def test_a_live_server_and_a_new_local_store_are_reachable(mlflow_server, tmp_path):
     check_reachable(mlflow_server.uri)
@@ -565,17 +646,37 @@ def test_existing_mlruns_file_store_stays_the_default_as_mlflow_ui_does(tmp_path
     assert default_tracking_uri(tmp_path) == (tmp_path / "mlruns").resolve().as_uri()
 
 
+def hint_query(hint: str) -> dict[str, str]:
+    """The query of the runs page a ``curves:`` hint links to."""
+    from urllib.parse import parse_qsl, urlsplit
+
+    url = hint.split("open ")[-1] if "`" in hint else hint.removeprefix("curves: ")
+    page = urlsplit(url).fragment
+    assert page.startswith("/experiments/7/runs?"), hint
+    return dict(parse_qsl(page.split("?", 1)[1], strict_parsing=True))
+
+
+def test_ui_hint_opens_the_completed_trials_best_first_in_the_chart_view():
+    shown = {"workflowType": "machine_learning", "compareRunsMode": "CHART",
+             "searchFilter": "tags.trial_state = 'completed'"}
+    assert hint_query(ui_hint("http://h:5000", "7", metric="val_loss", direction="minimize")) == {
+        **shown, "orderByKey": "metrics.`val_loss`", "orderByAsc": "true"}
+    assert hint_query(ui_hint("http://h:5000", "7", metric="val_f1", direction="maximize")) == {
+        **shown, "orderByKey": "metrics.`val_f1`", "orderByAsc": "false"}
+    assert hint_query(ui_hint("http://h:5000", "7")) == shown  # the old call: no order, the UI's own
+    with pytest.raises(ValueError, match="direction='up'"):
+        ui_hint("http://h:5000", "7", metric="val_loss", direction="up")
+
+
 def test_ui_hint_says_how_to_open_the_runs_page_of_each_kind_of_store(in_tmp):
-    page = "#/experiments/7/runs?workflowType=machine_learning"
-    assert ui_hint("http://u:secret@host:5000/", "7") == f"curves: http://u:***@host:5000/{page}"
-    assert ui_hint(default_tracking_uri(), "7") == f"curves: run `mlflow ui`, then open http://127.0.0.1:5000/{page}"
-    elsewhere = in_tmp / "other dir"
-    elsewhere.mkdir()
-    assert ui_hint(f"sqlite:///{elsewhere / 'mlflow.db'}", "7") == (
-        f"curves: run `cd '{elsewhere}' && mlflow ui`, then open http://127.0.0.1:5000/{page}")
-    assert ui_hint(f"sqlite:///{in_tmp / 'x.db'}", "7") == (
-        f"curves: run `mlflow ui --backend-store-uri sqlite:///{in_tmp / 'x.db'}`, "
-        f"then open http://127.0.0.1:5000/{page}")
+    page = "#/experiments/7/runs?" + ui_hint("http://h", "7", metric="val_loss").split("?", 1)[1]
+    assert ui_hint("http://u:secret@host:5000/", "7", metric="val_loss") == (
+        f"curves: http://u:***@host:5000/{page}")
+    serve = "MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false mlflow ui --port 5000 --backend-store-uri"
+    for uri in (default_tracking_uri(), f"sqlite:///{in_tmp / 'other dir' / 'mlflow.db'}",
+                "postgresql://mixer:pw@db/mlflow"):
+        assert ui_hint(uri, "7", metric="val_loss") == (
+            f"curves: run `{serve} {shlex.quote(redact(uri))}`, then open http://127.0.0.1:5000/{page}")
     assert ui_hint(default_tracking_uri(), None) is None
 
 
@@ -884,9 +985,9 @@ def test_sweep_cli_logs_each_trial_under_the_study_parent_run(tmp_path, mlflow_s
     assert code == 0
     client = MlflowClient(mlflow_server.uri)
     experiment = client.get_experiment_by_name(name)
-    # The last line names the page of this experiment's training runs.
-    page = f"#/experiments/{experiment.experiment_id}/runs?workflowType=machine_learning"
-    assert capsys.readouterr().out.splitlines()[-1] == f"curves: {mlflow_server.uri}/{page}"
+    # The last line links to this experiment's completed trials, best val_loss first.
+    assert capsys.readouterr().out.splitlines()[-1] == ui_hint(
+        mlflow_server.uri, experiment.experiment_id, metric="val_loss", direction="minimize")
     runs = client.search_runs([experiment.experiment_id])
     (parent,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     children = sorted((r for r in runs if "mlflow.parentRunId" in r.data.tags), key=lambda r: r.info.run_name)
@@ -896,4 +997,4 @@ def test_sweep_cli_logs_each_trial_under_the_study_parent_run(tmp_path, mlflow_s
     for child in children:
         assert len(client.get_metric_history(child.info.run_id, "val_loss")) >= 1
         assert {"lr", "patch_size", "dim", "n_rows", "scaling"} <= set(child.data.params)
-        assert child.data.tags["diagnosis"] in {"healthy", "plateau", "saddle", "oscillating", "diverged"}
+        assert child.data.tags["diagnosis"] in LABELS
