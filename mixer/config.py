@@ -55,7 +55,10 @@ def _check_types(record: Any) -> None:
     for f in dataclasses.fields(record):
         v = getattr(record, f.name)
         what, ok = _KINDS.get(f.type, ("", None))
-        if ok is not None and (isinstance(v, bool) or not ok(v)):
+        if f.type == "bool":
+            if not isinstance(v, bool):
+                raise ValueError(f"{f.name} must be true or false, got {f.name}={shorten(v)}")
+        elif ok is not None and (isinstance(v, bool) or not ok(v)):
             raise ValueError(f"{f.name} must be {what}, got {f.name}={shorten(v)}")
 
 
@@ -184,10 +187,17 @@ class TrainConfig:
     t_0: int = 10
     t_mult: int = 1
     sharp_fraction: float = 0.15
-    # Curvature probe every k epochs (0 = never) on a fixed batch of the training split.
+    # Curvature probes on a fixed batch of the training split: every k epochs (0 = never), when the
+    # plateau rule sees the training loss stall, and at the last scheduled epoch. Off when all three
+    # are off (the shipped spaces turn them on). See mixer.curvature for the rest.
     curvature_every: int = 0
-    curvature_batch: int = 256
-    curvature_iters: int = 20
+    curvature_on_plateau: bool = False
+    curvature_at_end: bool = False
+    curvature_batch: int = 256            # at most; mixer.train caps it at 2 % of the training rows
+    curvature_iters: int = 12             # Lanczos steps at most ...
+    curvature_tol: float = 1e-2           # ... stopping once the extremes' residuals are this small
+    curvature_share_eps: float = 0.01     # negative share: spectral density below -eps * radius
+    curvature_escape_ratio: float = 0.05  # the escape test runs when |lambda_min| / lambda_max >= this
 
     def __post_init__(self) -> None:
         _check_types(self)
@@ -207,6 +217,10 @@ class TrainConfig:
                      "curvature_every"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {name}={getattr(self, name)}")
+        if self.curvature_tol < 0 or not 0 < self.curvature_share_eps < 1 or self.curvature_escape_ratio <= 0:
+            raise ValueError(f"need curvature_tol >= 0, 0 < curvature_share_eps < 1 and "
+                             f"curvature_escape_ratio > 0, got {self.curvature_tol}, "
+                             f"{self.curvature_share_eps}, {self.curvature_escape_ratio}")
         if self.t_0 < 1 or self.t_mult < 1:
             raise ValueError(f"t_0 and t_mult must be >= 1, got t_0={self.t_0}, t_mult={self.t_mult}")
         if not 0 < self.sharp_fraction <= 1:

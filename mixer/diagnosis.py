@@ -1,4 +1,4 @@
-"""What a trial's curves say: healthy, plateau, saddle, oscillating or diverged — with the numbers.
+"""What a trial's curves say: healthy, plateau, saddle, oscillating, diverged or too short — with the numbers.
 
 ``diagnose(history)`` reads one run's per-epoch metrics (``mixer.train.EpochMetrics``, or the
 same as dicts, as stored in a trial's ``history`` user attribute) and measures:
@@ -14,7 +14,8 @@ same as dicts, as stored in a trial's ``history`` user attribute) and measures:
   plateau at a learning rate near zero is the schedule freezing the run, not the loss surface),
   the mean train loss (``plateau_loss``), and the Hessian extremes of the probe nearest the
   plateau's middle among probes no more than ``probe_slack`` epochs outside it
-  (``plateau_min_eig``, ``plateau_max_eig``, ``plateau_neg_ratio``, ``plateau_probe_epoch``).
+  (``plateau_min_eig``, ``plateau_max_eig``, ``plateau_neg_ratio``, ``plateau_probe_epoch``,
+  and where that probe measured them ``plateau_neg_share`` and ``plateau_escape_gain``).
 * **wiggle** — ``val_wiggle = (Σ|ΔV| - |V_last - V_first|) / mean(V)`` over the validation loss
   ``V``: the up-and-down travel that did not contribute to the net change, relative to the loss
   level (0 for a monotone curve; it adds up over epochs).
@@ -29,14 +30,22 @@ already shows a little negative curvature, so ``saddle_neg_ratio`` asks for clea
 Rules, first match wins:
 
 1. ``diverged`` — fit reported divergence (``diverged=True``) or any train/val loss is NaN/inf.
-2. ``saddle`` — a plateau of at least ``min_plateau_epochs`` epochs where the gradient is small
+2. ``too_short`` — at most ``min_plateau_epochs`` epochs (a pruned trial, typically): too few for
+   the plateau rule (the first epoch has no best before it), so the curves cannot say "healthy".
+3. ``saddle`` — a plateau of at least ``min_plateau_epochs`` epochs where the gradient is small
    (``plateau_grad_ratio <= small_grad_ratio``) and a probe shows clearly negative curvature
    (``plateau_neg_ratio >= saddle_neg_ratio``): small gradient + a descent direction of the
-   curvature is what a saddle is; a plateau with a flat spectrum is not one.
-3. ``plateau`` — a plateau of at least ``min_plateau_epochs`` epochs (flat spectrum, large
+   curvature is what a saddle is; a plateau with a flat spectrum is not one. The tag
+   ``saddle_confirmed`` says whether the probe's escape test (``mixer.curvature.escape_test``:
+   a step along ``±v_min``) lowered the loss by at least ``escape_gain`` of what ``½ α² λ_min``
+   predicts: ``yes``, ``no``, or ``untested`` (no escape test at the probe).
+4. ``plateau`` — a plateau of at least ``min_plateau_epochs`` epochs (flat spectrum, large
    gradient, or no curvature probe near it).
-4. ``oscillating`` — ``val_wiggle >= oscillation_wiggle``.
-5. ``healthy`` — none of the above.
+5. ``oscillating`` — ``val_wiggle >= oscillation_wiggle``.
+6. ``healthy`` — none of the above.
+
+``stalled`` applies the plateau rule to a history as it grows, so that ``fit`` can probe the
+curvature at the epoch a plateau becomes long enough to count.
 
 The thresholds are the fields of ``Thresholds`` (frozen; defaults there).
 """
@@ -50,9 +59,9 @@ from typing import Any
 
 from mixer.curvature import neg_ratio
 
-__all__ = ["LABELS", "Diagnosis", "Thresholds", "diagnose", "plateau_run", "val_wiggle"]
+__all__ = ["LABELS", "Diagnosis", "Thresholds", "diagnose", "plateau_run", "stalled", "val_wiggle"]
 
-LABELS = ("healthy", "plateau", "saddle", "oscillating", "diverged")
+LABELS = ("healthy", "plateau", "saddle", "oscillating", "diverged", "too_short")
 
 
 @dataclass(frozen=True)
@@ -67,6 +76,8 @@ class Thresholds:
         saddle_neg_ratio: |λ_min| / λ_max at the plateau for "clearly negative" curvature.
         probe_slack: probes up to this many epochs outside the plateau still count.
         oscillation_wiggle: val_wiggle at or above this is oscillating.
+        escape_gain: a saddle is confirmed when the escape step lowered the loss by at least this
+            share of the second-order prediction.
     """
 
     plateau_tol: float = 0.005
@@ -76,10 +87,11 @@ class Thresholds:
     saddle_neg_ratio: float = 0.1
     probe_slack: int = 2
     oscillation_wiggle: float = 0.25
+    escape_gain: float = 0.5
 
     def __post_init__(self) -> None:
         for name in ("plateau_tol", "plateau_band", "small_grad_ratio", "saddle_neg_ratio",
-                     "oscillation_wiggle"):
+                     "oscillation_wiggle", "escape_gain"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {name}={getattr(self, name)}")
         if self.min_plateau_epochs < 1:
@@ -97,7 +109,8 @@ class Diagnosis:
         label: one of ``LABELS``.
         metrics: numbers for MLflow metrics (only those that are known for this run).
         tags: strings for MLflow tags: ``diagnosis``, ``plateau_start_epoch``, ``plateau_length``
-            (``"none"``/``"0"`` without a plateau) and ``diagnosis_reason`` (one readable line).
+            (``"none"``/``"0"`` without a plateau), ``saddle_confirmed`` (``yes``/``no``/``untested``)
+            and ``diagnosis_reason`` (one readable line).
     """
 
     label: str
@@ -108,6 +121,17 @@ class Diagnosis:
 def _get(entry: Any, name: str) -> float | None:
     value = entry.get(name) if isinstance(entry, Mapping) else getattr(entry, name, None)
     return None if value is None else float(value)
+
+
+def _flat(losses: Sequence[float], tol: float, band: float) -> list[bool]:
+    """Per epoch: did it bring no real improvement (see ``plateau_run``)? The first never counts."""
+    flags, best = [], math.inf
+    for cur in losses:
+        flags.append(math.isfinite(cur) and math.isfinite(best)
+                     and -band * abs(best) < best - cur < tol * abs(best))
+        if math.isfinite(cur):
+            best = min(best, cur)
+    return flags
 
 
 def plateau_run(losses: Sequence[float], *, tol: float, band: float = math.inf) -> tuple[int, int]:
@@ -122,22 +146,26 @@ def plateau_run(losses: Sequence[float], *, tol: float, band: float = math.inf) 
     """
     best_start, best_len = -1, 0
     start, length = -1, 0
-    best = math.inf
-    for i, cur in enumerate(losses):
-        if i > 0:
-            flat = (math.isfinite(cur) and math.isfinite(best)
-                    and -band * abs(best) < best - cur < tol * abs(best))
-            if flat:
-                if length == 0:
-                    start = i
-                length += 1
-                if length > best_len:
-                    best_start, best_len = start, length
-            else:
-                length = 0
-        if math.isfinite(cur):
-            best = min(best, cur)
+    for i, flat in enumerate(_flat(losses, tol, band)):
+        if flat:
+            if length == 0:
+                start = i
+            length += 1
+            if length > best_len:
+                best_start, best_len = start, length
+        else:
+            length = 0
     return best_start, best_len
+
+
+def stalled(losses: Sequence[float], *, thresholds: Thresholds = Thresholds()) -> bool:
+    """True when the last ``min_plateau_epochs`` losses are flat and the one before them is not.
+
+    That is, once per plateau: at the epoch it becomes long enough for the diagnosis to count it.
+    """
+    flat = _flat(losses, thresholds.plateau_tol, thresholds.plateau_band)
+    k = thresholds.min_plateau_epochs
+    return len(flat) > k and all(flat[-k:]) and not flat[-k - 1]
 
 
 def val_wiggle(values: Sequence[float]) -> float:
@@ -174,7 +202,7 @@ def diagnose(history: Sequence[Any], *, diverged: bool = False,
     val_f = [math.nan if v is None else v for v in val]
 
     metrics: dict[str, float] = {"epochs_run": float(len(history))}
-    tags = {"plateau_start_epoch": "none", "plateau_length": "0"}
+    tags = {"plateau_start_epoch": "none", "plateau_length": "0", "saddle_confirmed": "untested"}
 
     def done(label: str, reason: str) -> Diagnosis:
         tags["diagnosis"] = label
@@ -189,7 +217,10 @@ def diagnose(history: Sequence[Any], *, diverged: bool = False,
         where = f"non-finite loss at epoch {bad[0]}" if bad else "fit reported divergence"
         return done("diverged", where)
     if not history:
-        return done("healthy", "no epochs to judge")
+        return done("too_short", "no epochs to judge")
+    if len(history) <= th.min_plateau_epochs:
+        return done("too_short", f"{len(history)} epochs; the plateau rule needs more than "
+                                 f"min_plateau_epochs={th.min_plateau_epochs}")
 
     wiggle = val_wiggle(val_f)
     metrics["val_wiggle"] = wiggle
@@ -228,6 +259,12 @@ def diagnose(history: Sequence[Any], *, diverged: bool = False,
                 ratio = neg_ratio(lam_min, lam_max)
             metrics.update(plateau_min_eig=lam_min, plateau_max_eig=lam_max,
                            plateau_neg_ratio=ratio, plateau_probe_epoch=float(probe_epoch))
+            for name, key in (("neg_curvature_share", "plateau_neg_share"),
+                              ("escape_gain", "plateau_escape_gain")):
+                if _get(probe, name) is not None:
+                    metrics[key] = _get(probe, name)
+            if "plateau_escape_gain" in metrics:
+                tags["saddle_confirmed"] = "yes" if metrics["plateau_escape_gain"] >= th.escape_gain else "no"
         plateau_note = (f"train loss improved < {th.plateau_tol:.2%}/epoch for {length} epochs from "
                         f"epoch {first} at {_fmt(metrics['plateau_loss'])}")
         if "plateau_lr" in metrics:
@@ -239,6 +276,9 @@ def diagnose(history: Sequence[Any], *, diverged: bool = False,
             plateau_note += (f", λ_min {_fmt(metrics['plateau_min_eig'])} / λ_max "
                              f"{_fmt(metrics['plateau_max_eig'])} (ratio "
                              f"{_fmt(metrics['plateau_neg_ratio'])}) at epoch {probe_epoch}")
+            if "plateau_escape_gain" in metrics:
+                plateau_note += (f", escape gain {_fmt(metrics['plateau_escape_gain'])} "
+                                 f"(saddle confirmed: {tags['saddle_confirmed']})")
         else:
             plateau_note += ", no curvature probe near it"
         saddle = (length >= th.min_plateau_epochs

@@ -2,6 +2,15 @@
 
 ``fit`` knows nothing of Optuna or MLflow: the sweep passes ``on_epoch``, which
 receives each epoch's ``EpochMetrics`` and returns True to ask the run to stop.
+
+Curvature probes (``mixer.curvature``) are taken every ``curvature_every`` epochs (0 = none),
+at the epoch the train loss stalls by the diagnosis' plateau rule (``curvature_on_plateau``) and
+at the last scheduled epoch (``curvature_at_end``); with all three off there are none. A run
+stopped by ``on_epoch`` (a pruned trial) gets no probe at the epoch it stopped: its metrics are
+already reported by then, and the diagnosis calls such a short run ``too_short`` anyway. Each
+probe runs in the training dtype, starts from the previous probe's Ritz vectors, stops once the
+extremes have converged (``curvature_tol``), and at clearly negative curvature
+(``neg_ratio >= curvature_escape_ratio``) tries the escape step along ``v_min``.
 """
 
 from __future__ import annotations
@@ -14,6 +23,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from mixer.config import TrainConfig
+from mixer.curvature import Curvature
 from mixer.data import Dataset
 from mixer.metrics import bce_with_logits, classification_metrics
 
@@ -22,7 +32,11 @@ from mixer.metrics import bce_with_logits, classification_metrics
 class EpochMetrics:
     """What one epoch measured. ``epoch`` counts from 1.
 
-    The curvature fields are None on epochs without a curvature probe.
+    The curvature fields are None on epochs without a curvature probe; ``escape_gain`` also on
+    probes whose negative curvature was not clear enough to try the escape step
+    (``mixer.curvature.Escape.gain``: 1 when the loss fell as ``½ α² λ_min`` predicts).
+    ``neg_curvature_ratio`` is ``|λ_min| / λ_max``, ``neg_curvature_share`` the share of the
+    spectral density below ``-eps`` (``mixer.curvature.Curvature``).
     """
 
     epoch: int
@@ -41,6 +55,9 @@ class EpochMetrics:
     hessian_min_eig: float | None = None
     neg_curvature_ratio: float | None = None
     curvature_seconds: float | None = None
+    neg_curvature_share: float | None = None
+    escape_gain: float | None = None
+    lanczos_steps: int | None = None
 
     def as_dict(self) -> dict[str, float]:
         """Metric name -> value, leaving out what this epoch did not measure (no ``epoch``)."""
@@ -60,6 +77,9 @@ class FitResult:
         best_epoch: the epoch with the lowest val_loss (0 if none finished).
         best_params: the parameters at the end of ``best_epoch``.
         params: the parameters at the end of the run.
+        probes: epoch -> the curvature probe taken then (its Ritz values and weights give the
+            spectral density, its ``ritz.vector_min`` the direction of ``loss_slices``).
+        probe_batch: the rows ``(x, y)`` every probe used, or None without probes.
     """
 
     history: list[EpochMetrics]
@@ -68,9 +88,39 @@ class FitResult:
     best_epoch: int
     best_params: dict[str, np.ndarray]
     params: dict[str, np.ndarray] = field(repr=False)
+    probes: dict[int, Curvature] = field(default_factory=dict, repr=False)
+    probe_batch: tuple[np.ndarray, np.ndarray] | None = field(default=None, repr=False)
 
 
 OnEpoch = Callable[[EpochMetrics], "bool | None"]
+
+
+def probe_size(config: TrainConfig, n_train: int) -> int:
+    """Rows in the probe batch: ``curvature_batch``, but at most 2 % of the training rows (and >= 32).
+
+    A Lanczos step is two passes over the probe batch, so the cap keeps a step within ~4 % of an
+    epoch: small training sets (the default study's) would otherwise pay epochs for one probe.
+    """
+    return min(config.curvature_batch, max(32, n_train // 50), n_train)
+
+
+def _probe(params: dict[str, np.ndarray], batch: tuple[np.ndarray, np.ndarray], config: TrainConfig,
+           seed: int, warm: Curvature | None) -> tuple[Curvature, dict[str, float]]:
+    """One curvature probe and its EpochMetrics fields, with the escape test at clear negative curvature."""
+    from mixer.curvature import escape_test, extreme_eigenvalues
+
+    started = time.perf_counter()
+    c = extreme_eigenvalues(params, *batch, config.model, iters=config.curvature_iters, seed=seed,
+                            dtype=None, tol=config.curvature_tol, warm=warm,
+                            share_eps=config.curvature_share_eps)
+    fields = {"hessian_max_eig": c.lambda_max, "hessian_min_eig": c.lambda_min,
+              "neg_curvature_ratio": c.neg_ratio, "neg_curvature_share": c.neg_share,
+              "lanczos_steps": c.iters}
+    if c.lambda_min < 0 and c.neg_ratio >= config.curvature_escape_ratio:
+        escape = escape_test(params, *batch, config.model, c.ritz.vector_min, c.lambda_min)
+        fields["escape_gain"] = escape.gain
+    fields["curvature_seconds"] = time.perf_counter() - started
+    return c, fields
 
 
 def fit(config: TrainConfig, data: Dataset, *, seed: int, on_epoch: OnEpoch | None = None) -> FitResult:
@@ -85,6 +135,7 @@ def fit(config: TrainConfig, data: Dataset, *, seed: int, on_epoch: OnEpoch | No
     Returns:
         The history, how the run ended, and the best-epoch and final parameters.
     """
+    from mixer.diagnosis import stalled
     from mixer.model import init_params, loss_and_grads, predict_logits
     from mixer.optim import Adam
     from mixer.schedules import learning_rate
@@ -107,9 +158,12 @@ def fit(config: TrainConfig, data: Dataset, *, seed: int, on_epoch: OnEpoch | No
     x_val = np.ascontiguousarray(data.x_val, dtype=dtype)
     y_val = np.asarray(data.y_val, dtype=np.float64)
     n, batch = len(x_train), config.batch_size
-    probe = None
-    if config.curvature_every:
-        rows = np.random.default_rng(probe_ss).choice(n, size=min(config.curvature_batch, n), replace=False)
+    every = config.curvature_every
+    on_plateau = config.curvature_on_plateau
+    at_end = config.curvature_at_end
+    probe, probes = None, {}
+    if every or on_plateau or at_end:
+        rows = np.random.default_rng(probe_ss).choice(n, size=probe_size(config, n), replace=False)
         probe = (x_train[rows], y_train[rows])
 
     history: list[EpochMetrics] = []
@@ -146,17 +200,13 @@ def fit(config: TrainConfig, data: Dataset, *, seed: int, on_epoch: OnEpoch | No
         scores = classification_metrics(logits, y_val)
         seconds = time.perf_counter() - started
         curvature = {}
-        if probe is not None and epoch % config.curvature_every == 0:
-            from mixer.curvature import extreme_eigenvalues
-
-            probe_started = time.perf_counter()
-            c = extreme_eigenvalues(params, probe[0], probe[1], model,
-                                    iters=config.curvature_iters, seed=seed)
-            curvature = {"hessian_max_eig": float(c.lambda_max), "hessian_min_eig": float(c.lambda_min),
-                         "neg_curvature_ratio": float(c.neg_ratio),
-                         "curvature_seconds": time.perf_counter() - probe_started}
+        train_losses = [m.train_loss for m in history] + [loss_sum / n]
+        if probe is not None and ((every and epoch % every == 0) or (at_end and epoch == config.epochs)
+                                  or (on_plateau and stalled(train_losses))):
+            warm = probes[max(probes)] if probes else None
+            probes[epoch], curvature = _probe(params, probe, config, seed, warm)
         metrics = EpochMetrics(
-            epoch=epoch, train_loss=loss_sum / n, val_loss=val_loss,
+            epoch=epoch, train_loss=train_losses[-1], val_loss=val_loss,
             val_accuracy=scores["accuracy"], val_precision=scores["precision"],
             val_recall=scores["recall"], val_f1=scores["f1"], lr=float(lr),
             grad_norm_mean=norm_sum / steps, grad_norm_max=norm_max,
@@ -170,7 +220,7 @@ def fit(config: TrainConfig, data: Dataset, *, seed: int, on_epoch: OnEpoch | No
             status, reason = "stopped", f"stopped after epoch {epoch} of {config.epochs}"
             break
     return FitResult(history=history, status=status, reason=reason, best_epoch=best_epoch,
-                     best_params=best_params, params=params)
+                     best_params=best_params, params=params, probes=probes, probe_batch=probe)
 
 
 def format_epoch(m: EpochMetrics, epochs: int) -> str:
@@ -185,27 +235,40 @@ def format_epoch(m: EpochMetrics, epochs: int) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m mixer.train CONFIG.yaml``: train one configuration, a line per epoch."""
+    from mixer.evaluate import quiet_broken_pipe
+
+    return quiet_broken_pipe(_main)(argv)
+
+
+def _main(argv: list[str] | None) -> int:
     import argparse
     import sys
 
     from mixer.config import ConfigError, load_run_config
     from mixer.data import DataError, load
+    from mixer.evaluate import EXIT_BROKEN_PIPE, prog_name
 
     parser = argparse.ArgumentParser(
-        prog="python -m mixer.train",
+        prog=prog_name("mixer-train", "mixer.train"),
         description="Train one Mixer configuration and print a line per epoch: the way to "
                     "reproduce one trial of a sweep (its best_config.yaml) without the sweep.",
+        epilog="Exit status: 0 done; 1 the run diverged; 2 bad usage, a bad config or data file, or a "
+               f"--save path that cannot be written; 130 interrupted (Ctrl-C); {EXIT_BROKEN_PIPE} the "
+               "reader of stdout closed it early (e.g. | head)",
     )
     parser.add_argument("config", help="run config YAML with keys data, train, seed "
                         "(e.g. configs/notebook_headline.yaml or a sweep's best_config.yaml)")
     parser.add_argument("--epochs", type=int, help="override train.epochs")
+    parser.add_argument("--train-csv", metavar="CSV",
+                        help="train on this labelled CSV instead of the file's data "
+                             "(see also $MIXER_DATA_DIR)")
     parser.add_argument("--seed", type=int, help="override the file's seed")
     parser.add_argument("--save", metavar="PATH",
                         help="write the best epoch's model (parameters + config + data pipeline) here")
     args = parser.parse_args(argv)
 
     try:
-        data_config, config, seed = load_run_config(args.config)
+        data_config, config, seed = load_run_config(args.config, train_csv=args.train_csv)
         if args.epochs is not None:
             config = dataclasses.replace(config, epochs=args.epochs)
         data = load(data_config)
@@ -233,7 +296,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.save:
         from mixer.bundle import ModelBundle
 
-        path = ModelBundle(result.best_params, config.model, data.pipeline).save(args.save)
+        # The data config in the bundle lets mixer.evaluate/predict warn about rows of another kind.
+        bundle = ModelBundle(result.best_params, config.model, data.pipeline,
+                             info={"data_config": dataclasses.asdict(data_config)})
+        try:
+            path = bundle.save(args.save)
+        except OSError as exc:
+            print(f"error: {args.save}: cannot write: {exc.strerror or exc}", file=sys.stderr)
+            return 2
         print(f"saved the best epoch's model to {path}")
     return 0
 

@@ -9,14 +9,19 @@ from mixer.config import MixerConfig
 from mixer.curvature import (
     Curvature,
     central_difference_hvp,
+    escape_test,
     extreme_eigenvalues,
     flatten,
     hvp,
     lanczos,
     loss_gradient_fn,
+    loss_slices,
     neg_ratio,
+    negative_share,
+    spectral_density,
     unflatten,
 )
+from mixer.diagnosis import Thresholds
 from mixer.model import init_params, loss_and_grads, param_count
 
 
@@ -36,7 +41,7 @@ def symmetric_with_spectrum(eigs: np.ndarray, seed: int) -> np.ndarray:
 ])
 def test_lanczos_with_full_dimension_recovers_the_whole_spectrum(eigs):
     a = symmetric_with_spectrum(eigs, seed=1)
-    ritz = lanczos(lambda v: a @ v, eigs.size, iters=eigs.size, seed=0)
+    ritz = lanczos(lambda v: a @ v, eigs.size, iters=eigs.size, seed=0).values
     # Repeated eigenvalues need the restart on an invariant subspace to be found at all.
     np.testing.assert_allclose(np.sort(ritz), np.sort(eigs), atol=1e-9)
 
@@ -52,7 +57,7 @@ def test_lanczos_extremes_converge_in_few_iterations_on_a_large_operator():
     def matvec(v):
         return signs * (eigs[perm] * (signs * v))
 
-    ritz = lanczos(matvec, n, iters=30, seed=0)
+    ritz = lanczos(matvec, n, iters=30, seed=0).values
     assert ritz[-1] == pytest.approx(25.0, rel=1e-6)
     assert ritz[0] == pytest.approx(-4.0, rel=1e-6)
 
@@ -61,23 +66,89 @@ def test_ritz_values_never_leave_the_spectrum():
     eigs = np.linspace(-1.0, 2.0, 50)
     a = symmetric_with_spectrum(eigs, seed=5)
     for iters in (2, 5, 10):
-        ritz = lanczos(lambda v: a @ v, 50, iters=iters, seed=1)
+        ritz = lanczos(lambda v: a @ v, 50, iters=iters, seed=1).values
         assert ritz.size == iters
         assert ritz[0] >= -1.0 - 1e-12 and ritz[-1] <= 2.0 + 1e-12
 
 
 def test_lanczos_is_reproducible_by_seed():
     a = symmetric_with_spectrum(np.linspace(-1.0, 3.0, 60), seed=2)
-    first = lanczos(lambda v: a @ v, 60, iters=6, seed=7)
-    again = lanczos(lambda v: a @ v, 60, iters=6, seed=7)
-    other = lanczos(lambda v: a @ v, 60, iters=6, seed=8)
+    first = lanczos(lambda v: a @ v, 60, iters=6, seed=7).values
+    again = lanczos(lambda v: a @ v, 60, iters=6, seed=7).values
+    other = lanczos(lambda v: a @ v, 60, iters=6, seed=8).values
     np.testing.assert_array_equal(first, again)
     assert not np.allclose(first, other)
+
+
+def test_early_stopped_lanczos_stops_once_the_extremes_converge():
+    rng = np.random.default_rng(3)
+    n = 2000
+    eigs = np.concatenate([[-4.0], rng.uniform(0.0, 1.0, n - 2), [25.0]])
+    ritz = lanczos(lambda v: eigs * v, n, iters=200, seed=0, tol=1e-6)
+    assert ritz.values.size < 60  # converged long before the cap
+    assert ritz.values[0] == pytest.approx(-4.0, rel=1e-6)
+    assert ritz.values[-1] == pytest.approx(25.0, rel=1e-6)
+    assert max(ritz.residuals[0], ritz.residuals[-1]) <= 1e-6 * 25.0
+    # The extreme Ritz vectors are the eigenvectors (here coordinate vectors) of the extremes.
+    assert abs(ritz.vector_min[0]) == pytest.approx(1.0, abs=1e-6)
+    assert abs(ritz.vector_max[-1]) == pytest.approx(1.0, abs=1e-6)
+    assert lanczos(lambda v: eigs * v, n, iters=200, seed=0).values.size == 200  # tol=0: every step
+
+
+def test_warm_started_lanczos_finds_a_moved_operators_extremes_in_fewer_steps():
+    # Two nearby operators, as two probes of one run are: the second rotated and rescaled a little.
+    rng = np.random.default_rng(0)
+    n = 1000
+    eigs = np.concatenate([[-1.0], rng.uniform(-0.8, 3.5, n - 2), [4.0]])
+    q, _ = np.linalg.qr(rng.standard_normal((n, n)))
+    moved, _ = np.linalg.qr(q @ (np.eye(n) + 0.01 * rng.standard_normal((n, n))))
+    a = (q * eigs) @ q.T
+    b = (moved * (eigs * (1 + 0.01 * rng.standard_normal(n)))) @ moved.T
+    exact = np.linalg.eigvalsh(b)
+    first = lanczos(lambda v: a @ v, n, iters=200, seed=0, tol=1e-3)
+    cold = lanczos(lambda v: b @ v, n, iters=200, seed=1, tol=1e-3)
+    warm = lanczos(lambda v: b @ v, n, iters=200, seed=1, tol=1e-3, warm=(first.vector_min, first.vector_max))
+    assert warm.values.size < cold.values.size
+    for run in (cold, warm):
+        assert run.values[0] == pytest.approx(exact[0], abs=4e-3)  # within tol · max|θ|
+        assert run.values[-1] == pytest.approx(exact[-1], abs=4e-3)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_stochastic_lanczos_quadrature_recovers_a_known_negative_share(seed):
+    # 10 % of the spectrum in [-1, -0.2], the rest in [0, 1], and one sharp direction at 10.
+    rng = np.random.default_rng(0)
+    n = 4000
+    eigs = np.concatenate([rng.uniform(-1.0, -0.2, n // 10), rng.uniform(0.0, 1.0, n - n // 10 - 1), [10.0]])
+    ritz = lanczos(lambda v: eigs * v, n, iters=40, seed=seed)
+    assert ritz.weights.sum() == pytest.approx(1.0)
+    share = negative_share(ritz, -0.1, sigma=0.025)
+    assert share == pytest.approx(0.1, abs=0.03)
+    # The density it integrates: mass 1, and its mass below the threshold is the share.
+    grid = np.linspace(-2.0, 11.0, 26001)
+    density = spectral_density(ritz, grid, sigma=0.025)
+    step = grid[1] - grid[0]
+    assert density.sum() * step == pytest.approx(1.0, abs=1e-3)
+    assert density[grid < -0.1].sum() * step == pytest.approx(share, abs=2e-3)
+    # Uniform weights (Ritz values alone) would say 0.3 or so: the weights are what carry the density.
+    assert np.mean(ritz.values < -0.1) > 0.2
+
+
+def test_the_probe_reports_the_negative_share_of_its_spectrum():
+    params, x, y = tiny_problem()
+    c = extreme_eigenvalues(params, x, y, TINY, iters=param_count(TINY), seed=0)
+    _, h = full_hessian(params, x, y, TINY)
+    exact = np.linalg.eigvalsh(h)
+    cut = 0.01 * max(-exact[0], exact[-1])
+    # With all n steps the quadrature's nodes are the eigenvalues; one random start vector weighs them.
+    assert c.neg_share == pytest.approx(np.mean(exact < -cut), abs=0.1)
+    assert 0 < c.neg_share < 1
 
 
 @pytest.mark.parametrize("kwargs, message", [
     ({"iters": 0}, "iters must be >= 1"),
     ({"iters": 3, "n": 0}, "n must be >= 1"),
+    ({"iters": 3, "tol": -1.0}, "tol must be >= 0"),
 ])
 def test_lanczos_rejects_bad_sizes(kwargs, message):
     n = kwargs.pop("n", 4)
@@ -220,6 +291,19 @@ def test_probe_is_reproducible_and_does_not_touch_the_parameters():
         np.testing.assert_array_equal(params[k], before[k])
 
 
+@pytest.mark.parametrize("sharpen, rel", [(1.0, 1e-2), (3.0, 1e-3)])
+def test_float32_probes_agree_with_the_exact_hessian(sharpen, rel):
+    # Weights × 3 make the loss bend fast (large third derivatives): the old float32 step,
+    # sqrt(u)·(1 + ||θ||), was 1 % off there; the step chosen for float32 is 0.03 of it.
+    params, x, y = tiny_problem()
+    params = {k: v * sharpen if k.endswith(".w") and "norm" not in k else v for k, v in params.items()}
+    _, h = full_hessian(params, x, y, TINY)
+    exact = np.linalg.eigvalsh(h)
+    c = extreme_eigenvalues(params, x, y, TINY, iters=param_count(TINY), seed=0, dtype=np.float32)
+    assert c.lambda_min == pytest.approx(exact[0], rel=rel)
+    assert c.lambda_max == pytest.approx(exact[-1], rel=rel)
+
+
 def test_float32_parameters_are_probed_in_float64():
     params, x, y = tiny_problem()
     as32 = {k: v.astype(np.float32) for k, v in params.items()}
@@ -251,6 +335,17 @@ def branch_indices(params, names):
     return np.concatenate([out[k] for k in names])
 
 
+def switched_off_branch(branch: str):
+    """The tiny problem with one MLP branch switched off (a saddle; see the test below)."""
+    params, x, y = tiny_problem()
+    pre = f"blocks.0.{branch}."
+    for name in ("fc1.w", "fc1.b", "fc2.w"):
+        params[pre + name][...] = 0.0
+    params[pre + "norm.w"] *= 100.0
+    params[pre + "norm.b"] *= 100.0
+    return params, x, y
+
+
 @pytest.mark.parametrize("branch", ["token", "channel"])
 def test_probe_finds_the_saddle_of_a_switched_off_mlp_branch(branch):
     """A residual MLP branch with fc1.w, fc1.b and fc2.w all zero is a saddle in its own weights.
@@ -270,12 +365,8 @@ def test_probe_finds_the_saddle_of_a_switched_off_mlp_branch(branch):
     switched off), so the saddle becomes more negative than any curvature the rest of the tiny
     Mixer has, and only a probe that really finds it can pass.
     """
-    params, x, y = tiny_problem()
+    params, x, y = switched_off_branch(branch)
     pre = f"blocks.0.{branch}."
-    for name in ("fc1.w", "fc1.b", "fc2.w"):
-        params[pre + name][...] = 0.0
-    params[pre + "norm.w"] *= 100.0
-    params[pre + "norm.b"] *= 100.0
     _, grads = loss_and_grads(params, x, y, TINY)
     for name in ("fc1.w", "fc1.b", "fc2.w"):
         assert np.abs(grads[pre + name]).max() == 0.0  # a critical point in the branch's weights
@@ -294,3 +385,31 @@ def test_probe_finds_the_saddle_of_a_switched_off_mlp_branch(branch):
     c = extreme_eigenvalues(params, x, y, TINY, iters=20, seed=0)  # the probe as fit runs it
     assert c.lambda_min <= bound + 1e-3 * abs(bound)  # the accuracy the probe claims
     assert c.neg_ratio > 0
+
+
+@pytest.mark.parametrize("branch", ["token", "channel"])
+def test_a_step_along_v_min_escapes_the_switched_off_branch_saddle_as_predicted(branch):
+    params, x, y = switched_off_branch(branch)
+    c = extreme_eigenvalues(params, x, y, TINY, iters=20, seed=0)
+    e = escape_test(params, x, y, TINY, c.ritz.vector_min, c.lambda_min)
+    assert e.loss_plus < e.loss and e.loss_minus < e.loss  # downhill both ways: a saddle, not a slope
+    assert e.predicted == pytest.approx(0.003 * e.loss)  # the step is scaled to a 0.3 % predicted fall
+    assert e.gain == pytest.approx(1.0, abs=0.2)  # the loss falls as ½ α² λ_min says
+    assert e.gain >= Thresholds().escape_gain  # so the diagnosis would call it confirmed
+    # Control: along the sharpest direction the loss rises, whatever curvature one claims for it.
+    wrong = escape_test(params, x, y, TINY, c.ritz.vector_max, -c.lambda_max)
+    assert wrong.gain < 0
+    with pytest.raises(ValueError, match="negative curvature"):
+        escape_test(params, x, y, TINY, c.ritz.vector_min, 0.5)
+
+
+def test_loss_slices_along_v_min_and_down_the_gradient():
+    params, x, y = switched_off_branch("channel")
+    c = extreme_eigenvalues(params, x, y, TINY, iters=20, seed=0)
+    alphas = np.linspace(-0.2, 0.2, 5)
+    s = loss_slices(params, x, y, TINY, c.ritz.vector_min, alphas=alphas)
+    assert set(s) == {"alpha", "direction", "gradient"} and s["direction"].shape == alphas.shape
+    loss = loss_and_grads(params, x, y, TINY)[0]
+    assert s["direction"][2] == pytest.approx(loss) and s["gradient"][2] == pytest.approx(loss)
+    assert s["direction"][0] < loss and s["direction"][-1] < loss  # the saddle: down both ways
+    assert s["gradient"][3] < loss < s["gradient"][1]  # a small step down the gradient descends

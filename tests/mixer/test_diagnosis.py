@@ -7,17 +7,18 @@ import math
 import numpy as np
 import pytest
 
-from mixer.diagnosis import LABELS, Diagnosis, Thresholds, diagnose, plateau_run, val_wiggle
+from mixer.diagnosis import LABELS, Diagnosis, Thresholds, diagnose, plateau_run, stalled, val_wiggle
 from mixer.train import EpochMetrics
 
 
-def history(train, val=None, *, grad=None, lr=1e-3, probes=None) -> list[EpochMetrics]:
-    """EpochMetrics from curves; ``probes`` maps epoch -> (λ_min, λ_max)."""
+def history(train, val=None, *, grad=None, lr=1e-3, probes=None, escapes=None) -> list[EpochMetrics]:
+    """EpochMetrics from curves; ``probes`` maps epoch -> (λ_min, λ_max), ``escapes`` epoch -> gain."""
     n = len(train)
     val = list(train) if val is None else val
     grad = [1.0] * n if grad is None else grad
     lrs = [lr] * n if np.isscalar(lr) else lr
     probes = probes or {}
+    escapes = escapes or {}
     out = []
     for i in range(n):
         epoch = i + 1
@@ -30,6 +31,7 @@ def history(train, val=None, *, grad=None, lr=1e-3, probes=None) -> list[EpochMe
             hessian_min_eig=None if lam is None else lam[0],
             hessian_max_eig=None if lam is None else lam[1],
             neg_curvature_ratio=ratio, curvature_seconds=None if lam is None else 0.5,
+            neg_curvature_share=None if lam is None else 0.03, escape_gain=escapes.get(epoch),
         ))
     return out
 
@@ -190,8 +192,55 @@ def test_history_as_stored_dicts_gives_the_same_diagnosis():
 
 def test_an_empty_history_is_not_judged():
     d = diagnose([])
-    assert isinstance(d, Diagnosis) and d.label in LABELS
+    assert isinstance(d, Diagnosis) and d.label == "too_short" and d.label in LABELS
     assert d.tags["diagnosis_reason"] == "no epochs to judge"
+
+
+@pytest.mark.parametrize("epochs", [1, 2, 3, 4])
+def test_a_trial_shorter_than_the_plateau_rule_needs_is_too_short_never_healthy(epochs):
+    # A pruned trial's 2-3 epochs of steady decline used to be called healthy.
+    d = diagnose(history(DECLINE[:epochs]))
+    assert d.label == "too_short"
+    assert f"min_plateau_epochs={Thresholds().min_plateau_epochs}" in d.tags["diagnosis_reason"]
+    # ... even when they wiggle: 4 epochs cannot tell a plateau from a pause.
+    assert diagnose(history(DECLINE[:epochs], val=[0.5, 0.3, 0.5, 0.3][:epochs])).label == "too_short"
+    # One epoch more than the rule needs is judged.
+    assert diagnose(history(DECLINE[:5])).label == "healthy"
+    assert diagnose(history(DECLINE[:3]), thresholds=Thresholds(min_plateau_epochs=2)).label == "healthy"
+
+
+SADDLE_GRAD = [1.0, 0.9, 0.8, 0.3, 0.2, 0.2, 0.2, 0.2, 0.2, 0.3, 0.9, 1.0]
+
+
+@pytest.mark.parametrize("gain, confirmed", [(0.9, "yes"), (0.2, "no"), (None, "untested")])
+def test_the_escape_test_at_the_plateau_probe_confirms_a_saddle_or_not(gain, confirmed):
+    escapes = {} if gain is None else {7: gain}
+    d = diagnose(history(PLATEAU, grad=SADDLE_GRAD, probes={7: (-0.8, 4.0)}, escapes=escapes))
+    assert d.label == "saddle"
+    assert d.tags["saddle_confirmed"] == confirmed
+    assert d.metrics.get("plateau_escape_gain") == gain
+    assert d.metrics["plateau_neg_share"] == pytest.approx(0.03)
+    if gain is not None:
+        assert f"escape gain {gain:.3g}" in d.tags["diagnosis_reason"]
+    # The threshold is a named setting.
+    strict = diagnose(history(PLATEAU, grad=SADDLE_GRAD, probes={7: (-0.8, 4.0)}, escapes={7: 0.9}),
+                      thresholds=Thresholds(escape_gain=0.95))
+    assert strict.tags["saddle_confirmed"] == "no"
+
+
+def test_an_escape_gain_at_a_probe_far_from_the_plateau_is_not_used():
+    d = diagnose(history(PLATEAU, grad=SADDLE_GRAD, probes={7: (-0.8, 4.0), 1: (-0.8, 4.0)},
+                         escapes={1: 0.9}))
+    assert d.tags["saddle_confirmed"] == "untested" and "plateau_escape_gain" not in d.metrics
+
+
+def test_stalled_fires_once_at_the_epoch_a_plateau_becomes_long_enough():
+    # PLATEAU is flat from epoch 4 (index 3) to 10: with 4 flat epochs needed, it counts at epoch 7.
+    fired = [epoch for epoch in range(1, len(PLATEAU) + 1) if stalled(PLATEAU[:epoch])]
+    assert fired == [7]
+    two = Thresholds(min_plateau_epochs=2)
+    assert [e for e in range(1, 13) if stalled(PLATEAU[:e], thresholds=two)] == [5]
+    assert not any(stalled(DECLINE[:e]) for e in range(1, len(DECLINE) + 1))
 
 
 def test_plateau_run_and_wiggle_helpers():
@@ -213,6 +262,7 @@ def test_plateau_run_and_wiggle_helpers():
     ({"saddle_neg_ratio": 0.0}, "saddle_neg_ratio"),
     ({"probe_slack": -1}, "probe_slack"),
     ({"oscillation_wiggle": 0.0}, "oscillation_wiggle"),
+    ({"escape_gain": 0.0}, "escape_gain"),
 ])
 def test_thresholds_reject_out_of_range_settings(kwargs, name):
     with pytest.raises(ValueError, match=name):

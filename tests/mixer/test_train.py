@@ -12,7 +12,7 @@ import yaml
 import mixer.model
 from mixer.config import DataConfig, MixerConfig, TrainConfig, dump_run_config
 from mixer.data import load
-from mixer.train import fit, main
+from mixer.train import fit, main, probe_size
 
 TINY = TrainConfig(model=MixerConfig(n_features=42, patch_size=6, dim=16, depth=2, dropout=0.1,
                                      stochastic_depth=0.1),
@@ -101,6 +101,61 @@ def test_curvature_probe_runs_every_k_epochs_and_is_timed_apart(data):
     assert [m.hessian_max_eig is not None for m in history] == [False, True, False]
     probed = history[1]
     assert probed.hessian_max_eig >= probed.hessian_min_eig and probed.curvature_seconds > 0
+
+
+# No dropout and a learning rate that cannot move the weights: the train loss is flat from epoch 2.
+STALLING = dataclasses.replace(TINY, epochs=7, lr=1e-9, curvature_batch=64, curvature_iters=6,
+                               model=dataclasses.replace(TINY.model, dropout=0.0, stochastic_depth=0.0))
+
+
+def probed(history):
+    return [m.epoch for m in history if m.hessian_max_eig is not None]
+
+
+@pytest.mark.parametrize("on_plateau, at_end, expected", [
+    (True, True, [5, 7]),    # epochs 2..5 flat: the plateau rule's 4 epochs are reached at 5
+    (True, False, [5]),
+    (False, True, [7]),
+    (False, False, []),      # curvature_every 0 and both switches off: no probe at all
+])
+def test_fit_probes_where_training_stalls_and_at_the_last_epoch(data, on_plateau, at_end, expected):
+    config = dataclasses.replace(STALLING, curvature_on_plateau=on_plateau, curvature_at_end=at_end)
+    result = fit(config, data, seed=0)
+    assert probed(result.history) == expected
+    assert sorted(result.probes) == expected
+    assert (result.probe_batch is None) == (not expected)
+    for m in result.history:
+        if m.epoch in expected:
+            assert 0 <= m.neg_curvature_share <= 1 and 4 <= m.lanczos_steps <= 6
+            assert m.curvature_seconds > 0
+            assert m.hessian_min_eig == result.probes[m.epoch].lambda_min
+    if len(expected) == 2:  # the second probe starts from the first one's Ritz vectors; same point
+        first, second = (result.probes[e] for e in expected)
+        assert second.lambda_max == pytest.approx(first.lambda_max, rel=1e-2)
+
+
+def test_the_probe_batch_is_at_most_2_percent_of_the_training_rows(data):
+    default = TrainConfig()
+    assert probe_size(default, 16_000) == default.curvature_batch == 256  # the headline's training rows
+    assert probe_size(default, 3_200) == 64  # the default study's
+    assert probe_size(default, 640) == 32 and probe_size(default, 20) == 20
+    config = dataclasses.replace(STALLING, curvature_every=7)
+    assert len(fit(config, data, seed=0).probe_batch[0]) == probe_size(config, len(data.x_train)) == 32
+
+
+def test_a_run_stopped_by_its_callback_gets_no_end_probe(data):
+    config = dataclasses.replace(STALLING, curvature_at_end=True)
+    result = fit(config, data, seed=0, on_epoch=lambda m: m.epoch == 3)
+    assert result.status == "stopped" and probed(result.history) == []
+
+
+def test_a_probe_at_clear_negative_curvature_tries_the_escape_step(data):
+    config = dataclasses.replace(STALLING, epochs=2, curvature_every=1, curvature_iters=12)
+    history = fit(config, data, seed=0).history
+    for m in history:
+        tried = m.hessian_min_eig < 0 and m.neg_curvature_ratio >= 0.05
+        assert (m.escape_gain is not None) == tried
+    assert any(m.escape_gain is not None for m in history)  # this tiny model has clear negative curvature
 
 
 def test_cli_trains_a_config_and_prints_a_line_per_epoch(tmp_path, capsys):
