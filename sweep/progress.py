@@ -53,12 +53,17 @@ def log_to(target: TextIO | Path | None) -> None:
 
 
 def strip_foreign_handlers() -> None:
-    # MLflow installs its own stderr handlers when imported: they would write under the progress line.
-    for name in ("mlflow", "alembic", "urllib3", "optuna"):
-        lg = logging.getLogger(name)
-        for h in list(lg.handlers):
-            lg.removeHandler(h)
-        lg.propagate = True
+    """Route every library's log records to ours. MLflow installs its own stderr handlers when imported,
+    and creating a SQLite store runs alembic's logging config (a stderr handler on sqlalchemy.engine,
+    existing loggers disabled): they would print tracebacks under the progress line."""
+    for name, lg in list(logging.root.manager.loggerDict.items()):
+        if not isinstance(lg, logging.Logger):
+            continue
+        lg.disabled = False
+        if name.split(".")[0] in ("mlflow", "alembic", "sqlalchemy", "urllib3", "optuna", "huey"):
+            for h in list(lg.handlers):
+                lg.removeHandler(h)
+            lg.propagate = True
 
 
 def _fmt_time(seconds: float) -> str:

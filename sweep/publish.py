@@ -40,6 +40,8 @@ import mlflow
 import numpy as np
 import pandas as pd
 
+from sweep.messages import one_line
+
 # MLflow's artifact progress bar would garble the sweep's own progress line on stderr.
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
@@ -278,8 +280,12 @@ def publish_best(study: Any, *, tracking_uri: str | None = None, out_dir: str | 
         publish.test_metrics = {f"test_{k}": float(metrics[k]) for k in TEST_METRICS
                                 if metrics[k] is not None}
     if log_model:
-        _log_to_mlflow(study, publish, retrained.data_config, tracking_uri=tracking_uri,
-                       register_name=register_name)
+        try:
+            _log_to_mlflow(study, publish, retrained.data_config, tracking_uri=tracking_uri,
+                           register_name=register_name)
+        except mlflow.exceptions.MlflowException as exc:  # the bundle is saved; the store is down or full
+            raise PublishError(f"the model is saved as {bundle_path}, but logging it to MLflow failed: "
+                               f"{one_line(exc)}") from None
     return publish
 
 

@@ -94,14 +94,7 @@ def test_a_disk_that_fills_mid_study_ends_it_with_exit_1_and_a_journal_that_resu
         assert proc.poll() is None, proc.communicate()
         assert time.monotonic() < deadline, "the study did not start"
         time.sleep(0.05)
-    filler = small_disk / "filler"
-    with open(filler, "wb") as fh:  # take every free byte: the journal's next appends fail
-        try:
-            while True:
-                fh.write(b"\0" * 65536)
-                fh.flush()
-        except OSError:
-            pass
+    filler = _fill(small_disk)  # every free byte: the journal's next appends fail
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 1, err
     assert "no space left on the device of" in err and str(out) in err and "MiB free" in err
@@ -115,6 +108,40 @@ def test_a_disk_that_fills_mid_study_ends_it_with_exit_1_and_a_journal_that_resu
     assert all(t.state.is_finished() for t in study.get_trials(deepcopy=False))
     # The trial the full disk interrupted was failed and run again.
     assert any(t.user_attrs.get("status") == "lost" for t in study.get_trials(deepcopy=False))
+
+
+def _fill(disk: Path) -> Path:
+    filler = disk / "filler"
+    with open(filler, "wb") as fh:
+        try:
+            while True:
+                fh.write(b"\0" * 65536)
+                fh.flush()
+        except OSError:
+            pass
+    return filler
+
+
+@pytest.mark.faults
+def test_a_full_disk_under_a_local_mlflow_store_gives_a_few_lines_and_exit_1(tmp_path, small_disk):
+    space = write_space(tmp_path, SMALL.replace("n_trials: 3", "n_trials: 60"))
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env.pop("MLFLOW_TRACKING_URI", None)
+    store = f"sqlite:///{small_disk / 'mlflow.db'}"
+    proc = subprocess.Popen([sys.executable, "-m", "sweep.run", str(space), "--out", str(tmp_path / "runs"),
+                             "--tracking-uri", store], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    journal = tmp_path / "runs" / "small" / "optuna.journal"
+    deadline = time.monotonic() + 120
+    while not (journal.is_file() and b'"state":1' in journal.read_bytes()):  # a trial completed
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "no trial completed"
+        time.sleep(0.1)
+    _fill(small_disk)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 1, err
+    assert "Traceback" not in err and len(err.splitlines()) < 80, err
+    assert "could not be delivered" in err
 
 
 def test_a_bad_csv_row_exits_2_naming_the_row_before_anything_is_created(in_tmp, capsys):
