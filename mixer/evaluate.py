@@ -5,7 +5,7 @@ machines), and a warning on stderr when the rows do not look like the model's tr
 Exit status: see ``EPILOG``.
 
 This module also holds what the mixer command lines share: ``threshold_arg``, ``prog_name``,
-``quiet_broken_pipe`` and ``data_warnings``.
+``quiet_broken_pipe``, ``data_warnings`` and ``read_inputs``.
 """
 
 from __future__ import annotations
@@ -68,6 +68,18 @@ def data_warnings(bundle: ModelBundle, columns: Sequence[str], *, model: str, da
                    f"(column {first + 1} is {found[first]!r}, {order[first]!r} in training): scored by "
                    "name, but check that it is the same kind of data")
     return out
+
+
+def read_inputs(model: str, data: str) -> tuple[ModelBundle, pd.DataFrame]:
+    """The bundle and the raw rows a command was given, its ``data_warnings`` printed on stderr.
+
+    Raises:
+        BundleError, DataError: either file is unusable (the message names it).
+    """
+    bundle, frame = ModelBundle.load(model), read_csv(data)
+    for line in data_warnings(bundle, frame.columns, model=model, data=data):
+        print(line, file=sys.stderr)
+    return bundle, frame
 
 
 def prog_name(script: str, module: str) -> str:
@@ -147,14 +159,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        bundle = ModelBundle.load(args.model)
-        frame = read_csv(args.data)
+        bundle, frame = read_inputs(args.model, args.data)
         metrics = evaluate_frame(bundle, frame, source=args.data, threshold=args.threshold)
     except (BundleError, DataError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    for line in data_warnings(bundle, frame.columns, model=args.model, data=args.data):
-        print(line, file=sys.stderr)
     if args.json:
         print(json.dumps({"model": str(args.model), "data": str(args.data), **metrics.as_dict()}))
     else:

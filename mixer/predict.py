@@ -22,8 +22,8 @@ import numpy as np
 import pandas as pd
 
 from mixer.bundle import BundleError, ModelBundle, atomic_write
-from mixer.data import DataError, read_csv
-from mixer.evaluate import EXIT_BROKEN_PIPE, data_warnings, prog_name, quiet_broken_pipe, threshold_arg
+from mixer.data import DataError
+from mixer.evaluate import EXIT_BROKEN_PIPE, prog_name, quiet_broken_pipe, read_inputs, threshold_arg
 
 # Seven significant digits: what a float32 model's probabilities carry (more would print noise).
 FLOAT_FORMAT = "%.7g"
@@ -66,14 +66,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        bundle = ModelBundle.load(args.model)
-        frame = read_csv(args.data)
+        bundle, frame = read_inputs(args.model, args.data)
         out = predict_frame(bundle, frame, source=args.data, threshold=args.threshold)
     except (BundleError, DataError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    for line in data_warnings(bundle, frame.columns, model=args.model, data=args.data):
-        print(line, file=sys.stderr)
     if args.out == "-":
         out.to_csv(sys.stdout, index=False, float_format=FLOAT_FORMAT)
         where = "stdout"

@@ -42,8 +42,8 @@ _DEFAULTS: dict[str, Any] = {**TrainConfig().to_flat(), **dataclasses.asdict(Dat
 
 
 def _type_ok(kind: str, value: Any) -> bool:
-    if isinstance(value, bool):
-        return False
+    if isinstance(value, bool) or kind == "bool":
+        return isinstance(value, bool) and kind == "bool"
     if kind == "int":
         return isinstance(value, int)
     if kind == "float":
@@ -56,7 +56,7 @@ def _type_ok(kind: str, value: Any) -> bool:
 
 
 def _kind_name(kind: str) -> str:
-    return {"int": "an integer", "float": "a number", "str": "a string",
+    return {"int": "an integer", "float": "a number", "str": "a string", "bool": "true or false",
             "optional_str": "a string or null"}.get(kind, kind)
 
 

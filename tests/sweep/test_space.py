@@ -397,3 +397,12 @@ def test_a_hostile_file_exits_2_at_once_within_1_gib(tmp_path, hostile):
     assert "aliases are not allowed" in proc.stderr if hostile == "billion laughs" else (
         "not a regular file" in proc.stderr)
     assert not (tmp_path / "out").exists()
+
+
+def test_probe_switches_take_true_or_false_and_nothing_else(tmp_path):
+    on = load_space(write(tmp_path, GOOD.replace("train: {epochs: 3, dim: 8}",
+                                                 "train: {epochs: 3, dim: 8, curvature_at_end: true}")))
+    assert sample(on, 1)[0][2].curvature_at_end is True
+    with pytest.raises(SpaceError, match=r"train\.curvature_at_end: expected true or false, got 3"):
+        load_space(write(tmp_path, GOOD.replace("train: {epochs: 3, dim: 8}",
+                                                "train: {epochs: 3, dim: 8, curvature_at_end: 3}")))
