@@ -11,7 +11,10 @@ every data and training knob actually used), ``history`` (a ``{"epoch": n, **Epo
 per epoch), ``status`` (completed, pruned, diverged, error, interrupted), ``reason``, ``diagnosis``
 (``mixer.diagnosis`` label), ``mlflow_run_id``, ``pruned_epoch`` and ``worker`` (host:pid). The run id of
 a trial that ended before the tracking server created its run is a study attribute instead
-(``trial_run_id`` finds it either way).
+(``trial_run_id`` finds it either way). For the report's landscape figures (``sweep.plots``) also
+``plateau`` (``[first, last]`` epoch of the diagnosis' longest flat stretch, or None), ``probes``
+(per curvature probe its epoch and the Ritz values and weights of its spectral density) and
+``slices`` (``curvature_attrs``: the loss along ``v_min`` and the gradient at a final probe, or None).
 """
 
 from __future__ import annotations
@@ -87,6 +90,45 @@ class TrialFailed(Exception):
         super().__init__(reason)
         self.reason = reason
         self.status = status
+
+
+# The loss slices: SLICE_POINTS steps in [-a, a], a where the quadratic model along the sharpest
+# direction would raise the loss by SLICE_RISE of itself: wide enough for v_min's bend to show,
+# narrow enough to stay in the probe's neighbourhood.
+SLICE_POINTS = 15
+SLICE_RISE = 0.2
+
+
+def _short(values: Any) -> list[float]:
+    return [float(f"{v:.6g}") for v in np.asarray(values, dtype=np.float64)]
+
+
+def curvature_attrs(result: Any, config: TrainConfig) -> dict[str, Any]:
+    """``probes`` and ``slices`` (see the module docstring) from a ``mixer.train.FitResult``.
+
+    The slices need the weights at the probe, which ``fit`` returns only when its last probe was at
+    its last epoch (``curvature_at_end``), so only completed trials get them: ``2 * SLICE_POINTS``
+    forward passes and one gradient on the probe batch, a fraction of the probe itself.
+    """
+    from mixer.curvature import loss_slices
+
+    probes = [{"epoch": e, "values": _short(c.ritz.values), "weights": _short(c.ritz.weights)}
+              for e, c in sorted(result.probes.items()) if c.ritz is not None]
+    out: dict[str, Any] = {"probes": probes, "slices": None}
+    last = max(result.probes, default=None)
+    if result.status != "completed" or last is None or last != len(result.history):
+        return out
+    probe = result.probes[last]
+    radius = max(abs(probe.lambda_min), abs(probe.lambda_max))
+    level = result.history[-1].train_loss
+    if not (math.isfinite(radius) and radius > 0 and math.isfinite(level) and probe.ritz is not None):
+        return out
+    reach = math.sqrt(2 * SLICE_RISE * level / radius)
+    cut = loss_slices(result.params, *result.probe_batch, config.model, probe.ritz.vector_min,
+                      alphas=np.linspace(-reach, reach, SLICE_POINTS))
+    out["slices"] = {"epoch": last, "alpha": _short(cut["alpha"]), "v_min": _short(cut["direction"]),
+                     "gradient": _short(cut["gradient"]), "lambda_min": float(f"{probe.lambda_min:.6g}")}
+    return out
 
 
 @functools.lru_cache(maxsize=4)
@@ -267,6 +309,10 @@ class Objective:
 
         with self.interrupts.compute():
             result = fit(config, data, seed=seed, on_epoch=on_epoch)
+            try:
+                state.update(curvature_attrs(result, config))
+            except Exception as exc:  # noqa: BLE001 - the figures' data must not lose the trial
+                log.warning("trial %d: loss slices failed: %s", trial.number, one_line(exc))
         self.interrupts.check()
         if result.status == "diverged":
             raise TrialFailed(result.reason or "diverged", status="diverged")
@@ -289,9 +335,14 @@ class Objective:
                 diagnosis = diagnose(history, diverged=status == "diverged")
             except Exception as exc:  # noqa: BLE001 - a diagnosis must not lose the trial
                 log.warning("trial %d: diagnosis failed: %s", trial.number, one_line(exc))
+        plateau = None
+        if diagnosis is not None and diagnosis.metrics.get("plateau_length"):
+            first = int(diagnosis.metrics["plateau_start_epoch"])
+            plateau = [first, first + int(diagnosis.metrics["plateau_length"]) - 1]
         attrs = {"history": rows, "status": status, "reason": reason,
                  "diagnosis": diagnosis.label if diagnosis is not None else None,
-                 "pruned_epoch": state["pruned_epoch"]}
+                 "pruned_epoch": state["pruned_epoch"], "plateau": plateau,
+                 "probes": state.get("probes", []), "slices": state.get("slices")}
         run = state["run"]
         # Known long since, unless the trial was shorter than one server round trip (or the server
         # is down: then None at once, and store_run_id records it on the study once the run exists).

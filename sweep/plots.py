@@ -1,5 +1,6 @@
-"""The figures of a study: the report's curves (``plot_curves``) and the study's plots
-(``study_figures``), drawn here and written by ``sweep.report`` (the one writer of a study's files).
+"""The figures of a study: the report's curves (``plot_curves``), the study's plots
+(``study_figures``) and among them the loss landscape from the curvature probes
+(``curvature_figures``), drawn here and written by ``sweep.report`` (the one writer of a study's files).
 
 The best trial is the first colour (red) and drawn last in every figure; grey is every trial not
 in the legend; metric values are labelled with ``.6g``.
@@ -11,17 +12,23 @@ import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from sweep.messages import one_line
 
 if TYPE_CHECKING:
     from sweep.report import TrialRecord
 
-__all__ = ["DEFAULT_GROUP_BY", "DEFAULT_TOP", "IMPORTANCE_MIN_COMPLETE", "STUDY_PLOTS", "metric_name",
-           "plot_curves", "plot_intermediate_values", "study_figures"]
+__all__ = ["CURVATURE_PLOTS", "DEFAULT_GROUP_BY", "DEFAULT_TOP", "IMPORTANCE_MIN_COMPLETE", "STUDY_PLOTS",
+           "curvature_figures", "metric_name", "plot_curves", "plot_intermediate_values", "plot_landscape",
+           "plot_loss_slices", "plot_spectral_density", "study_figures"]
 
 DEFAULT_GROUP_BY = "scheduler"
 DEFAULT_TOP = 5
-STUDY_PLOTS = ("optimization_history", "intermediate_values", "parallel_coordinate", "param_importances")
+# The loss landscape's figures (from the curvature probes' user attributes, see sweep.objective).
+CURVATURE_PLOTS = ("landscape_spectrum", "spectral_density", "loss_slices")
+STUDY_PLOTS = ("optimization_history", "intermediate_values", "parallel_coordinate", "param_importances",
+               *CURVATURE_PLOTS)
 # Fewer completed trials than this make parameter importances noise: the plot is replaced by a note.
 IMPORTANCE_MIN_COMPLETE = 10
 _PALETTE = ("#d62728", "#1f77b4", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf",
@@ -63,8 +70,10 @@ def plot_curves(records: Sequence[TrialRecord], *, group_by: str = DEFAULT_GROUP
     """The side-by-side figure (a ``matplotlib.figure.Figure``; no pyplot state is touched)."""
     from matplotlib.figure import Figure
     from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
     from matplotlib.ticker import FuncFormatter
 
+    from mixer.diagnosis import Thresholds
     from sweep.report import ranked  # sweep.report imports this module
 
     order = ranked(records, minimize=minimize)
@@ -72,6 +81,8 @@ def plot_curves(records: Sequence[TrialRecord], *, group_by: str = DEFAULT_GROUP
     colours = {r.number: _PALETTE[i % len(_PALETTE)] for i, r in enumerate(best)}
     best_number = best[0].number if best else None
     searched = any(group_by in r.params for r in records)
+    plateaus = {r.number: r.plateau for r in best
+                if r.plateau and r.plateau[1] - r.plateau[0] + 1 >= Thresholds().min_plateau_epochs}
 
     # Trials without curves (failed before an epoch) would only add empty panels.
     drawn = [r for r in records if r.history]
@@ -101,6 +112,16 @@ def plot_curves(records: Sequence[TrialRecord], *, group_by: str = DEFAULT_GROUP
             axes[0, col].plot(ep, val, "-", **style)
             ep_t, tr = r.curve("train_loss")
             axes[0, col].plot(ep_t, tr, "--", **{**style, "lw": style["lw"] * 0.8})
+            if top_trial:
+                # The diagnosis' plateau (a flat stretch long enough to count): the curve from the
+                # epoch before its first to its last.
+                if r.number in plateaus:
+                    first, last = plateaus[r.number]
+                    axes[0, col].axvspan(first - 1, last, color=c, alpha=0.13, lw=0, zorder=0)
+                probed = set(r.curve("hessian_max_eig")[0])
+                axes[0, col].plot([e for e in ep_t if e in probed], [v for e, v in zip(ep_t, tr, strict=True)
+                                                                    if e in probed],
+                                  "D", color=c, ms=4, mec="k", mew=0.5, zorder=style["zorder"] + 1)
             if r.state == "PRUNED" and ep:
                 axes[0, col].plot(ep[-1], val[-1], "x", color=c, ms=6, mew=1.5, zorder=style["zorder"])
             for row_name, key in (("lr", "lr"), ("grad", "grad_norm_mean")):
@@ -112,7 +133,10 @@ def plot_curves(records: Sequence[TrialRecord], *, group_by: str = DEFAULT_GROUP
                 ep_k, vals = r.curve("hessian_max_eig")
                 ax.plot(ep_k, vals, "-o", ms=3, **probe_style)
                 ep_k, vals = r.curve("hessian_min_eig")
-                ax.plot(ep_k, vals, ":v", ms=3, **probe_style)
+                ax.plot(ep_k, vals, ":", **probe_style)
+                # A negative λ_min is a descent direction of the curvature: drawn filled and larger.
+                ax.plot([e for e, v in zip(ep_k, vals, strict=True) if v < 0], [v for v in vals if v < 0],
+                        "v", ms=6 if top_trial else 4, mec="k", mew=0.4, **probe_style)
         label = "(unset)" if group is None else group
         counts = f"{n_done} complete, {n_pruned} pruned"
         n_other = len(members) - n_done - n_pruned
@@ -128,6 +152,10 @@ def plot_curves(records: Sequence[TrialRecord], *, group_by: str = DEFAULT_GROUP
                                   label=f"other trials ({len(others)})" + (", × pruned" if n_pruned else "")))
         handles += [Line2D([], [], color="k", ls="-", lw=1.2, label="validation"),
                     Line2D([], [], color="k", ls="--", lw=1.0, label="train")]
+        if any(r.number in plateaus for r in coloured):
+            handles.append(Patch(color="k", alpha=0.13, label="plateau (diagnosis)"))
+        if has_curvature:
+            handles.append(Line2D([], [], color="k", ls="", marker="D", ms=4, label="curvature probe"))
         axes[0, col].legend(handles=handles, fontsize=7.5, loc="upper right", framealpha=0.85)
         if has_curvature:
             axes[rows.index("curvature"), col].axhline(0.0, color="k", lw=0.6, zorder=0)
@@ -143,7 +171,7 @@ def plot_curves(records: Sequence[TrialRecord], *, group_by: str = DEFAULT_GROUP
     lr_floor = (10 ** math.floor(math.log10(min(positive)))
                 if positive and any(v == 0 for v in lrs) else None)
     ylabels = {"loss": "loss" + (" (log)" if log_rows["loss"] else ""), "lr": "learning rate",
-               "grad": "grad norm\n(epoch mean)", "curvature": "Hessian λ_max (—o)\nλ_min (⋯v)"}
+               "grad": "grad norm\n(epoch mean)", "curvature": "Hessian λ_max (—o)\nλ_min (⋯, ▼ < 0)"}
     for i, row_name in enumerate(rows):
         axes[i, 0].set_ylabel(ylabels[row_name], fontsize=9)
         for ax in axes[i]:
@@ -195,7 +223,10 @@ def study_figures(study, *, top: int = DEFAULT_TOP) -> dict[str, Any]:
     matplotlib.use("Agg")  # headless: the sweep runs on servers and in CI
     import matplotlib.pyplot as plt
     import optuna.visualization.matplotlib as ovm
+    from optuna.study import StudyDirection
     from optuna.trial import TrialState
+
+    from sweep.report import collect
 
     metric = metric_name(study)
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
@@ -229,6 +260,11 @@ def study_figures(study, *, top: int = DEFAULT_TOP) -> dict[str, Any]:
                 figures[name] = "nothing to plot yet"
             else:
                 figures[name] = fig
+    try:  # in the report's own style, as curves.png
+        figures.update(curvature_figures(collect(study), top=top,
+                                         minimize=study.direction == StudyDirection.MINIMIZE))
+    except Exception as exc:  # noqa: BLE001 - as above: left out, saying why
+        figures.update(dict.fromkeys(CURVATURE_PLOTS, one_line(exc)))
     return figures
 
 
@@ -339,4 +375,178 @@ def plot_intermediate_values(study, *, top: int = DEFAULT_TOP):
     ax.xaxis.get_major_locator().set_params(integer=True)
     if _spans_decades(v for t in trials for v in t.intermediate_values.values()):
         ax.set_yscale("log", nonpositive="mask")
+    return fig
+
+
+# ---------------------------------------------------------------------------------------------
+# The loss landscape, from the curvature probes
+
+
+def _last_probe(r: TrialRecord) -> dict[str, float] | None:
+    probed = [h for h in r.history
+              if h.get("hessian_max_eig") is not None and h.get("neg_curvature_share") is not None]
+    return probed[-1] if probed else None
+
+
+def _trial_list(numbers: Sequence[int]) -> str:
+    return ", ".join(f"#{n}" for n in numbers)
+
+
+def curvature_figures(records: Sequence[TrialRecord], *, group_by: str = DEFAULT_GROUP_BY,
+                      top: int = DEFAULT_TOP, minimize: bool = True) -> dict[str, Any]:
+    """Each of ``CURVATURE_PLOTS`` by name: a Figure, or a string saying why it is not drawn."""
+    return {"landscape_spectrum": plot_landscape(records, group_by=group_by, minimize=minimize),
+            "spectral_density": plot_spectral_density(records, top=top, minimize=minimize),
+            "loss_slices": plot_loss_slices(records, minimize=minimize)}
+
+
+def plot_landscape(records: Sequence[TrialRecord], *, group_by: str = DEFAULT_GROUP_BY,
+                   minimize: bool = True):
+    """Every probed trial on the loss-landscape spectrum: sharpness λ_max (x) against the share of
+    the spectral density below -ε (y) at its last probe, coloured by its value, marker by
+    ``group_by``. The axis the notebook drew by hand runs from "steep, few saddle points" (ResNet,
+    lower right) to "flat, many saddle points" (MLP-Mixer, upper left), after Park & Kim (2022).
+    Trials without a probe are named in a note; with none at all, the note is returned instead."""
+    from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
+
+    from sweep.report import ranked
+
+    order = ranked(records, minimize=minimize)
+    placed = [(r, _last_probe(r)) for r in order if _last_probe(r) is not None]
+    missing = [r.number for r in order if _last_probe(r) is None]
+    if not placed:
+        return f"no trial has a curvature probe ({len(records)} trials)"
+    searched = any(group_by in r.params for r in records)
+    groups = sorted({r.knob(group_by, searched=searched) for r, _ in placed}, key=_sort_key)
+    markers = dict(zip(groups, "osD^vPX*<>" * 3, strict=False))
+    values = [r.value for r, _ in placed if r.value is not None and math.isfinite(r.value)]
+    fig = Figure(figsize=(7.5, 5.2), layout="constrained")
+    ax = fig.subplots()
+    scatter = None
+    for r, h in reversed(placed):  # the best drawn last, on top
+        x, y = h["hessian_max_eig"], h["neg_curvature_share"]
+        marker = markers[r.knob(group_by, searched=searched)]
+        if r.value is not None and math.isfinite(r.value):
+            scatter = ax.scatter([x], [y], c=[r.value], cmap="viridis_r" if minimize else "viridis",
+                                 vmin=min(values), vmax=max(values), marker=marker, s=70,
+                                 edgecolors=_PALETTE[0] if r is order[0] else "k",
+                                 linewidths=2.0 if r is order[0] else 0.5, zorder=3)
+        else:  # pruned or failed: no value to colour by
+            ax.scatter([x], [y], marker=marker, s=70, facecolors="none", edgecolors=_GREY, zorder=2)
+        ax.annotate(f"#{r.number}", (x, y), xytext=(5, 4), textcoords="offset points", fontsize=7.5)
+    if scatter is not None:
+        fig.colorbar(scatter, ax=ax, label="value" + (" (lower is better)" if minimize else ""))
+    ax.legend(handles=[Line2D([], [], ls="", marker=markers[g], color="k", mfc="none", label=str(g))
+                       for g in groups], title=group_by, fontsize=8, title_fontsize=8, loc="best")
+    if _spans_decades(h["hessian_max_eig"] for _, h in placed):
+        ax.set_xscale("log")
+    ax.set_ylim(0.0, 1.2 * max([h["neg_curvature_share"] for _, h in placed] + [1e-3]))
+    ax.set_xlabel("sharpness: Hessian λ_max at the last probe")
+    ax.set_ylabel("negative-curvature share\n(spectral density below -ε)")
+    ax.text(0.01, 0.99, "flat, many saddle points", transform=ax.transAxes, va="top", fontsize=8, color="0.4")
+    ax.text(0.99, 0.01, "steep, few saddle points", transform=ax.transAxes, ha="right", fontsize=8,
+            color="0.4")
+    ax.grid(True, alpha=0.3)
+    title = f"loss-landscape spectrum of {len(placed)} probed trials (best ringed red)"
+    if missing:
+        title += f"\nnot shown, no curvature probe: {_trial_list(sorted(missing))}"
+    ax.set_title(title, fontsize=10)
+    return fig
+
+
+def _ritz(probe: dict[str, Any]):
+    from mixer.curvature import Ritz
+
+    empty = np.zeros(0)
+    return Ritz(values=np.asarray(probe["values"]), weights=np.asarray(probe["weights"]), residuals=empty,
+                vector_min=empty, vector_max=empty)
+
+
+def plot_spectral_density(records: Sequence[TrialRecord], *, top: int = DEFAULT_TOP, minimize: bool = True):
+    """The Hessian's eigenvalue density (stochastic Lanczos quadrature, ``mixer.curvature.spectral_density``)
+    at the first and the last probe of each of the ``top`` best completed trials that have probes,
+    one panel each; each Ritz value is a Gaussian of 2 % of the spectral radius."""
+    from matplotlib.figure import Figure
+
+    from mixer.curvature import spectral_density
+    from sweep.report import ranked
+
+    best = [r for r in ranked(records, minimize=minimize) if r.state == "COMPLETE" and r.probes][:top]
+    if not best:
+        return "no completed trial has stored curvature probes (Ritz values)"
+    ncols = min(len(best), 4)
+    nrows = -(-len(best) // ncols)
+    fig = Figure(figsize=(3.6 * ncols + 0.6, 3.3 * nrows + 0.4), layout="constrained")
+    axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
+    for ax in axes[len(best):]:
+        ax.set_visible(False)
+    for ax, r in zip(axes, best, strict=False):
+        shown = [r.probes[0], r.probes[-1]] if len(r.probes) > 1 else r.probes
+        radius = max(max(abs(v) for v in p["values"]) for p in shown) or 1.0
+        sigma = 0.02 * radius
+        lo = min(min(p["values"]) for p in shown) - 4 * sigma
+        hi = max(max(p["values"]) for p in shown) + 4 * sigma
+        grid = np.linspace(lo, hi, 400)
+        shares = {int(h["epoch"]): h.get("neg_curvature_share") for h in r.history}
+        densities = [spectral_density(_ritz(p), grid, sigma=sigma) for p in shown]
+        # The extreme Ritz values carry tiny quadrature weights (the start vector barely meets their
+        # eigenvectors): a floor far below the peak shows them, and a tick under each marks it.
+        floor = 1e-9 * max(float(d.max()) for d in densities)
+        for p, d, style, colour in zip(shown, densities, ("--", "-")[2 - len(shown):],
+                                       (_PALETTE[1], _PALETTE[0])[2 - len(shown):], strict=True):
+            share = shares.get(int(p["epoch"]))
+            label = f"epoch {p['epoch']}" + (f": share {share:.3g}" if share is not None else "")
+            ax.plot(grid, np.maximum(d, floor), style, color=colour, label=label)
+            ax.plot(p["values"], [floor * 3] * len(p["values"]), "|", color=colour, ms=9)
+        ax.axvline(0.0, color="k", lw=0.6)
+        ax.set_yscale("log")
+        ax.set_title(f"#{r.number}  {r.value:.6g}  {r.diagnosis}".rstrip(), fontsize=9)
+        ax.set_xlabel("Hessian eigenvalue", fontsize=9)
+        ax.legend(fontsize=7.5, title="first / last probe" if len(shown) > 1 else "only probe",
+                  title_fontsize=7.5)
+        ax.grid(True, alpha=0.3)
+        ax.tick_params(labelsize=8)
+    for ax in axes[::ncols]:
+        ax.set_ylabel("spectral density (log)\n| Ritz values", fontsize=9)
+    fig.suptitle(f"Hessian spectrum of the {len(best)} best probed trials", fontsize=10)
+    return fig
+
+
+def plot_loss_slices(records: Sequence[TrialRecord], *, minimize: bool = True):
+    """The training loss on the probe batch along v_min (the most negative curvature's direction) and
+    downhill along the gradient, at the last probe of the best trial and of the most plateau-like one
+    (longest plateau), among the trials with slices; the dotted line is the second-order model along
+    v_min (slope from the two innermost points, curvature λ_min), whose downward bend is a saddle."""
+    from matplotlib.figure import Figure
+
+    from sweep.report import ranked
+
+    order = [r for r in ranked(records, minimize=minimize) if r.slices]
+    if not order:
+        return "no trial has loss slices (they are taken at a probe at the last epoch of a completed trial)"
+    chosen = {order[0].number: (order[0], "best")}
+    flat = [r for r in order if r.plateau]
+    if flat:
+        r = max(flat, key=lambda r: r.plateau[1] - r.plateau[0])
+        chosen[r.number] = (r, "best and most plateau-like" if r.number in chosen else "most plateau-like")
+    fig = Figure(figsize=(4.6 * len(chosen) + 0.4, 3.9), layout="constrained")
+    axes = fig.subplots(1, len(chosen), squeeze=False)[0]
+    for ax, (r, why) in zip(axes, chosen.values(), strict=True):
+        s = r.slices
+        alpha, along = np.asarray(s["alpha"]), np.asarray(s["v_min"])
+        ax.plot(alpha, along, "-o", ms=3, color=_PALETTE[0],
+                label=f"along v_min (λ_min {s['lambda_min']:.3g})")
+        ax.plot(alpha, s["gradient"], "-s", ms=3, color=_PALETTE[1], label="downhill along the gradient")
+        mid = len(alpha) // 2
+        slope = (along[mid + 1] - along[mid - 1]) / (alpha[mid + 1] - alpha[mid - 1])
+        ax.plot(alpha, along[mid] + slope * alpha + 0.5 * s["lambda_min"] * alpha ** 2, ":",
+                color=_PALETTE[0], label="second order along v_min")
+        plateau = f", plateau epochs {r.plateau[0]}-{r.plateau[1]}" if r.plateau else ""
+        ax.set_title(f"{why}: #{r.number}  {r.diagnosis}\nprobe at epoch {s['epoch']}{plateau}", fontsize=9)
+        ax.set_xlabel("step α (parameter space, unit direction)", fontsize=9)
+        ax.legend(fontsize=7.5)
+        ax.grid(True, alpha=0.3)
+        ax.tick_params(labelsize=8)
+    axes[0].set_ylabel("training loss on the probe batch", fontsize=9)
     return fig

@@ -8,9 +8,12 @@ Reads every trial of the Optuna study ``STUDY`` (default storage: the sweep's jo
 
 * ``curves.png`` — one column per value of ``--group-by`` (default ``scheduler``); top row: train
   (dashed) and validation (solid) loss per epoch on one shared log axis; below: learning rate,
-  mean gradient norm and, where a curvature probe ran, λ_max (solid) and λ_min (dotted). The
-  ``--top`` best completed trials are in colour (the legend names trial, value and diagnosis);
-  every other trial is grey, a pruned one ends in an ×.
+  mean gradient norm and, where a curvature probe ran, λ_max (solid) and λ_min (dotted, a filled
+  ▼ where negative). The ``--top`` best completed trials are in colour (the legend names trial,
+  value and diagnosis), their plateau shaded and their probes marked ◆; every other trial is grey,
+  a pruned one ends in an ×.
+* ``landscape_spectrum.png``, ``spectral_density.png``, ``loss_slices.png`` — the loss landscape
+  from the curvature probes (``sweep.plots.curvature_figures``), or a ``.txt`` saying why not.
 * ``trials.md`` and ``trials.csv`` — the trials ranked (completed by objective value, then pruned
   by their best reported value, then the rest) with state, value, best validation loss, epochs
   run, pruned epoch, diagnosis and parameters.
@@ -19,7 +22,7 @@ Per-epoch curves come from each trial's ``history`` user attribute; a trial with
 from its MLflow run (``mlflow_run_id``) when MLflow is reachable. When the study has a parent
 MLflow run (user attribute ``mlflow_parent_run_id``) and the tracking store is reachable
 (``--tracking-uri``, else ``MLFLOW_TRACKING_URI``, else the local store ``sweep.run`` uses), the
-three files are logged to it under ``report/``; otherwise the report says why and still succeeds.
+files are logged to it under ``report/``; otherwise the report says why and still succeeds.
 
 Metric values are printed with ``.6g`` (one precision everywhere). Every file is written whole or
 not at all (``mixer.bundle.atomic_write``): a disk that fills keeps the previous version.
@@ -45,10 +48,12 @@ import pandas as pd
 from mixer.bundle import atomic_write
 from sweep.messages import UsageError, one_line, redact
 from sweep.plots import (
+    CURVATURE_PLOTS,
     DEFAULT_GROUP_BY,
     DEFAULT_TOP,
     IMPORTANCE_MIN_COMPLETE,
     STUDY_PLOTS,
+    curvature_figures,
     metric_name,
     plot_curves,
     plot_intermediate_values,
@@ -56,11 +61,13 @@ from sweep.plots import (
 )
 from sweep.study import open_storage
 
-__all__ = ["IMPORTANCE_MIN_COMPLETE", "ReportWriteError", "TrialRecord", "collect", "find_study", "main",
-           "metric_name", "plot_curves", "plot_intermediate_values", "ranked", "STUDY_PLOTS",
-           "study_figures", "trials_table", "write_study_files"]
+__all__ = ["CURVATURE_PLOTS", "IMPORTANCE_MIN_COMPLETE", "ReportWriteError", "TrialRecord", "collect",
+           "curvature_figures", "find_study", "main", "metric_name", "plot_curves",
+           "plot_intermediate_values", "ranked", "STUDY_PLOTS", "study_figures", "trials_table",
+           "write_figures", "write_study_files"]
 
-CURVE_KEYS = ("train_loss", "val_loss", "lr", "grad_norm_mean", "hessian_max_eig", "hessian_min_eig")
+CURVE_KEYS = ("train_loss", "val_loss", "lr", "grad_norm_mean", "hessian_max_eig", "hessian_min_eig",
+              "neg_curvature_share")
 
 log = logging.getLogger("sweep")
 
@@ -84,6 +91,9 @@ class TrialRecord:
     pruned_epoch: int | None = None
     mlflow_run_id: str | None = None
     history_source: str = "none"    # "optuna", "mlflow" or "none"
+    plateau: list[int] | None = None  # [first, last] epoch; these three: see sweep.objective
+    probes: list[dict[str, Any]] = field(default_factory=list)
+    slices: dict[str, Any] | None = None
 
     def knob(self, name: str, *, searched: bool) -> Any:
         """A parameter's value. A ``searched`` one (some trial sampled it) comes from ``params`` only:
@@ -182,7 +192,8 @@ def collect(study, *, mlflow_client=None) -> list[TrialRecord]:
             number=t.number, state=t.state.name, value=t.value, params=dict(t.params),
             config=dict(attrs.get("config") or {}), history=history, diagnosis=diagnosis,
             pruned_epoch=int(pruned) if pruned is not None else None, mlflow_run_id=run_id,
-            history_source=source,
+            history_source=source, plateau=attrs.get("plateau"), probes=list(attrs.get("probes") or []),
+            slices=attrs.get("slices"),
         ))
     return records
 
@@ -277,23 +288,28 @@ def write_study_files(study, out_dir: str | Path) -> list[tuple[Path, str | None
     try:
         files: list[tuple[Path, str | None]] = [
             (atomic_write(out / "trials.csv", partial(frame.to_csv, index=False), mode="w"), None)]
-        for name, fig in figures.items():
-            png, note = out / "plots" / f"{name}.png", out / "plots" / f"{name}.txt"
-            if isinstance(fig, str):
-                log.info("study plot %s skipped: %s", name, fig)
-                files.append((atomic_write(note, partial(_write_text, f"{name}: not drawn, {fig}\n"),
-                                           mode="w"), "plots"))
-                png.unlink(missing_ok=True)  # an older study's plot would contradict the note
-            else:
-                files.append((atomic_write(png, partial(fig.savefig, format="png", dpi=100,
-                                                        bbox_inches="tight")), "plots"))
-                note.unlink(missing_ok=True)
+        files += [(path, "plots") for path in write_figures(figures, out / "plots")]
     except OSError as exc:
         raise ReportWriteError(f"cannot write the study's files in {out}: {exc.strerror or exc}") from exc
     finally:
         for fig in figures.values():
             if not isinstance(fig, str):
                 plt.close(fig)
+    return files
+
+
+def write_figures(figures: dict[str, Any], folder: Path) -> list[Path]:
+    """``<name>.png`` for each Figure, ``<name>.txt`` saying why for each string; each replaces the other."""
+    files = []
+    for name, fig in figures.items():
+        png, note = folder / f"{name}.png", folder / f"{name}.txt"
+        if isinstance(fig, str):
+            log.info("plot %s skipped: %s", name, fig)
+            files.append(atomic_write(note, partial(_write_text, f"{name}: not drawn, {fig}\n"), mode="w"))
+            png.unlink(missing_ok=True)  # an older study's plot would contradict the note
+        else:
+            files.append(atomic_write(png, partial(fig.savefig, format="png", dpi=100, bbox_inches="tight")))
+            note.unlink(missing_ok=True)
     return files
 
 
@@ -408,14 +424,17 @@ def _report(args: argparse.Namespace) -> int:
     title = (f"study {args.study}: {n} trials ({summary}); top {shown} "
              f"by {metric_name(study)} ({'lowest' if minimize else 'highest'}) in colour")
     fig = plot_curves(records, group_by=args.group_by, top=args.top, minimize=minimize, title=title)
+    landscape = curvature_figures(records, group_by=args.group_by, top=args.top, minimize=minimize)
     try:
         atomic_write(csv_path, partial(table.to_csv, index=False), mode="w")
         markdown = f"# Study {args.study}\n\n" + to_markdown(table)
         atomic_write(md_path, partial(_write_text, markdown), mode="w")
         atomic_write(png_path, partial(fig.savefig, format="png", dpi=110))
+        extra = write_figures(landscape, out)
     except OSError as exc:
         raise ReportWriteError(f"cannot write the report in {out}: {exc.strerror or exc}") from exc
     print(f"wrote {png_path}, {md_path}, {csv_path} ({n} trials: {summary})")
+    print(f"wrote {', '.join(p.name for p in extra)} in {out} (the loss landscape, from the probes)")
     missing = [r.number for r in records if r.history_source == "none"]
     from_mlflow = [r.number for r in records if r.history_source == "mlflow"]
     if from_mlflow:
@@ -430,7 +449,7 @@ def _report(args: argparse.Namespace) -> int:
         print(f"not logged to MLflow: {why_not}")
     else:
         try:
-            log_report(client, parent, [png_path, md_path, csv_path])
+            log_report(client, parent, [png_path, md_path, csv_path, *extra])
             print(f"logged to MLflow run {parent} at {redact(tracking_uri)} under report/")
         except Exception as exc:  # noqa: BLE001 - tracking must never fail the report
             print(f"not logged to MLflow ({redact(tracking_uri)}): {type(exc).__name__}: {one_line(exc)}")

@@ -267,3 +267,37 @@ def test_best_config_from_a_trial_is_a_valid_run_config(space, tmp_path):
     data2, train2, seed2 = load_run_config(path)
     assert (data2, train2, seed2) == (data, train, t.user_attrs["seed"])
     assert math.isclose(train2.lr, t.params["lr"])
+
+
+def test_a_probed_trial_records_its_ritz_spectrum_and_the_loss_slices_at_its_last_probe(tmp_path):
+    path = tmp_path / "probed.yaml"
+    path.write_text(textwrap.dedent(TINY).replace("batch_size: 64}", "batch_size: 64, curvature_every: 3}"))
+    study = optuna.create_study()
+    study.optimize(Objective(load_space(path), study_seed=0), n_trials=1)
+    attrs = study.trials[0].user_attrs
+    (probe,) = attrs["probes"]
+    assert probe["epoch"] == 3 and len(probe["values"]) == len(probe["weights"]) >= 4
+    assert probe["values"] == sorted(probe["values"])
+    assert math.isclose(probe["values"][0], attrs["history"][-1]["hessian_min_eig"], rel_tol=1e-5)
+    cut = attrs["slices"]
+    assert cut["epoch"] == 3 and len(cut["alpha"]) == 15 and cut["alpha"][7] == 0.0
+    assert cut["v_min"][7] == cut["gradient"][7]  # both start at the trained weights
+    assert cut["gradient"][8] < cut["gradient"][7] < cut["gradient"][6]  # downhill for positive steps
+
+
+def test_a_flat_stretch_is_recorded_as_the_trials_plateau_and_no_probe_as_none(space, monkeypatch):
+    losses = [0.7, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5]  # flat from epoch 3: no gain on the best before
+
+    def flat_fit(config, data, *, seed, on_epoch=None):
+        history = [metrics(i, v) for i, v in enumerate(losses, 1)]
+        for m in history:
+            on_epoch(m)
+        return FitResult(history=history, status="completed", reason=None, best_epoch=2,
+                         best_params={}, params={})
+
+    monkeypatch.setattr(mixer.train, "fit", flat_fit)
+    study = optuna.create_study()
+    study.optimize(Objective(space, study_seed=0), n_trials=1)
+    attrs = study.trials[0].user_attrs
+    assert attrs["diagnosis"] == "plateau" and attrs["plateau"] == [3, 8]
+    assert attrs["probes"] == [] and attrs["slices"] is None

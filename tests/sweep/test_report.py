@@ -193,7 +193,7 @@ def test_study_files_are_the_table_and_the_plots_with_importances_from_ten_compl
     assert files[0] == (Path("files-a/trials.csv"), None)
     assert {p.name for p, folder in files[1:] if folder == "plots"} == {
         "optimization_history.png", "intermediate_values.png", "parallel_coordinate.png",
-        "param_importances.txt"}
+        "param_importances.txt", "landscape_spectrum.txt", "spectral_density.txt", "loss_slices.txt"}
     note = Path("files-a/plots/param_importances.txt").read_text()
     assert "need >= 10 completed trials, the study has 9" in note
     assert not Path("files-a/plots/param_importances.png").exists()
@@ -399,7 +399,8 @@ def test_report_is_logged_to_the_parent_run_and_reads_curves_from_mlflow(journal
     assert f"logged to MLflow run {parent}" in said
     assert "trial(s) 13 read from MLflow" in said
     artifacts = {a.path for a in client.list_artifacts(parent, "report")}
-    assert artifacts == {"report/curves.png", "report/trials.md", "report/trials.csv"}
+    assert artifacts == {"report/curves.png", "report/trials.md", "report/trials.csv",
+                         *(f"report/{name}.txt" for name in report.CURVATURE_PLOTS)}  # no probes here
     table = pd.read_csv("runs/demo/report/trials.csv").set_index("trial")
     assert table.loc[13, "epochs"] == 3 and table.loc[13, "best_val_loss"] == pytest.approx(0.5)
 
