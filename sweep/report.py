@@ -363,7 +363,12 @@ def log_report(client, parent_run_id: str, paths: Sequence[Path]) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m sweep.report", description=__doc__.split("\n\n")[0])
+    from mixer.evaluate import prog_name
+
+    p = argparse.ArgumentParser(prog=prog_name("mixer-report", "sweep.report"),
+                                description=__doc__.split("\n\n")[0],
+                                epilog="Exit status: 0 written; 1 a file could not be written (disk full, "
+                                       "unwritable folder); 2 bad usage (unknown study, missing storage)")
     p.add_argument("study", help="the study name")
     p.add_argument("--storage", help="Optuna storage: database URL or journal file "
                                      "(default runs/<STUDY>/optuna.journal)")

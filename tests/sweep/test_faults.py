@@ -190,3 +190,47 @@ def test_an_unwritable_out_is_refused_before_the_tracking_store_is_created(in_tm
     assert main([str(space), "--out", str(blocker / "runs")]) == 2
     assert "--out" in capsys.readouterr().err
     assert not (in_tmp / "mlflow.db").exists()
+
+
+def test_a_report_that_cannot_be_written_exits_1_and_fails_the_parent_run(in_tmp, capsys, monkeypatch):
+    import errno
+
+    from mlflow import MlflowClient
+
+    import sweep.report
+
+    def full(study, out_dir):
+        raise sweep.report.ReportWriteError(f"cannot write the study's files in {out_dir}: "
+                                            f"{os.strerror(errno.ENOSPC)}")
+
+    monkeypatch.setattr(sweep.report, "write_study_files", full)
+    space = write_space(in_tmp, SMALL)
+    assert main([str(space), "--n-trials", "2"]) == 1
+    err = capsys.readouterr().err
+    assert "No space left on device" in err and "Traceback" not in err
+    parent = _study(in_tmp / "runs").user_attrs["mlflow_parent_run_id"]
+    store = f"sqlite:///{in_tmp / 'mlflow.db'}"
+    assert MlflowClient(store).get_run(parent).info.status == "FAILED"
+
+
+def test_tracking_warnings_reach_the_terminal_through_the_progress_handler(capsys):
+    """sweep.run installs this handler on the root logger beside sweep.log's (tests/sweep/
+    test_tracking.py covers the outages that log these warnings)."""
+    import logging
+
+    from sweep.progress import Progress
+
+    progress = Progress(sys.stderr, study="small", total=1, metric="val_loss", direction="minimize",
+                        tty=False)
+    root = logging.getLogger()
+    handler = progress.warnings_handler()
+    root.addHandler(handler)
+    try:
+        logging.getLogger("sweep.tracking").warning("MLflow tracking at %s unavailable; %d points waiting",
+                                                     "http://127.0.0.1:9", 5)
+        logging.getLogger("sweep.objective").warning("not for the terminal")
+    finally:
+        root.removeHandler(handler)
+    err = capsys.readouterr().err
+    assert "warning: MLflow tracking at http://127.0.0.1:9 unavailable; 5 points waiting" in err
+    assert "not for the terminal" not in err
