@@ -255,6 +255,7 @@ def _make_tracker(settings: _Settings) -> Any:
         raise UsageError(f"MLflow tracking is not available ({exc}); run with --no-tracking") from None
     import mlflow  # noqa: F401 - imported here so that its log handlers can be taken over first
 
+    strip_foreign_handlers()
     try:
         tracker = Tracker(settings.tracking_uri, settings.experiment)
         tracker.check_reachable()
@@ -262,7 +263,7 @@ def _make_tracker(settings: _Settings) -> Any:
         raise UsageError(f"MLflow tracking: {exc} (start the server, pass --tracking-uri, "
                          f"or run with --no-tracking)") from None
     finally:
-        strip_foreign_handlers()  # after the store exists: creating it configures logging
+        strip_foreign_handlers()  # again: creating a SQLite store runs alembic's logging config
     return tracker
 
 

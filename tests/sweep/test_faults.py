@@ -234,3 +234,14 @@ def test_tracking_warnings_reach_the_terminal_through_the_progress_handler(capsy
     err = capsys.readouterr().err
     assert "warning: MLflow tracking at http://127.0.0.1:9 unavailable; 5 points waiting" in err
     assert "not for the terminal" not in err
+
+
+def test_a_new_local_mlflow_store_prints_no_mlflow_log_lines_on_the_terminal(tmp_path):
+    space = write_space(tmp_path, SMALL)
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env.pop("MLFLOW_TRACKING_URI", None)
+    done = subprocess.run([sys.executable, "-m", "sweep.run", str(space), "--n-trials", "1"], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "mlflow.db").is_file()
+    assert "INFO mlflow" not in done.stderr and "Updating database tables" not in done.stderr, done.stderr
