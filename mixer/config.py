@@ -21,7 +21,7 @@ from mixer.yaml_io import YamlError, load_yaml, shorten
 GELU_FORMS = ("tanh", "erf")
 SCHEDULERS = ("constant", "cosine", "cosine_warm_restarts", "sharp_cosine")
 OPTIMIZERS = ("adam", "adamw")
-SCALINGS = ("global", "standard", "log_standard")
+SCALINGS = ("global", "standard", "log_standard", "quantile")
 DATA_SOURCES = ("synthetic", "csv")
 DTYPES = ("float32", "float64")
 
@@ -134,9 +134,10 @@ class DataConfig:
     """Where the rows come from and how they are prepared.
 
     ``source="synthetic"`` generates ``n_rows`` rows from ``seed`` with the
-    UNSW-NB15 schema; ``source="csv"`` reads ``train_csv`` (split into train
-    and validation by ``val_fraction``, stratified, seeded by ``seed``) and,
-    if given, ``test_csv``.
+    UNSW-NB15 schema; ``source="csv"`` reads ``train_csv``. Either way ``test_fraction`` of the rows
+    (0 = none) are held out first as a test split, then the rest is split into train and validation
+    by ``val_fraction``; both splits are stratified and seeded by ``seed``. ``test_csv`` names a
+    separate test file instead.
     """
 
     source: str = "synthetic"
@@ -145,6 +146,7 @@ class DataConfig:
     train_csv: str | None = None
     test_csv: str | None = None
     val_fraction: float = 0.2
+    test_fraction: float = 0.0
     scaling: str = "log_standard"
 
     def __post_init__(self) -> None:
@@ -155,6 +157,11 @@ class DataConfig:
             raise ValueError("source='csv' needs train_csv")
         if not 0.0 < self.val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in (0, 1), got val_fraction={self.val_fraction}")
+        if not 0.0 <= self.test_fraction < 1.0 or self.test_fraction + self.val_fraction >= 1.0:
+            raise ValueError(f"test_fraction must be in [0, 1 - val_fraction), "
+                             f"got test_fraction={self.test_fraction}, val_fraction={self.val_fraction}")
+        if self.test_fraction and self.test_csv:
+            raise ValueError("test_fraction and test_csv both name a test set; give one of them")
         _check_choice(self, "scaling", SCALINGS)
         if self.n_rows < 10:
             raise ValueError(f"n_rows must be >= 10, got n_rows={self.n_rows}")
@@ -176,6 +183,12 @@ class TrainConfig:
     eps: float = 1e-8
     weight_decay: float = 0.0
     clip_norm: float = 0.0
+    # Training targets y * (1 - label_smoothing) + label_smoothing / 2; validation is scored on the
+    # plain labels.
+    label_smoothing: float = 0.0
+    # Sharpness-aware minimisation (Foret et al., 2021), 0 = off: each step takes its gradient at
+    # w + sam_rho * g / ||g||, which costs a second forward and backward pass per step.
+    sam_rho: float = 0.0
     # Gaussian noise added to each update, std = grad_noise / (1 + step) ** grad_noise_decay.
     grad_noise: float = 0.0
     grad_noise_decay: float = 0.55
@@ -214,13 +227,15 @@ class TrainConfig:
         if not 0 <= self.eta_min <= self.lr:
             raise ValueError(f"eta_min must be in [0, lr={self.lr}], got eta_min={self.eta_min}")
         for name in ("weight_decay", "clip_norm", "grad_noise", "warmup_epochs", "t_max",
-                     "curvature_every"):
+                     "curvature_every", "sam_rho"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {name}={getattr(self, name)}")
         if self.curvature_tol < 0 or not 0 < self.curvature_share_eps < 1 or self.curvature_escape_ratio <= 0:
             raise ValueError(f"need curvature_tol >= 0, 0 < curvature_share_eps < 1 and "
                              f"curvature_escape_ratio > 0, got {self.curvature_tol}, "
                              f"{self.curvature_share_eps}, {self.curvature_escape_ratio}")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing must be in [0, 1), got label_smoothing={self.label_smoothing}")
         if self.t_0 < 1 or self.t_mult < 1:
             raise ValueError(f"t_0 and t_mult must be >= 1, got t_0={self.t_0}, t_mult={self.t_mult}")
         if not 0 < self.sharp_fraction <= 1:

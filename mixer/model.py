@@ -363,6 +363,7 @@ def loss_and_grads(
     *,
     train: bool = False,
     rng: np.random.Generator | None = None,
+    label_smoothing: float = 0.0,
 ) -> tuple[float, dict[str, np.ndarray]]:
     """Mean binary cross-entropy of a batch and its gradient with respect to every parameter.
 
@@ -373,6 +374,7 @@ def loss_and_grads(
         config: the architecture the parameters belong to.
         train: enable dropout and drop-path (masks drawn from ``rng``).
         rng: required when ``train`` is True. A batch consumes one draw per shard from it.
+        label_smoothing: in [0, 1); the loss is taken against ``y * (1 - s) + s / 2``.
 
     Returns:
         The loss (a Python float) and a dict with exactly the keys of ``params``.
@@ -383,7 +385,11 @@ def loss_and_grads(
         raise ValueError(f"y must have shape (batch,) = ({x.shape[0]},), got y.shape={y.shape}")
     if not ((y == 0) | (y == 1)).all():
         raise ValueError(f"y must hold only 0 and 1, got values {np.unique(y)[:5].tolist()}")
+    if not 0.0 <= label_smoothing < 1.0:
+        raise ValueError(f"label_smoothing must be in [0, 1), got label_smoothing={label_smoothing}")
     y = y.astype(x.dtype, copy=False)
+    if label_smoothing:
+        y = y * (1.0 - label_smoothing) + label_smoothing / 2
     if train and rng is None:
         raise ValueError("train=True needs rng (a np.random.Generator) to draw dropout and drop-path masks")
     n = x.shape[0]

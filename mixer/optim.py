@@ -14,6 +14,10 @@ with ``s`` the 1-based step number and ``t = s - 1`` the number of steps taken b
 the first step's noise has std ``grad_noise`` (the schedule of Neelakantan et al., 2015, whose
 decay 0.55 is the default; the noise goes on the gradient, i.e. into every update).
 
+``sam_gradients`` turns a gradient into sharpness-aware minimisation's (Foret et al., 2021) before
+the step: the gradient at the perturbed weights ``w + rho * g / ||g||``, the point of steepest ascent
+within a ball of radius ``rho``. It needs a second gradient evaluation per step.
+
 Speed: the step runs hundreds of times per epoch over ~60 arrays, most of them small, so the
 moment estimates live in one flat buffer per statistic (one dtype, the parameters') and the
 arithmetic runs as a handful of ufunc calls over all parameters at once, in place, with
@@ -23,13 +27,14 @@ preallocated scratch; per key there is only the gradient copy-in and the paramet
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 
 from mixer.config import TrainConfig
 
-__all__ = ["Adam", "StepStats"]
+__all__ = ["Adam", "StepStats", "sam_gradients"]
 
 # torch.nn.utils.clip_grad_norm_ adds this to the norm before dividing.
 _CLIP_EPS = 1e-6
@@ -240,3 +245,31 @@ class Adam:
             self._m[self._slices[k]] = np.asarray(state[f"m.{k}"]).reshape(-1)
             self._v[self._slices[k]] = np.asarray(state[f"v.{k}"]).reshape(-1)
         self.step_count = int(step)
+
+
+def sam_gradients(params: dict[str, np.ndarray], grads: dict[str, np.ndarray], rho: float,
+                  gradient: Callable[[], dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """SAM's gradient: ``gradient()`` evaluated at ``w + rho * g / ||g||``, with ``params`` restored.
+
+    Args:
+        params: the weights ``w``, moved in place for the call and then restored bit for bit.
+        grads: ``g``, the gradient at ``w`` (same keys); ``||g||`` is the global L2 norm.
+        rho: the ascent step's length, > 0.
+        gradient: computes the gradient at the current ``params`` (the same batch as ``grads``).
+
+    A zero gradient has no ascent direction; it is returned as it is.
+    """
+    if not rho > 0:
+        raise ValueError(f"rho must be > 0, got rho={rho}")
+    norm = math.sqrt(sum(float(np.vdot(g, g)) for g in grads.values()))
+    if norm == 0.0:
+        return grads
+    saved = {k: p.copy() for k, p in params.items()}
+    scale = rho / norm
+    try:
+        for k, p in params.items():
+            p += (scale * grads[k]).astype(p.dtype, copy=False)
+        return gradient()
+    finally:
+        for k, p in params.items():
+            p[...] = saved[k]

@@ -137,7 +137,7 @@ def fit(config: TrainConfig, data: Dataset, *, seed: int, on_epoch: OnEpoch | No
     """
     from mixer.diagnosis import stalled
     from mixer.model import init_params, loss_and_grads, predict_logits
-    from mixer.optim import Adam
+    from mixer.optim import Adam, sam_gradients
     from mixer.schedules import learning_rate
 
     model = config.model
@@ -176,8 +176,16 @@ def fit(config: TrainConfig, data: Dataset, *, seed: int, on_epoch: OnEpoch | No
         loss_sum, norm_sum, norm_max, ratio_sum, steps = 0.0, 0.0, 0.0, 0.0, 0
         for start in range(0, n, batch):
             rows = order[start:start + batch]
-            loss, grads = loss_and_grads(params, x_train[rows], y_train[rows], model,
-                                         train=True, rng=dropout_rng)
+            # SAM's second pass replays the first one's dropout masks: the same function, moved.
+            masks = dropout_rng.bit_generator.state if config.sam_rho else None
+            loss, grads = loss_and_grads(params, x_train[rows], y_train[rows], model, train=True,
+                                         rng=dropout_rng, label_smoothing=config.label_smoothing)
+            if config.sam_rho and np.isfinite(loss):
+                def perturbed(rows=rows, masks=masks):
+                    dropout_rng.bit_generator.state = masks
+                    return loss_and_grads(params, x_train[rows], y_train[rows], model, train=True,
+                                          rng=dropout_rng, label_smoothing=config.label_smoothing)[1]
+                grads = sam_gradients(params, grads, config.sam_rho, perturbed)
             if not np.isfinite(loss):
                 status, reason = "diverged", f"training loss is {loss} at epoch {epoch}, step {steps + 1}"
                 break

@@ -321,3 +321,61 @@ def test_loss_and_gradients_match_torch_on_the_same_weights(gelu):
         layer, kind = key.rsplit(".", 1)
         expected = named[f"{layer}.{'weight' if kind == 'w' else 'bias'}"].grad.numpy()
         assert rel_error(g, expected, scale=grad_scale(grads)) < 1e-10, key
+
+
+@pytest.mark.parametrize("smoothing", [0.1, 0.3])
+def test_label_smoothing_is_bce_against_softened_targets_and_its_gradients_match(smoothing):
+    config = MixerConfig(n_features=6, patch_size=2, dim=4, depth=2, pos_weight=2.0)
+    params = M.init_params(config, seed=5, dtype=np.float64)
+    x, y = batch(config, 20)
+    loss, grads = M.loss_and_grads(params, x, y, config, label_smoothing=smoothing)
+    target = y * (1 - smoothing) + smoothing / 2
+    z = M.predict_logits(params, x, config)
+    expected = np.mean((1 - target) * z + (1 + (2.0 - 1) * target) * np.logaddexp(0, -z))
+    assert loss == pytest.approx(expected, rel=1e-12)
+    assert loss != M.loss_and_grads(params, x, y, config)[0]
+    h = 1e-6
+    for key in ("head.w", "blocks.0.token.fc1.w", "embed.w"):
+        p = params[key]
+        numeric = np.zeros_like(p)
+        flat = p.reshape(-1)
+        for i in range(flat.size):
+            old = flat[i]
+            flat[i] = old + h
+            plus = M.loss_and_grads(params, x, y, config, label_smoothing=smoothing)[0]
+            flat[i] = old - h
+            minus = M.loss_and_grads(params, x, y, config, label_smoothing=smoothing)[0]
+            flat[i] = old
+            numeric.reshape(-1)[i] = (plus - minus) / (2 * h)
+        assert rel_error(grads[key], numeric, scale=grad_scale(grads)) < 1e-6, key
+    with pytest.raises(ValueError, match="label_smoothing"):
+        M.loss_and_grads(params, x, y, config, label_smoothing=1.0)
+
+
+def test_sam_gradient_matches_torch_at_the_perturbed_weights():
+    torch = pytest.importorskip("torch", reason="torch is an optional extra (pip install torch)")
+    from benchmarks.torch_mixer import TorchMixer, load_numpy_params, loss_fn
+    from mixer.optim import sam_gradients
+
+    config = MixerConfig(n_features=12, patch_size=3, dim=10, depth=3, pos_weight=2.0)
+    params = M.init_params(config, 0, dtype=np.float64)
+    x, y = batch(config, 21)
+    rho = 0.05
+    _, grads = M.loss_and_grads(params, x, y, config)
+    sam = sam_gradients(params, grads, rho, lambda: M.loss_and_grads(params, x, y, config)[1])
+
+    module = TorchMixer(config).double().eval()
+    load_numpy_params(module, params)
+    xt, yt = torch.from_numpy(x), torch.from_numpy(y.astype(np.float64))
+    named = dict(module.named_parameters())
+    loss_fn(config)(module(xt), yt).backward()
+    with torch.no_grad():  # SAM's ascent step, as Foret et al. write it
+        norm = torch.sqrt(sum((p.grad ** 2).sum() for p in named.values()))
+        for p in named.values():
+            p += rho * p.grad / norm
+            p.grad = None
+    loss_fn(config)(module(xt), yt).backward()
+    for key, g in sam.items():
+        layer, kind = key.rsplit(".", 1)
+        expected = named[f"{layer}.{'weight' if kind == 'w' else 'bias'}"].grad.numpy()
+        assert rel_error(g, expected, scale=grad_scale(sam)) < 1e-10, key

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from mixer.config import TrainConfig
-from mixer.optim import Adam, StepStats
+from mixer.optim import Adam, StepStats, sam_gradients
 
 
 def make_params(seed: int = 0, dtype=np.float32) -> dict[str, np.ndarray]:
@@ -263,3 +263,39 @@ def test_matches_torch_over_several_steps(optimizer, weight_decay, clip_norm):
             assert stats.grad_norm == pytest.approx(float(norm), rel=1e-12)
     for k in params:
         np.testing.assert_allclose(params[k], tparams[k].detach().numpy(), rtol=1e-12, atol=1e-14)
+
+
+def test_sam_takes_the_gradient_at_the_hand_computed_ascent_point_of_a_quadratic():
+    # L(w) = 1/2 w'Aw: g = Aw, the ascent point is w + rho g/||g||, and SAM's gradient is A there.
+    a = np.array([[3.0, 1.0], [1.0, 2.0]])
+    w0 = np.array([1.0, -2.0])
+    params = {"w": w0.copy()}
+    rho = 0.1
+    g = a @ w0                                      # [1, -3]
+    ascent = w0 + rho * g / math.sqrt(10.0)         # ||g|| = sqrt(1 + 9)
+    seen = []
+
+    def gradient():
+        seen.append(params["w"].copy())
+        return {"w": a @ params["w"]}
+
+    sam = sam_gradients(params, {"w": g}, rho, gradient)
+    np.testing.assert_allclose(seen[0], ascent, rtol=1e-15)
+    np.testing.assert_allclose(sam["w"], a @ ascent, rtol=1e-15)
+    np.testing.assert_array_equal(params["w"], w0)  # restored exactly
+    # The step itself, plain SGD at lr 0.5, as SAM's paper writes it: w - lr * grad L(w + eps).
+    np.testing.assert_allclose(w0 - 0.5 * sam["w"], w0 - 0.5 * (a @ ascent), rtol=1e-15)
+
+
+def test_sam_restores_float32_weights_bit_for_bit_and_keeps_a_zero_gradient():
+    params = make_params(dtype=np.float32)
+    before = copy(params)
+    grads = make_grads(0)
+    out = sam_gradients(params, grads, 0.05, lambda: {k: v * 2 for k, v in params.items()})
+    for k in params:
+        np.testing.assert_array_equal(params[k], before[k])
+        assert not np.array_equal(out[k], before[k] * 2)  # taken at the moved weights
+    zero = {k: np.zeros_like(v) for k, v in grads.items()}
+    assert sam_gradients(params, zero, 0.05, lambda: pytest.fail("no ascent direction")) is zero
+    with pytest.raises(ValueError, match="rho"):
+        sam_gradients(params, grads, 0.0, lambda: grads)

@@ -192,3 +192,25 @@ def test_python_dash_m_mixer_train_runs_without_runpy_warnings():
                           capture_output=True, text=True, cwd=Path(__file__).resolve().parents[2])
     assert proc.returncode == 0, proc.stderr
     assert "RuntimeWarning" not in proc.stderr and "usage:" in proc.stdout
+
+
+def test_sam_changes_the_run_reproducibly_and_leaves_the_shuffling_alone(data):
+    sam = dataclasses.replace(TINY, sam_rho=0.05)
+    first, again, plain = fit(sam, data, seed=2), fit(sam, data, seed=2), fit(TINY, data, seed=2)
+    assert _curves(first) == _curves(again)
+    assert first.status == "completed"
+    assert [m.val_loss for m in first.history] != [m.val_loss for m in plain.history]
+    # Step 1's loss is taken at the same weights on the same batch before SAM moves anything.
+    one_step = dataclasses.replace(TINY, epochs=1, batch_size=len(data.x_train))
+    assert (fit(dataclasses.replace(one_step, sam_rho=0.05), data, seed=2).history[0].train_loss
+            == fit(one_step, data, seed=2).history[0].train_loss)
+
+
+def test_label_smoothing_trains_on_soft_targets_and_scores_validation_on_the_plain_labels(data):
+    smooth = dataclasses.replace(TINY, label_smoothing=0.2)
+    result = fit(smooth, data, seed=3)
+    assert [m.train_loss for m in result.history] != [m.train_loss for m in fit(TINY, data, seed=3).history]
+    logits = mixer.model.predict_logits(result.params, data.x_val, TINY.model).astype(np.float64)
+    y = data.y_val
+    plain = np.mean(y * np.logaddexp(0, -logits) + (1 - y) * np.logaddexp(0, logits))
+    assert result.history[-1].val_loss == pytest.approx(plain, rel=1e-6)
