@@ -3,12 +3,19 @@
 The data path is the same for a CSV and for synthetic rows::
 
     raw frame (id?, 42 features, label?, attack_cat?)  ──  read_csv / mixer.synthetic.synthetic_frame
-        │ labels()                       stratified train/validation split (seeded)
+        │ labels()                       stratified test split (test_fraction > 0), then
+        │                                stratified train/validation split of the rest (seeded)
         ▼
     Pipeline.fit(train rows)             category codes + scaling statistics, train split only
         │ Pipeline.transform(any rows)   -> float32 (rows, 42), columns in ``feature_names`` order
         ▼
-    Dataset(x_train, y_train, x_val, y_val, feature_names, pipeline, x_test?, y_test?)
+    Dataset(x_train, y_train, x_val, y_val, feature_names, pipeline, x_test?, y_test?, rows)
+
+Scalings (``mixer.config.SCALINGS``), each fitted on the training split only: ``global`` (one
+table-wide mean/std), ``standard`` (per feature), ``log_standard`` (signed log1p, then per feature)
+and ``quantile`` (per feature, each value through the training rows' empirical CDF to the standard
+normal score of its level: robust to heavy tails and outliers, and an unseen extreme maps no
+further out than the most extreme training value).
 
 Errors in the input raise ``DataError`` naming the source (file), the column and the row.
 In messages about a CSV file, "data row N" is 1-based and counts data rows only, so it sits on
@@ -19,7 +26,8 @@ line N + 1 of the file (the header is line 1); both numbers are given. For an in
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+import statistics
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -59,7 +67,13 @@ IGNORED = ("id", "attack_cat")
 # Columns stored as floats in the public CSV (the other numeric ones are integers).
 FLOAT_FEATURES = frozenset({"dur", "rate", "sload", "dload", "sinpkt", "dinpkt", "sjit", "djit",
                              "tcprtt", "synack", "ackdat"})
+# The key "quantiles" was added for scaling "quantile" without a new format: it is present exactly
+# when scaling is "quantile", so every pipeline saved before it still loads (and saves) unchanged.
 _PIPELINE_FORMAT = "mixer.data.Pipeline/1"
+# Quantile scaling: at most this many CDF levels per feature (fewer for a smaller training split).
+_MAX_LEVELS = 1000
+# Levels are kept this far inside (0, 1) so the normal scores stay finite (scikit-learn's bound).
+_LEVEL_EPS = 1e-7
 
 
 class DataError(ValueError):
@@ -205,6 +219,30 @@ def _log_signed(x: np.ndarray) -> np.ndarray:
     return x
 
 
+def _quantile_normal(x: np.ndarray, quantiles: np.ndarray) -> np.ndarray:
+    """Encoded rows (rows, n_features) -> float64 normal scores through the fitted quantiles.
+
+    Each value goes to its level on the training rows' CDF, then to the standard normal score of
+    that level (levels kept in ``[1e-7, 1 - 1e-7]``), both steps linear between the fitted points.
+    A value tied with a run of quantiles (a mostly-zero column) gets the run's middle level: the
+    mean of the forward and the backward interpolation, as scikit-learn's QuantileTransformer
+    does. Values are clamped to the training range first, so an unseen extreme scores as the
+    training extreme (scikit-learn sends it to the clip bound, past a tied extreme's score).
+    """
+    n = len(quantiles)
+    levels = np.linspace(0.0, 1.0, n)
+    # n <= 1000 scalar calls: the standard library's inverse CDF, no scipy at run time.
+    normal = statistics.NormalDist()
+    scores = np.array([normal.inv_cdf(p) for p in np.clip(levels, _LEVEL_EPS, 1.0 - _LEVEL_EPS)])
+    out = np.empty_like(x)
+    for j in range(x.shape[1]):
+        q = quantiles[:, j]
+        v = np.clip(x[:, j], q[0], q[-1])
+        level = 0.5 * (np.interp(v, q, levels) - np.interp(-v, -q[::-1], -levels[::-1]))
+        out[:, j] = np.interp(level, levels, scores)
+    return out
+
+
 @dataclass(frozen=True, eq=False)  # array fields: compare pipelines by to_dict(), not ==
 class Pipeline:
     """Everything fitted on the training split that turns raw rows into model inputs.
@@ -216,7 +254,15 @@ class Pipeline:
             seen in training gets the unknown code ``len(categories[column])``.
         scaling: one of ``mixer.config.SCALINGS``.
         mean, std: float64 (n_features,) statistics applied after encoding (and after the signed
-            log for ``log_standard``). For ``global`` every entry holds the one table-wide value.
+            log for ``log_standard``). For ``global`` every entry holds the one table-wide value;
+            for ``quantile`` they are 0 and 1 and unused.
+        quantiles: for ``quantile`` only (else None), float64 (n_levels, n_features): row ``i``
+            holds each feature's empirical quantile at level ``i / (n_levels - 1)`` over the
+            training rows (after encoding), non-decreasing down each column. ``transform`` gives
+            a quantile the standard normal score of its level (kept within ``[1e-7, 1 - 1e-7]``),
+            a value tied with several quantiles the score of their middle level, a value between
+            two quantiles the linear interpolation of their scores, and a value beyond the
+            training range the score of the training extreme.
     """
 
     feature_names: list[str]
@@ -224,6 +270,7 @@ class Pipeline:
     scaling: str
     mean: np.ndarray
     std: np.ndarray
+    quantiles: np.ndarray | None = None
 
     @property
     def n_features(self) -> int:
@@ -236,7 +283,9 @@ class Pipeline:
         Args:
             frame: raw rows of either layout.
             scaling: ``global`` (one mean/std over the whole table, as the original notebook),
-                ``standard`` (per feature) or ``log_standard`` (signed log1p, then per feature).
+                ``standard`` (per feature), ``log_standard`` (signed log1p, then per feature) or
+                ``quantile`` (per feature, the empirical CDF of these rows at
+                ``min(1000, len(frame))`` evenly spaced levels, at least 2, then the normal score).
             source: names the data in error messages.
 
         The model's column order (``feature_names``) is the frame's own order of the 42 features.
@@ -256,6 +305,13 @@ class Pipeline:
         # Encode with identity scaling, then measure the statistics on the encoded table.
         ones = np.ones(len(names))
         raw = cls(names, categories, "standard", np.zeros(len(names)), ones)._encode(frame, source)
+        if scaling == "quantile":
+            # Two levels at least, so that a one-row fit still puts its value at the middle level.
+            levels = np.linspace(0.0, 1.0, max(2, min(_MAX_LEVELS, len(raw))))
+            # Linear interpolation between order statistics can come out one ulp out of order, and
+            # transform's binary search needs non-decreasing quantiles (scikit-learn does the same).
+            quantiles = np.maximum.accumulate(np.quantile(raw, levels, axis=0), axis=0)
+            return cls(names, categories, scaling, np.zeros(len(names)), ones, quantiles)
         if scaling == "log_standard":
             _log_signed(raw)
         if scaling == "global":
@@ -296,6 +352,8 @@ class Pipeline:
                 column or a non-numeric / missing / infinite value.
         """
         x = self._encode(frame, source)
+        if self.scaling == "quantile":
+            return _quantile_normal(x, self.quantiles).astype(np.float32)
         if self.scaling == "log_standard":
             _log_signed(x)
         x -= self.mean
@@ -303,8 +361,12 @@ class Pipeline:
         return x.astype(np.float32)
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-serialisable description that ``from_dict`` turns back into the same pipeline."""
-        return {
+        """A JSON-serialisable description that ``from_dict`` turns back into the same pipeline.
+
+        ``quantiles`` (a list of n_levels lists of n_features floats) is there only for scaling
+        ``quantile``.
+        """
+        d = {
             "format": _PIPELINE_FORMAT,
             "feature_names": list(self.feature_names),
             "categories": {k: list(v) for k, v in self.categories.items()},
@@ -313,6 +375,9 @@ class Pipeline:
             "mean": [float(v) for v in self.mean],
             "std": [float(v) for v in self.std],
         }
+        if self.quantiles is not None:
+            d["quantiles"] = self.quantiles.tolist()  # Python floats, exact as mean and std
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Pipeline:
@@ -324,7 +389,7 @@ class Pipeline:
         for key in sorted(expected):
             if key not in d:
                 raise DataError(f"{where}: missing key {key!r}")
-        unknown = sorted(set(d) - expected)
+        unknown = sorted(set(d) - expected - {"quantiles"})
         if unknown:
             raise DataError(f"{where}: unknown key {unknown[0]!r}")
         if d["format"] != _PIPELINE_FORMAT:
@@ -362,8 +427,37 @@ class Pipeline:
         if (stats["std"] <= 0).any():
             i = int(np.argmax(stats["std"] <= 0))
             raise DataError(f"{where}: std[{i}] ({names[i]}) must be > 0, got {stats['std'][i]}")
+        quantiles = _check_quantiles(d, names, where)
         return cls(list(names), {k: list(v) for k, v in cats.items()}, d["scaling"],
-                   stats["mean"], stats["std"])
+                   stats["mean"], stats["std"], quantiles)
+
+
+def _check_quantiles(d: dict[str, Any], names: list[str], where: str) -> np.ndarray | None:
+    """The ``quantiles`` entry of a pipeline dict as float64 (n_levels, n_features), or None."""
+    if d["scaling"] != "quantile":
+        if "quantiles" in d:
+            raise DataError(f"{where}: key 'quantiles' belongs to scaling 'quantile' only, "
+                            f"got scaling {d['scaling']!r}")
+        return None
+    if "quantiles" not in d:
+        raise DataError(f"{where}: missing key 'quantiles' (scaling 'quantile' needs it)")
+    try:
+        arr = np.asarray(d["quantiles"], dtype=np.float64)
+    except (TypeError, ValueError):
+        raise DataError(f"{where}: quantiles must be a list of n_levels lists of "
+                        f"{len(names)} numbers (one per feature name)") from None
+    if arr.ndim != 2 or arr.shape[0] < 2 or arr.shape[1] != len(names):
+        raise DataError(f"{where}: quantiles has shape {arr.shape}, expected (n_levels >= 2, "
+                        f"{len(names)}) (one column per feature name)")
+    if not np.isfinite(arr).all():
+        i, j = np.argwhere(~np.isfinite(arr))[0]
+        raise DataError(f"{where}: quantiles[{i}][{j}] ({names[j]}) is not finite")
+    falls = np.diff(arr, axis=0) < 0
+    if falls.any():
+        i, j = np.argwhere(falls)[0]
+        raise DataError(f"{where}: quantiles[:, {j}] ({names[j]}) must be non-decreasing, but "
+                        f"level {i + 1} holds {float(arr[i + 1, j])!r} after {float(arr[i, j])!r}")
+    return arr
 
 
 # --------------------------------------------------------------------------- dataset
@@ -374,7 +468,10 @@ class Dataset:
     """Arrays ready for the Mixer: x of shape (rows, n_features) float32, y of shape (rows,) in {0,1}.
 
     ``pipeline`` is the fitted preprocessing (fit on the training split only) that turns raw rows
-    of either UNSW-NB15 layout into x; ``x_test``/``y_test`` are None without a test CSV.
+    of either UNSW-NB15 layout into x; ``x_test``/``y_test`` are None without a test CSV or a
+    ``test_fraction``. ``rows`` says which rows of the source table (the training CSV's data rows in
+    file order, or the synthetic frame's rows) went where: sorted 0-based positions under
+    ``"train"`` and ``"val"``, and ``"test"`` for a held-out test split (not for a test CSV).
     """
 
     x_train: np.ndarray
@@ -385,21 +482,25 @@ class Dataset:
     pipeline: Pipeline
     x_test: np.ndarray | None = None
     y_test: np.ndarray | None = None
+    rows: dict[str, np.ndarray] = field(default_factory=dict)
 
     @property
     def n_features(self) -> int:
         return self.x_train.shape[1]
 
 
-def stratified_split(y: np.ndarray, *, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def stratified_split(y: np.ndarray, *, val_fraction: float, seed: int,
+                     stream: int = 1) -> tuple[np.ndarray, np.ndarray]:
     """Sorted (train, validation) row indices, each class split in the proportion ``val_fraction``.
 
-    Each class of at least two rows puts at least one row on each side.
+    Each class of at least two rows puts at least one row on each side. The shuffle draws from
+    ``np.random.default_rng([seed, stream])``: ``load`` takes the validation split from stream 1
+    and the test split from stream 2, so the two are independent for one ``seed``.
     """
     if not 0.0 < val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in (0, 1), got val_fraction={val_fraction}")
     # The split's stream is separate from the synthetic generator's, which also uses ``seed``.
-    rng = np.random.default_rng([seed, 1])
+    rng = np.random.default_rng([seed, stream])
     train, val = [], []
     for cls in np.unique(y):
         rows = np.flatnonzero(y == cls)
@@ -411,17 +512,44 @@ def stratified_split(y: np.ndarray, *, val_fraction: float, seed: int) -> tuple[
     return np.sort(np.concatenate(train)), np.sort(np.concatenate(val))
 
 
+def _split(y: np.ndarray, config: DataConfig, source: str) -> dict[str, np.ndarray]:
+    """Sorted source positions of the train, validation and (test_fraction > 0) test rows."""
+    if not config.test_fraction:
+        train, val = stratified_split(y, val_fraction=config.val_fraction, seed=config.seed)
+        if len(val) == 0:
+            raise DataError(f"{source}: {len(y)} rows leave no validation rows "
+                            f"at val_fraction={config.val_fraction}")
+        return {"train": train, "val": val}
+    rest, test = stratified_split(y, val_fraction=config.test_fraction, seed=config.seed, stream=2)
+    train, val = stratified_split(y[rest], val_fraction=config.val_fraction, seed=config.seed)
+    rows = {"train": rest[train], "val": rest[val], "test": test}
+    # Every label on every side: one missing from validation or test leaves their metrics undefined
+    # (and one missing from training is never learned). Without a test split only an empty
+    # validation split is refused, as before test_fraction existed.
+    for label, n in zip(*np.unique(y, return_counts=True), strict=True):
+        for side, name in (("train", "training"), ("val", "validation"), ("test", "test")):
+            if not (y[rows[side]] == label).any():
+                raise DataError(f"{source}: the {n} row(s) of label {int(label)} leave no {name} row "
+                                f"of that label at test_fraction={config.test_fraction}, "
+                                f"val_fraction={config.val_fraction} (each label needs 3 rows at least)")
+    return rows
+
+
 def load(config: DataConfig) -> Dataset:
     """Load, split and scale the rows ``config`` names.
 
     ``source="synthetic"``: ``synthetic_frame(config.n_rows, config.seed)``; ``source="csv"``:
     ``read_csv(config.train_csv)`` and, if set, ``config.test_csv`` (transformed with the
-    train-fitted pipeline; ``y_test`` only if that file has a ``label`` column). Either way the
-    rows are split into train/validation (stratified, seeded by ``config.seed``) and the pipeline
-    is fitted on the training split only.
+    train-fitted pipeline; ``y_test`` only if that file has a ``label`` column). With
+    ``config.test_fraction > 0`` that share of the rows is first held out as the test split
+    (stratified, seeded by ``config.seed`` from a stream of its own), and ``val_fraction`` applies
+    to the rows left after it. The remaining rows are split into train/validation (stratified,
+    seeded by ``config.seed``), and the pipeline is fitted on the training split only; validation
+    and test rows go through it unseen. ``Dataset.rows`` records which source row went where.
 
     Raises:
-        DataError: naming the file, column and row for bad input; nothing half-built is returned.
+        DataError: naming the file, column and row for bad input, or the source and the fractions
+            when a label has too few rows for every split; nothing half-built is returned.
     """
     if config.source == "synthetic":
         source = f"synthetic(n_rows={config.n_rows}, seed={config.seed})"
@@ -435,19 +563,19 @@ def load(config: DataConfig) -> Dataset:
     y = _labels(frame, source, csv=csv)
     if len(np.unique(y)) < 2:
         raise DataError(f"{source}: every label is {int(y[0])}; training needs both classes")
-    train_rows, val_rows = stratified_split(y, val_fraction=config.val_fraction, seed=config.seed)
-    if len(val_rows) == 0:
-        raise DataError(f"{source}: {len(y)} rows leave no validation rows "
-                        f"at val_fraction={config.val_fraction}")
-    train_frame = frame.iloc[train_rows]
+    rows = _split(y, config, source)
+    train_frame = frame.iloc[rows["train"]]
     pipeline = Pipeline.fit(train_frame, scaling=config.scaling, source=source)
     x_train = pipeline.transform(train_frame, source=source)
-    x_val = pipeline.transform(frame.iloc[val_rows], source=source)
+    x_val = pipeline.transform(frame.iloc[rows["val"]], source=source)
     x_test = y_test = None
-    if config.test_csv:
+    if "test" in rows:
+        x_test = pipeline.transform(frame.iloc[rows["test"]], source=source)
+        y_test = y[rows["test"]]
+    elif config.test_csv:
         test = read_csv(config.test_csv)
         x_test = pipeline.transform(test, source=str(config.test_csv))
         if LABEL in test.columns:
             y_test = _labels(test, str(config.test_csv), csv=True)
-    return Dataset(x_train, y[train_rows], x_val, y[val_rows], list(pipeline.feature_names), pipeline,
-                   x_test, y_test)
+    return Dataset(x_train, y[rows["train"]], x_val, y[rows["val"]], list(pipeline.feature_names),
+                   pipeline, x_test, y_test, rows)
