@@ -194,11 +194,13 @@ class ModelBundle:
         Raises:
             mixer.data.DataError: naming ``source``, the column and the row of a bad value.
         """
+        return self.proba(self.pipeline.transform(frame, source=source))
+
+    def proba(self, x: np.ndarray) -> np.ndarray:
+        """P(label = 1) for rows ``x`` already transformed by ``self.pipeline``, float64 (rows,)."""
         from mixer.model import predict_logits
 
-        x = self.pipeline.transform(frame, source=source)
-        dtype = next(iter(self.params.values())).dtype
-        x = np.asarray(x, dtype=dtype)
+        x = np.asarray(x, dtype=next(iter(self.params.values())).dtype)
         logits = np.empty(len(x), dtype=np.float64)
         for start in range(0, len(x), PREDICT_BATCH):
             stop = start + PREDICT_BATCH

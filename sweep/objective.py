@@ -20,6 +20,7 @@ a trial that ended before the tracking server created its run is a study attribu
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import logging
 import math
@@ -133,10 +134,11 @@ def curvature_attrs(result: Any, config: TrainConfig) -> dict[str, Any]:
 
 @functools.lru_cache(maxsize=4)
 def load_data(config: DataConfig) -> Any:
-    """``mixer.data.load``, once per process per DataConfig (the records are frozen and hashable)."""
+    """``mixer.data.load``, once per process per DataConfig (the records are frozen and hashable),
+    without its test rows: selection and pruning never see them (``sweep.publish`` scores on them)."""
     from mixer.data import load
 
-    return load(config)
+    return dataclasses.replace(load(config), x_test=None, y_test=None)
 
 
 class Interrupts:

@@ -5,11 +5,15 @@ study) rebuilds the best trial's configs and seed from its user attrs ``config``
 retrains it with ``mixer.train.fit`` up to its best epoch by the study's metric (user attr
 ``metric``, default ``val_loss``) — same seed, same config, so a bit-identical history, checked
 against the trial's ``history`` (``PublishResult.reproduced``) — and saves that epoch as a
-``mixer.bundle.ModelBundle`` at ``<out_dir>/best_model.npz``. If the data names a ``test_csv`` it
-scores the bundle there (reported only, never used to select). On the study's parent MLflow run
+``mixer.bundle.ModelBundle`` at ``<out_dir>/best_model.npz``. If the data has labelled test rows
+(``test_fraction`` or ``test_csv``; the objective never sees them) it scores the bundle there and,
+with ``ensemble_top_k`` k > 1, the mean probability of the k best completed trials, each retrained
+the same way; the scores are reported only, never used to select, and the probabilities are saved
+as ``<out_dir>/test_predictions.csv``. On the study's parent MLflow run
 (user attr ``mlflow_parent_run_id``) it logs an MLflow ``pyfunc`` model ``model`` (the bundle as
-its artifact, ``mixer`` in its ``code_paths``), the ``test_*`` metrics and the tags
-``best_trial_number``, ``best_model_uri``, ``best_model_seed``, ``best_model_epoch``; optionally it
+its artifact, ``mixer`` in its ``code_paths``), the ``test_*`` and ``ensemble_test_*`` metrics, the
+predictions file and the tags ``best_trial_number``, ``best_model_uri``, ``best_model_seed``,
+``best_model_epoch`` (and ``ensemble_trials``); optionally it
 registers the model as ``register_name``.
 
 The pyfunc model takes a DataFrame of raw UNSW-NB15 rows (the 42 feature columns, typed as the
@@ -46,6 +50,7 @@ from sweep.messages import one_line
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 BUNDLE_NAME = "best_model.npz"
+PREDICTIONS_NAME = "test_predictions.csv"
 MODEL_NAME = "model"
 EXAMPLE_ROWS = 5
 TEST_METRICS = ("accuracy", "precision", "recall", "f1", "roc_auc", "tn", "fp", "fn", "tp")
@@ -116,6 +121,9 @@ class PublishResult:
     model_uri: str | None = None
     registered_version: str | None = None
     test_metrics: dict[str, float] | None = None
+    ensemble_trials: list[int] = dataclasses.field(default_factory=list)
+    predictions: pd.DataFrame | None = dataclasses.field(default=None, repr=False)
+    predictions_path: Path | None = None
 
     def summary(self) -> str:
         """Lines to print at the end of a study."""
@@ -128,10 +136,18 @@ class PublishResult:
         if self.registered_version:
             lines.append(f"registered model version: {self.registered_version}")
         if self.test_metrics:
-            shown = "  ".join(f"{k} {self.test_metrics[k]:.4f}" for k in
-                              ("test_accuracy", "test_precision", "test_recall", "test_f1", "test_roc_auc")
-                              if k in self.test_metrics)
-            lines.append(f"test set (reported only, never used for selection): {shown}")
+            rows = int(self.test_metrics["test_rows"])
+            lines.append(f"test set, {rows:,} rows (reported only, never used for selection or pruning):")
+            members = ", ".join(map(str, self.ensemble_trials))
+            for prefix, who in (("test_", f"best trial {self.trial_number}"),
+                                ("ensemble_test_", f"mean of trials {members}")):
+                shown = "  ".join(f"{k} {self.test_metrics[prefix + k]:.4f}"
+                                  for k in ("accuracy", "precision", "recall", "f1", "roc_auc")
+                                  if prefix + k in self.test_metrics)
+                if shown:
+                    lines.append(f"  {who}: {shown}")
+            if self.predictions_path:
+                lines.append(f"test predictions: {self.predictions_path}")
         return "\n".join(lines)
 
 
@@ -172,10 +188,20 @@ class Retrained:
     epoch: int
     metric: str
     data_config: Any
+    data: Any = None
 
 
 def retrain_best(study: Any, *, on_epoch: Callable[[Any, int], None] | None = None) -> Retrained:
-    """Retrain ``study.best_trial`` up to the epoch the study scored it by, and bundle that epoch.
+    """``retrain_trial`` of ``study.best_trial``."""
+    try:
+        trial = study.best_trial
+    except (ValueError, RuntimeError) as exc:
+        raise PublishError(f"study {study.study_name!r} has no best trial: {exc}") from None
+    return retrain_trial(study, trial, on_epoch=on_epoch)
+
+
+def retrain_trial(study: Any, trial: Any, *, on_epoch: Callable[[Any, int], None] | None = None) -> Retrained:
+    """Retrain a finished ``trial`` up to the epoch the study scored it by, and bundle that epoch.
 
     The epoch is the best one of the trial's recorded ``history`` by the study's ``metric`` user attr
     (``val_loss`` if absent) and direction, the epoch whose value made the trial best. The run stops
@@ -187,10 +213,6 @@ def retrain_best(study: Any, *, on_epoch: Callable[[Any, int], None] | None = No
     from mixer.data import DataError, load
     from mixer.train import fit
 
-    try:
-        trial = study.best_trial
-    except (ValueError, RuntimeError) as exc:
-        raise PublishError(f"study {study.study_name!r} has no best trial: {exc}") from None
     data_config, config, seed = trial_configs(trial)
     try:
         data = load(data_config)
@@ -224,7 +246,47 @@ def retrain_best(study: Any, *, on_epoch: Callable[[Any, int], None] | None = No
             "train_config": config.to_flat(), "data_config": dataclasses.asdict(data_config)}
     bundle = ModelBundle(params, config.model, data.pipeline, info=info)
     return Retrained(trial=trial, bundle=bundle, history=result.history[:target], epoch=target,
-                     metric=metric, data_config=data_config)
+                     metric=metric, data_config=data_config, data=data)
+
+
+def top_trials(study: Any, k: int) -> list[Any]:
+    """The ``k`` best completed trials by the study's value, best first (``study.best_trial`` first)."""
+    from optuna.trial import TrialState
+
+    best = study.best_trial
+    done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+            if t.number != best.number and t.value is not None and math.isfinite(t.value)]
+    done.sort(key=lambda t: t.value, reverse=study.direction.name == "MAXIMIZE")
+    return [best] + done[:max(0, k - 1)]
+
+
+def score_on_test(members: list[Retrained]) -> tuple[dict[str, float], pd.DataFrame]:
+    """Score the first member, and with two or more the mean of their probabilities, on the test rows.
+
+    Each member predicts through its own pipeline (a study may search the scaling); every member's
+    data holds the same test rows and labels. Returns the ``test_*`` metrics (``ensemble_test_*`` for
+    the mean) and a frame of ``row``, ``label``, each member's probability (``trial_<n>``) and the
+    ``ensemble`` mean.
+    """
+    from mixer.metrics import binary_metrics
+
+    first = members[0].data
+    y = first.y_test
+    frame = pd.DataFrame({"row": first.rows.get("test", np.arange(len(y))), "label": y.astype(np.int64)})
+    for m in members:
+        if not np.array_equal(m.data.y_test, y):
+            raise PublishError(f"trial {m.trial.number}: its test rows differ from trial "
+                               f"{members[0].trial.number}'s; cannot average them")
+        frame[f"trial_{m.trial.number}"] = m.bundle.proba(m.data.x_test)
+    scores = {"test_": frame[f"trial_{members[0].trial.number}"]}
+    if len(members) > 1:
+        frame["ensemble"] = frame[[f"trial_{m.trial.number}" for m in members]].mean(axis=1)
+        scores["ensemble_test_"] = frame["ensemble"]
+    metrics = {"test_rows": float(len(y))}
+    for prefix, proba in scores.items():
+        values = binary_metrics(y, proba.to_numpy()).as_dict()
+        metrics.update({prefix + k: float(values[k]) for k in TEST_METRICS if values[k] is not None})
+    return metrics, frame
 
 
 def _history_matches(recorded: list[dict[str, Any]], history: list[Any]) -> bool:
@@ -236,7 +298,7 @@ def _history_matches(recorded: list[dict[str, Any]], history: list[Any]) -> bool
 
 
 def publish_best(study: Any, *, tracking_uri: str | None = None, out_dir: str | Path,
-                 register_name: str | None = None, log_model: bool = True,
+                 register_name: str | None = None, log_model: bool = True, ensemble_top_k: int = 1,
                  on_epoch: Callable[[Any, int], None] | None = None) -> PublishResult:
     """Retrain the study's best trial, save it as a bundle and log it as an MLflow pyfunc model.
 
@@ -250,6 +312,8 @@ def publish_best(study: Any, *, tracking_uri: str | None = None, out_dir: str | 
         out_dir: where ``best_model.npz`` is written (created if missing).
         register_name: if given, also register the model in the MLflow model registry under this name.
         log_model: False skips MLflow entirely (bundle and test metrics only).
+        ensemble_top_k: with a labelled test set (``test_fraction`` or ``test_csv``), also retrain
+            the next best completed trials up to k in all and score their mean probability there.
         on_epoch: told of each retrained epoch, as in ``retrain_best``.
 
     Returns:
@@ -259,7 +323,7 @@ def publish_best(study: Any, *, tracking_uri: str | None = None, out_dir: str | 
         PublishError: no completed trial, a trial without ``config``/``seed``, data that will not
             load, or a retraining that diverges.
     """
-    from mixer.evaluate import evaluate_csv
+    from mixer.bundle import atomic_write
 
     retrained = retrain_best(study, on_epoch=on_epoch)
     trial, bundle = retrained.trial, retrained.bundle
@@ -274,11 +338,14 @@ def publish_best(study: Any, *, tracking_uri: str | None = None, out_dir: str | 
         epoch=retrained.epoch, metric=retrained.metric, value=bundle.info["value"],
         reproduced=reproduced, bundle_path=bundle_path,
     )
-    test_csv = retrained.data_config.test_csv
-    if test_csv:
-        metrics = evaluate_csv(bundle, test_csv).as_dict()
-        publish.test_metrics = {f"test_{k}": float(metrics[k]) for k in TEST_METRICS
-                                if metrics[k] is not None}
+    if retrained.data.y_test is not None:
+        members = [retrained] + [retrain_trial(study, t, on_epoch=on_epoch)
+                                 for t in top_trials(study, ensemble_top_k)[1:]]
+        publish.test_metrics, publish.predictions = score_on_test(members)
+        publish.ensemble_trials = [m.trial.number for m in members] if len(members) > 1 else []
+        publish.predictions_path = atomic_write(
+            Path(out_dir) / PREDICTIONS_NAME,
+            lambda f: publish.predictions.to_csv(f, index=False, float_format="%.17g"), mode="w")
     if log_model:
         try:
             _log_to_mlflow(study, publish, retrained.data_config, tracking_uri=tracking_uri,
@@ -414,6 +481,9 @@ def _log_to_mlflow(study: Any, publish: PublishResult, data_config: Any, *,
         publish.model_uri = f"runs:/{run_id}/{MODEL_NAME}"
         if publish.test_metrics:
             mlflow.log_metrics(publish.test_metrics)
+            mlflow.log_artifact(str(publish.predictions_path))
+        if publish.ensemble_trials:
+            mlflow.set_tag("ensemble_trials", " ".join(map(str, publish.ensemble_trials)))
         mlflow.set_tags({"best_trial_number": publish.trial_number, "best_model_uri": publish.model_uri,
                          "best_model_seed": publish.seed, "best_model_epoch": publish.epoch})
         if register_name:

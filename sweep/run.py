@@ -449,7 +449,9 @@ def _publish(study: Any, settings: _Settings, *, tracked: bool) -> int:
 
     if not study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
         return 0
-    print("retraining the best trial to ship it as a model ...", file=sys.stderr, flush=True)
+    k = settings.space.ensemble_top_k
+    more = f" (and up to {k - 1} more for the ensemble, if the data has a test set)" if k > 1 else ""
+    print(f"retraining the best trial to ship it as a model{more} ...", file=sys.stderr, flush=True)
     started, tty = time.monotonic(), sys.stderr.isatty()
 
     def shown(m: Any, epochs: int) -> None:
@@ -460,6 +462,7 @@ def _publish(study: Any, settings: _Settings, *, tracked: bool) -> int:
     try:
         result = publish_best(study, tracking_uri=settings.tracking_uri,
                               out_dir=settings.out_dir, register_name=settings.space.register_model,
+                              ensemble_top_k=settings.space.ensemble_top_k,
                               log_model=tracked, on_epoch=shown)
     except PublishError as exc:
         print(f"error: the best model was not published: {exc}", file=sys.stderr)

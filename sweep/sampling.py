@@ -163,6 +163,8 @@ class Space:
         n_trials, timeout: the budget (either may be None).
         experiment: the MLflow experiment name (None: the study name).
         register_model: register the best trial's model in MLflow's registry under this name.
+        ensemble_top_k: score the mean prediction of the best k completed trials on the test rows too
+            (1: the best trial alone).
         enqueue: parameter values of trials to run first.
     """
 
@@ -180,6 +182,7 @@ class Space:
     timeout: float | None = None
     experiment: str | None = None
     register_model: str | None = None
+    ensemble_top_k: int = 1
     enqueue: tuple[dict[str, Any], ...] = ()
 
     # ---------------------------------------------------------------------------------------------

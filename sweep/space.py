@@ -61,12 +61,13 @@ PRUNERS = ("median", "percentile", "successive_halving", "hyperband", "patient",
 PARAM_TYPES = ("float", "int", "categorical")
 
 TOP_KEYS = ("study", "description", "seed", "data", "train", "metric", "direction", "sampler",
-            "pruner", "budget", "experiment", "register_model", "params", "enqueue")
+            "pruner", "budget", "experiment", "register_model", "publish", "params", "enqueue")
 
 # Knobs a space may not set: n_features comes from the data; CSV paths and the source are data
-# settings that make no sense to search (they may still be fixed under ``data``).
+# settings that make no sense to search (they may still be fixed under ``data``); a searched test
+# split would let the sampler choose the rows the winner is scored on.
 _NOT_A_KNOB = {"n_features": "n_features is set by the data (42 columns), not by the space"}
-_NOT_SEARCHABLE = ("source", "train_csv", "test_csv")
+_NOT_SEARCHABLE = ("source", "train_csv", "test_csv", "test_fraction")
 
 # Sampler/pruner constructor arguments a YAML file cannot express (callables, objects) or that the
 # space sets itself (seed, the grid, the wrapped pruner).
@@ -81,6 +82,7 @@ _AT_LEAST_ONE = {"n_ei_candidates", "popsize", "interval_steps", "n_min_trials",
 MAX_TRIALS = 100_000
 MAX_TIMEOUT = 30 * 24 * 3600  # seconds: a month
 MAX_OPTION = 100_000
+MAX_ENSEMBLE = 50  # members, each retrained once at the end of the study
 # Optional packages some samplers need (pyproject extra "samplers").
 _SAMPLER_NEEDS = {"cmaes": ("cmaes",), "gp": ("scipy", "torch")}
 
@@ -215,10 +217,14 @@ def parse_space(doc: Any, *, path: str | Path = "<space>", train_csv: str | Path
     if register_model is not None and (not isinstance(register_model, str) or not register_model.strip()):
         raise c.fail("register_model", f"expected a non-empty model name, got {shorten(register_model)}")
 
+    publish = c.mapping(doc.get("publish"), "publish", ("ensemble_top_k",))
+    top_k = c.integer(publish.get("ensemble_top_k", 1), "publish.ensemble_top_k", minimum=1,
+                      maximum=MAX_ENSEMBLE)
+
     space = Space(path=path, study_name=name, seed=seed, data=data, train=train, params=params,
                   metric=metric, direction=direction, sampler=sampler, pruner=pruner,
                   n_trials=n_trials, timeout=None if timeout is None else float(timeout),
-                  experiment=experiment, register_model=register_model)
+                  experiment=experiment, register_model=register_model, ensemble_top_k=top_k)
     enqueue = _check_enqueue(c, doc.get("enqueue"), space)
     space = dataclasses.replace(space, enqueue=enqueue)
     # Build the sampler and pruner once now, so that a bad option value fails before the study.

@@ -124,7 +124,9 @@ def test_test_metrics_are_logged_on_the_parent_run_which_stays_finished(publishe
     assert run.data.tags["best_trial_number"] == "0"
     assert run.data.tags["best_model_uri"] == r.model_uri == f"runs:/{published.parent}/model"
     assert run.info.status == "FINISHED"
-    assert "test_roc_auc" in r.summary() and str(r.bundle_path) in r.summary()
+    assert f"roc_auc {r.test_metrics['test_roc_auc']:.4f}" in r.summary()
+    assert str(r.bundle_path) in r.summary()
+    assert "test_predictions.csv" in {a.path for a in published.client.list_artifacts(published.parent)}
 
 
 def test_logged_pyfunc_model_predicts_what_mixer_predict_does(published, monkeypatch):
