@@ -68,17 +68,24 @@ def test_default_space_searches_the_five_parameters_on_synthetic_data():
         "constant", "cosine", "cosine_warm_restarts", "sharp_cosine"}
 
 
-def test_unsw_space_covers_the_notebook_values_on_the_real_sample(real_csv, monkeypatch):
+def test_unsw_space_searches_the_five_knobs_regularisation_and_scaling_with_a_test_split(
+        real_csv, monkeypatch):
     monkeypatch.setenv(DATA_DIR_ENV, str(real_csv.parent))
     space = load_space(SPACES / "unsw_nb15.yaml")
     assert Path(space.data["train_csv"]) == real_csv.resolve()
-    assert space.data["scaling"] in ("standard", "log_standard")  # per feature, not the notebook's global
+    assert 0 < space.data["test_fraction"] < 0.5 and space.ensemble_top_k >= 2
     p = space.params
-    assert FIVE <= set(p)
-    assert p["lr"].low <= 1e-4 and p["lr"].high >= 0.1 and p["lr"].log
-    assert {1, 3, 14} <= set(p["patch_size"].choices)
-    assert p["depth"].contains(10)
-    assert len(p["scheduler"].choices) == 4
+    assert FIVE | {"dropout", "stochastic_depth", "weight_decay", "label_smoothing", "epochs",
+                   "sam_rho", "grad_noise", "scaling"} <= set(p)
+    assert space.train["optimizer"] == "adamw"  # so that weight_decay is decoupled
+    # Each lever can also be off, and the scaling is chosen among the per-feature ones.
+    for name in ("label_smoothing", "sam_rho", "grad_noise"):
+        assert 0.0 in p[name].choices
+    assert p["dropout"].contains(0.0) and p["stochastic_depth"].contains(0.0)
+    assert {"log_standard", "quantile"} <= set(p["scaling"].choices) and "global" not in p["scaling"].choices
+    assert p["lr"].log and len(p["scheduler"].choices) == 4
+    # The enqueued trials are valid configurations of this space.
+    assert all(space.build(entry) for entry in space.enqueue)
 
 
 def test_seed_experiments_enqueue_the_notebook_runs_as_fixed_trials(real_csv, monkeypatch):
