@@ -225,21 +225,22 @@ def trials_table(records: Sequence[TrialRecord], *, group_by: str = DEFAULT_GROU
     r_params = {name for r in order for name in r.params}
     param_names = sorted(r_params) if group_by in r_params else [group_by, *sorted(r_params)]
     rows = []
+    fixed = ["rank", "trial", "state", "value", "best_val_loss", "epochs", "pruned_epoch", "diagnosis"]
+    # A searched knob named like a fixed column (``epochs``: scheduled, not run) gets its own column.
+    headers = [f"param_{name}" if name in fixed else name for name in param_names]
     for rank, r in enumerate(order, start=1):
         row: dict[str, Any] = {
             "rank": rank, "trial": r.number, "state": r.state.lower(),
             "value": r.value, "best_val_loss": r.best_val_loss,
             "epochs": len(r.history), "pruned_epoch": r.pruned_epoch, "diagnosis": r.diagnosis,
         }
-        for name in param_names:
-            row[name] = r.knob(name, searched=name in r_params)
+        for name, header in zip(param_names, headers, strict=True):
+            row[header] = r.knob(name, searched=name in r_params)
         rows.append(row)
-    columns = ["rank", "trial", "state", "value", "best_val_loss", "epochs", "pruned_epoch",
-               "diagnosis", *param_names]
-    table = pd.DataFrame(rows, columns=columns)
+    table = pd.DataFrame(rows, columns=fixed + headers)
     table["pruned_epoch"] = table["pruned_epoch"].astype("Int64")
     # An integer parameter some trials lack stays integer (t_0 = 4, not 4.0) with empty cells.
-    table[param_names] = table[param_names].convert_dtypes()
+    table[headers] = table[headers].convert_dtypes()
     return table
 
 

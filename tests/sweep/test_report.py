@@ -183,6 +183,24 @@ def test_unopenable_storage_exits_2_without_its_password(in_tmp, capsys):
     assert "cannot open storage postgresql://me:***@127.0.0.1" in err and "s3cret" not in err
 
 
+def test_a_searched_epochs_knob_gets_its_own_column_beside_the_epochs_run(in_tmp, capsys):
+    # The real space searches `epochs`; the table's own `epochs` counts the epochs a trial ran.
+    path = Path("runs/ep/optuna.journal")
+    path.parent.mkdir(parents=True)
+    study = optuna.create_study(study_name="ep", storage=JournalStorage(JournalFileBackend(str(path))))
+    for k, (scheduled, ran, state) in enumerate([(10, 10, TrialState.COMPLETE), (30, 4, TrialState.PRUNED)]):
+        hist = make_history(ran, k, scheduler="cosine", lr=1e-3)
+        study.add_trial(create_trial(
+            state=state, value=min(h["val_loss"] for h in hist) if state == TrialState.COMPLETE else None,
+            params={"lr": 1e-3, "epochs": scheduled},
+            distributions={"lr": DISTRIBUTIONS["lr"], "epochs": optuna.distributions.IntDistribution(5, 30)},
+            user_attrs={"history": hist, "config": {"lr": 1e-3, "epochs": scheduled}},
+            intermediate_values={h["epoch"]: h["val_loss"] for h in hist}))
+    assert main(["ep", "--group-by", "epochs"]) == 0
+    table = pd.read_csv("runs/ep/report/trials.csv")
+    assert table["epochs"].tolist() == [10, 4] and table["param_epochs"].tolist() == [10, 30]
+
+
 def test_study_files_are_the_table_and_the_plots_with_importances_from_ten_completed_trials(in_tmp):
     assert report.IMPORTANCE_MIN_COMPLETE == 10  # the number the README states
     study = optuna.create_study(direction="minimize")
