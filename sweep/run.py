@@ -454,10 +454,18 @@ def _publish(study: Any, settings: _Settings, *, tracked: bool) -> int:
     print(f"retraining the best trial to ship it as a model{more} ...", file=sys.stderr, flush=True)
     started, tty = time.monotonic(), sys.stderr.isatty()
 
+    retrained = 0
+
     def shown(m: Any, epochs: int) -> None:
+        nonlocal retrained
+        value = f"{settings.space.metric} {format_value(getattr(m, settings.space.metric))}"
         if tty:
-            print(f"\r\x1b[K  retraining: epoch {m.epoch}/{epochs} {settings.space.metric} "
-                  f"{format_value(getattr(m, settings.space.metric))}", end="", file=sys.stderr, flush=True)
+            print(f"\r\x1b[K  retraining: epoch {m.epoch}/{epochs} {value}", end="", file=sys.stderr,
+                  flush=True)
+        elif m.epoch == epochs:  # a log file gets a line per model: a member can take minutes
+            retrained += 1
+            print(f"  retrained model {retrained} to epoch {epochs}: {value} "
+                  f"({time.monotonic() - started:.0f} s)", file=sys.stderr, flush=True)
 
     try:
         result = publish_best(study, tracking_uri=settings.tracking_uri,

@@ -49,7 +49,11 @@ def test_the_objective_never_sees_a_test_row():
 
 def test_a_study_scores_the_best_trial_and_the_mean_of_the_top_three_on_the_test_rows(in_tmp, capsys):
     assert main([str(write_space(in_tmp, SPLIT)), "--no-tracking", "--out", "out"]) == 0
-    out = capsys.readouterr().out
+    captured = capsys.readouterr()
+    out = captured.out
+    # Not a terminal: a progress line per retrained model (the best and two members).
+    progress = [line.split(" to epoch")[0] for line in captured.err.splitlines() if "retrained model" in line]
+    assert progress == [f"  retrained model {i}" for i in (1, 2, 3)]
     study = journal_study(in_tmp / "out", "split")
     done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     top = sorted(done, key=lambda t: t.value)[:3]
