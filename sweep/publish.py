@@ -339,8 +339,12 @@ def publish_best(study: Any, *, tracking_uri: str | None = None, out_dir: str | 
         reproduced=reproduced, bundle_path=bundle_path,
     )
     if retrained.data.y_test is not None:
-        members = [retrained] + [retrain_trial(study, t, on_epoch=on_epoch)
-                                 for t in top_trials(study, ensemble_top_k)[1:]]
+        members = [retrained]
+        for t in top_trials(study, ensemble_top_k)[1:]:
+            try:
+                members.append(retrain_trial(study, t, on_epoch=on_epoch))
+            except PublishError as exc:  # the best model is still shipped, with a smaller ensemble
+                warnings.warn(f"ensemble: trial {t.number} left out: {exc}", RuntimeWarning, stacklevel=2)
         publish.test_metrics, publish.predictions = score_on_test(members)
         publish.ensemble_trials = [m.trial.number for m in members] if len(members) > 1 else []
         publish.predictions_path = atomic_write(

@@ -238,7 +238,12 @@ def test_pipeline_round_trips_through_json_to_identical_output():
     (lambda d: d["feature_names"].__setitem__(1, "dur"), "feature_names: duplicate 'dur'"),
 ])
 def test_pipeline_from_dict_names_what_is_wrong(change, match):
-    pipe = Pipeline.fit(synthetic_frame(100, 0), scaling="standard", source="f")
+    assert_from_dict_refuses(change, match, scaling="standard")
+
+
+def assert_from_dict_refuses(change, match: str, *, scaling: str) -> None:
+    """A pipeline fitted with ``scaling``, saved as JSON and spoiled by ``change``, fails naming it."""
+    pipe = Pipeline.fit(synthetic_frame(100, 0), scaling=scaling, source="f")
     d = json.loads(json.dumps(pipe.to_dict()))
     change(d)
     with pytest.raises(DataError, match=match):

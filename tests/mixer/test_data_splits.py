@@ -24,6 +24,7 @@ from mixer.data import (
     synthetic_frame,
 )
 from mixer.model import init_params
+from tests.mixer.test_data import assert_from_dict_refuses
 
 NUMERIC = [name for name in FEATURE_NAMES if name not in CATEGORICAL]
 # The keys every pipeline had before scaling "quantile"; such saved pipelines must keep loading.
@@ -191,11 +192,7 @@ def _drop_last_feature(d):
     (lambda d: d.update(scaling="standard"), "key 'quantiles' belongs to scaling 'quantile' only"),
 ])
 def test_a_corrupted_quantile_entry_is_named(change, match):
-    pipe = Pipeline.fit(synthetic_frame(100, 0), scaling="quantile", source="f")
-    d = json.loads(json.dumps(pipe.to_dict()))
-    change(d)
-    with pytest.raises(DataError, match=match):
-        Pipeline.from_dict(d)
+    assert_from_dict_refuses(change, match, scaling="quantile")
 
 
 def test_a_bundle_with_corrupted_quantiles_is_refused_naming_them(tmp_path):

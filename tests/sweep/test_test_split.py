@@ -10,10 +10,12 @@ import optuna
 import pandas as pd
 import pytest
 
-from mixer.config import DataConfig
+from mixer.config import DataConfig, MixerConfig, TrainConfig
 from mixer.data import load
 from mixer.metrics import binary_metrics
+from mixer.train import fit
 from sweep.objective import load_data
+from sweep.publish import publish_best
 from sweep.run import main
 from sweep.space import SpaceError, parse_space
 from tests.sweep.test_run import journal_study, write_space
@@ -104,3 +106,23 @@ def test_test_fraction_with_a_test_csv_is_refused():
     with pytest.raises(ValueError, match="test_fraction and test_csv"):
         dataclasses.replace(DataConfig(), source="csv", train_csv="a.csv", test_csv="b.csv",
                             test_fraction=0.1)
+
+
+def test_a_member_that_cannot_be_retrained_is_left_out_and_the_best_model_still_ships(tmp_path):
+    data_config = DataConfig(n_rows=400, seed=0, test_fraction=0.25)
+    train = TrainConfig(model=MixerConfig(patch_size=7, dim=8, depth=1), epochs=2, batch_size=64)
+    study = optuna.create_study()
+    for number, attrs in enumerate([None, {"config": {"lr": "not a number"}, "seed": 1}, None]):
+        if attrs is None:
+            result = fit(train, load(data_config), seed=number)
+            attrs = {"config": {**train.to_flat(), **dataclasses.asdict(data_config)}, "seed": number,
+                     "history": [{"epoch": m.epoch, **m.as_dict()} for m in result.history]}
+        study.add_trial(optuna.trial.create_trial(
+            value=0.1 * (number + 1), params={"lr": 1e-3}, user_attrs=attrs,
+            distributions={"lr": optuna.distributions.FloatDistribution(1e-4, 1e-2, log=True)}))
+    with pytest.warns(RuntimeWarning, match="ensemble: trial 1 left out"):
+        published = publish_best(study, out_dir=tmp_path, log_model=False, ensemble_top_k=3)
+    assert published.trial_number == 0 and published.ensemble_trials == [0, 2]
+    assert (tmp_path / "best_model.npz").is_file()
+    frame = pd.read_csv(tmp_path / "test_predictions.csv")
+    assert list(frame.columns) == ["row", "label", "trial_0", "trial_2", "ensemble"]
