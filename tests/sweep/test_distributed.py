@@ -235,8 +235,10 @@ def test_a_sigkilled_workers_trial_is_failed_after_the_grace_period_and_retried_
 
     # Two trials, one per worker. The dead trial turns stale (after the grace period) only after the
     # survivor has finished its own: the survivor must wait for it and re-run it, not leave the
-    # study one trial short because the dead trial still counted as running.
-    w = make_workers(n_trials=2, epochs=8, rows=2000, heartbeat=1, grace=10)
+    # study one trial short because the dead trial still counted as running. Enough epochs that the
+    # victim is still training when it is killed: its run id reaches the storage asynchronously, and
+    # on a loaded machine an 8-epoch trial had finished by then (seen once in CI).
+    w = make_workers(n_trials=2, epochs=40, rows=2000, heartbeat=1, grace=10)
     victim, survivor = w.start(2)
     killed = _wait_for_running_trial(w, victim)
     os.killpg(victim.pid, signal.SIGKILL)
