@@ -122,7 +122,6 @@ class PublishResult:
     registered_version: str | None = None
     test_metrics: dict[str, float] | None = None
     ensemble_trials: list[int] = dataclasses.field(default_factory=list)
-    predictions: pd.DataFrame | None = dataclasses.field(default=None, repr=False)
     predictions_path: Path | None = None
 
     def summary(self) -> str:
@@ -180,7 +179,7 @@ def best_epoch_of(history: list[dict[str, Any]], metric: str, *, maximize: bool)
 
 @dataclass
 class Retrained:
-    """The best trial trained again: its bundle, the new history and the epoch shipped."""
+    """A trial trained again: its bundle, the new history, the epoch shipped and the data it used."""
 
     trial: Any
     bundle: Any
@@ -188,7 +187,7 @@ class Retrained:
     epoch: int
     metric: str
     data_config: Any
-    data: Any = None
+    data: Any
 
 
 def retrain_best(study: Any, *, on_epoch: Callable[[Any, int], None] | None = None) -> Retrained:
@@ -345,11 +344,11 @@ def publish_best(study: Any, *, tracking_uri: str | None = None, out_dir: str | 
                 members.append(retrain_trial(study, t, on_epoch=on_epoch))
             except PublishError as exc:  # the best model is still shipped, with a smaller ensemble
                 warnings.warn(f"ensemble: trial {t.number} left out: {exc}", RuntimeWarning, stacklevel=2)
-        publish.test_metrics, publish.predictions = score_on_test(members)
+        publish.test_metrics, predictions = score_on_test(members)
         publish.ensemble_trials = [m.trial.number for m in members] if len(members) > 1 else []
         publish.predictions_path = atomic_write(
             Path(out_dir) / PREDICTIONS_NAME,
-            lambda f: publish.predictions.to_csv(f, index=False, float_format="%.17g"), mode="w")
+            lambda f: predictions.to_csv(f, index=False, float_format="%.17g"), mode="w")
     if log_model:
         try:
             _log_to_mlflow(study, publish, retrained.data_config, tracking_uri=tracking_uri,
