@@ -31,6 +31,7 @@ DTYPES = ("float32", "float64")
 MAX_DIM = 4096  # channels per token (the notebook's model has 198)
 MAX_DEPTH = 256  # blocks (the shipped spaces search up to 12)
 MAX_EXPANSION = 16.0  # an MLP's hidden width over its input width (defaults 4 and 0.5)
+MAX_BINS = 256  # piecewise-linear bins per feature
 MAX_EPOCHS = 100_000  # also bounds the other counts of epochs: warmup_epochs, t_max, t_0, curvature_every
 MAX_BATCH_SIZE = 65_536  # rows per step, also for curvature_batch (the real sample has 20,000 rows)
 MAX_ROWS = 1_000_000  # synthetic rows, 50 times the real sample
@@ -87,12 +88,18 @@ class MixerConfig:
     stochastic_depth: float = 0.0
     gelu: str = "tanh"
     pos_weight: float = 1.0
+    # Piecewise-linear encoding of each value before the patch embedding (0 = the value as it is):
+    # ``bins`` pieces between the normal quantiles (see mixer.model.piecewise_linear).
+    bins: int = 0
 
     def __post_init__(self) -> None:
         _check_types(self)
         _check_max(self, MAX_DIM, "dim")
         _check_max(self, MAX_DEPTH, "depth")
         _check_max(self, MAX_EXPANSION, "token_expansion", "channel_expansion")
+        _check_max(self, MAX_BINS, "bins")
+        if self.bins < 0 or self.bins == 1:
+            raise ValueError(f"bins must be 0 (off) or >= 2, got bins={self.bins}")
         if self.n_features < 1:
             raise ValueError(f"n_features must be >= 1, got n_features={self.n_features}")
         if self.patch_size < 1 or self.n_features % self.patch_size:
@@ -119,6 +126,11 @@ class MixerConfig:
     @property
     def n_tokens(self) -> int:
         return self.n_features // self.patch_size
+
+    @property
+    def patch_width(self) -> int:
+        """Values per token entering the patch embedding: ``patch_size``, times ``bins`` if on."""
+        return self.patch_size * (self.bins or 1)
 
     @property
     def token_hidden(self) -> int:
@@ -189,6 +201,9 @@ class TrainConfig:
     # Sharpness-aware minimisation (Foret et al., 2021), 0 = off: each step takes its gradient at
     # w + sam_rho * g / ||g||, which costs a second forward and backward pass per step.
     sam_rho: float = 0.0
+    # Weights scored, kept and returned: an exponential moving average of the training weights
+    # with this decay per step (mixer.optim.ema_update), 0 = the training weights themselves.
+    ema_decay: float = 0.0
     # Gaussian noise added to each update, std = grad_noise / (1 + step) ** grad_noise_decay.
     grad_noise: float = 0.0
     grad_noise_decay: float = 0.55
@@ -234,6 +249,8 @@ class TrainConfig:
             raise ValueError(f"need curvature_tol >= 0, 0 < curvature_share_eps < 1 and "
                              f"curvature_escape_ratio > 0, got {self.curvature_tol}, "
                              f"{self.curvature_share_eps}, {self.curvature_escape_ratio}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in [0, 1), got ema_decay={self.ema_decay}")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ValueError(f"label_smoothing must be in [0, 1), got label_smoothing={self.label_smoothing}")
         if self.t_0 < 1 or self.t_mult < 1:

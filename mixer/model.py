@@ -1,7 +1,8 @@
 """The MLP-Mixer for tabular rows: parameters, forward, hand-written backward, loss.
 
 A row of ``n_features`` values is cut into ``n_tokens`` tokens of ``patch_size``
-consecutive features, each projected to ``dim`` channels; ``depth`` blocks then
+consecutive features (with ``bins``, each value first spread over that many pieces by
+``piecewise_linear``), each projected to ``dim`` channels; ``depth`` blocks then
 alternate a token-mixing MLP and a channel-mixing MLP (pre-norm, residual,
 dropout, stochastic depth rising linearly to ``stochastic_depth`` at the last
 block); a final LayerNorm, a mean over tokens and a linear head give one logit,
@@ -47,6 +48,7 @@ __all__ = [
     "loss_and_grads",
     "param_count",
     "param_shapes",
+    "piecewise_linear",
     "predict_logits",
     "set_num_threads",
     "threads_chosen",
@@ -58,12 +60,14 @@ SHARD_ROWS = 16
 # Rows per chunk in predict_logits: small enough for a chunk's activations to stay in cache,
 # and memory stays flat however many rows come in.
 EVAL_ROWS = 32
+# The outer edges of piecewise_linear's pieces, as normal quantiles: beyond them a value saturates.
+EDGE_TAIL = 0.0005
 
 
 # --------------------------------------------------------------------------- parameters
 def param_shapes(config: MixerConfig) -> dict[str, tuple[int, ...]]:
     """Name -> shape of every parameter, in the (stable) order ``init_params`` creates them."""
-    T, P, D = config.n_tokens, config.patch_size, config.dim
+    T, P, D = config.n_tokens, config.patch_width, config.dim
     Ht, Hc = config.token_hidden, config.channel_hidden
     shapes: dict[str, tuple[int, ...]] = {"embed.w": (D, P), "embed.b": (D,)}
     for i in range(config.depth):
@@ -117,12 +121,38 @@ def flops_per_example(config: MixerConfig, *, backward: bool = True) -> int:
     embedding, whose input needs no gradient. Elementwise work is not counted.
     ``backward=False``: the forward pass alone (evaluation).
     """
-    T, P, D = config.n_tokens, config.patch_size, config.dim
+    T, P, D = config.n_tokens, config.patch_width, config.dim
     embed = 2 * T * P * D
     block = 2 * (2 * T * D * config.token_hidden) + 2 * (2 * T * D * config.channel_hidden)
     head = 2 * D
     forward = embed + config.depth * block + head
     return 3 * forward - embed if backward else forward
+
+
+@functools.cache
+def _edges(bins: int) -> np.ndarray:
+    from statistics import NormalDist
+
+    levels = np.clip(np.arange(bins + 1) / bins, EDGE_TAIL, 1.0 - EDGE_TAIL)
+    return np.array([NormalDist().inv_cdf(float(q)) for q in levels])
+
+
+def piecewise_linear(x: np.ndarray, bins: int) -> np.ndarray:
+    """(..., P) -> (..., P * bins): each value spread over ``bins`` pieces, feature by feature.
+
+    Piece i lies between the standard normal's quantiles at i/bins and (i+1)/bins (the outer
+    edges at ``EDGE_TAIL`` and 1 - ``EDGE_TAIL``) and reads -1 below its piece, +1 above it and
+    linearly in between: the piecewise-linear encoding of Gorishniy et al. (2022), with the edges
+    of N(0, 1) rather than of the training data, because every scaling but ``global`` puts a
+    feature near N(0, 1) (``quantile`` exactly). A linear layer over it is a learned piecewise-
+    linear function of each value, so a threshold on one feature needs no hidden unit.
+    """
+    e = _edges(bins).astype(x.dtype)
+    z = (x[..., None] - e[:-1]) * (1.0 / (e[1:] - e[:-1])).astype(x.dtype)
+    np.clip(z, 0.0, 1.0, out=z)
+    z *= 2
+    z -= 1
+    return z.reshape(*x.shape[:-1], x.shape[-1] * bins)
 
 
 def drop_path_rates(config: MixerConfig) -> list[float]:
@@ -285,6 +315,8 @@ def _forward(
     need_grad = caches is not None
     # (b, T*P) -> token-major (T*b, P): the only transposed copy, and the smallest array.
     xt = np.ascontiguousarray(x.reshape(b, T, P).transpose(1, 0, 2)).reshape(T * b, P)
+    if config.bins:
+        xt = piecewise_linear(xt, config.bins)
     h, _ = L.linear_forward(xt, p["embed.w"], p["embed.b"])
     for (wt, wc), rate in zip(blocks, drop_path_rates(config), strict=True):
         ct = _residual_forward(h, True, wt, shape3, config, rate, rng, need_grad)
@@ -351,7 +383,7 @@ def _check_inputs(
 
 def _shape(config: MixerConfig) -> tuple[int, ...]:
     """What a step's cost depends on: part of the key under which its thread count is chosen."""
-    return (config.n_tokens, config.patch_size, config.dim, config.depth, config.token_hidden,
+    return (config.n_tokens, config.patch_width, config.dim, config.depth, config.token_hidden,
             config.channel_hidden)
 
 

@@ -18,6 +18,9 @@ decay 0.55 is the default; the noise goes on the gradient, i.e. into every updat
 the step: the gradient at the perturbed weights ``w + rho * g / ||g||``, the point of steepest ascent
 within a ball of radius ``rho``. It needs a second gradient evaluation per step.
 
+``ema_update`` keeps an exponential moving average of the weights after each step (Polyak
+averaging); the average sits nearer the middle of the basin the steps wander in than any one step.
+
 Speed: the step runs hundreds of times per epoch over ~60 arrays, most of them small, so the
 moment estimates live in one flat buffer per statistic (one dtype, the parameters') and the
 arithmetic runs as a handful of ufunc calls over all parameters at once, in place, with
@@ -34,7 +37,7 @@ import numpy as np
 
 from mixer.config import TrainConfig
 
-__all__ = ["Adam", "StepStats", "sam_gradients"]
+__all__ = ["Adam", "StepStats", "ema_update", "sam_gradients"]
 
 # torch.nn.utils.clip_grad_norm_ adds this to the norm before dividing.
 _CLIP_EPS = 1e-6
@@ -273,3 +276,18 @@ def sam_gradients(params: dict[str, np.ndarray], grads: dict[str, np.ndarray], r
     finally:
         for k, p in params.items():
             p[...] = saved[k]
+
+
+def ema_update(average: dict[str, np.ndarray], params: dict[str, np.ndarray], decay: float,
+               step: int) -> None:
+    """``average <- d * average + (1 - d) * params`` in place, ``d = min(decay, (1 + step) / (10 + step))``.
+
+    The ramp is TensorFlow's ``ExponentialMovingAverage(num_updates=step)``: over the first steps
+    the average follows the weights closely, so their random start does not linger in it.
+    ``step`` is the number of optimiser steps taken, this one included.
+    """
+    if not 0.0 < decay < 1.0:
+        raise ValueError(f"decay must be in (0, 1), got decay={decay}")
+    d = min(decay, (1 + step) / (10 + step))
+    for k, a in average.items():
+        a += (1.0 - d) * (params[k] - a)

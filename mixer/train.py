@@ -76,7 +76,8 @@ class FitResult:
         reason: why the run did not complete, else None.
         best_epoch: the epoch with the lowest val_loss (0 if none finished).
         best_params: the parameters at the end of ``best_epoch``.
-        params: the parameters at the end of the run.
+        params: the parameters at the end of the run. With ``ema_decay`` both are the moving
+            average of the weights, which is also what validation scores and the probes measure.
         probes: epoch -> the curvature probe taken then (its Ritz values and weights give the
             spectral density, its ``ritz.vector_min`` the direction of ``loss_slices``).
         probe_batch: the rows ``(x, y)`` every probe used, or None without probes.
@@ -137,7 +138,7 @@ def fit(config: TrainConfig, data: Dataset, *, seed: int, on_epoch: OnEpoch | No
     """
     from mixer.diagnosis import stalled
     from mixer.model import init_params, loss_and_grads, predict_logits
-    from mixer.optim import Adam, sam_gradients
+    from mixer.optim import Adam, ema_update, sam_gradients
     from mixer.schedules import learning_rate
 
     model = config.model
@@ -152,6 +153,8 @@ def fit(config: TrainConfig, data: Dataset, *, seed: int, on_epoch: OnEpoch | No
     dropout_rng = np.random.default_rng(dropout_ss)
     params = init_params(model, int(init_ss.generate_state(1)[0]), dtype=dtype)
     optimizer = Adam.from_config(config, params, rng=np.random.default_rng(noise_ss))
+    # What is scored, probed, kept and returned: the weights, or their moving average.
+    scored = {k: v.copy() for k, v in params.items()} if config.ema_decay else params
 
     x_train = np.ascontiguousarray(data.x_train, dtype=dtype)
     y_train = np.ascontiguousarray(data.y_train, dtype=dtype)
@@ -167,7 +170,7 @@ def fit(config: TrainConfig, data: Dataset, *, seed: int, on_epoch: OnEpoch | No
         probe = (x_train[rows], y_train[rows])
 
     history: list[EpochMetrics] = []
-    best_epoch, best_loss, best_params = 0, np.inf, {k: v.copy() for k, v in params.items()}
+    best_epoch, best_loss, best_params = 0, np.inf, {k: v.copy() for k, v in scored.items()}
     status, reason = "completed", None
     for epoch in range(1, config.epochs + 1):
         started = time.perf_counter()
@@ -193,6 +196,8 @@ def fit(config: TrainConfig, data: Dataset, *, seed: int, on_epoch: OnEpoch | No
             if not np.isfinite(stats.grad_norm):
                 status, reason = "diverged", f"gradient norm is {stats.grad_norm} at epoch {epoch}"
                 break
+            if config.ema_decay:
+                ema_update(scored, params, config.ema_decay, optimizer.step_count)
             loss_sum += loss * len(rows)
             norm_sum += stats.grad_norm
             norm_max = max(norm_max, stats.grad_norm)
@@ -200,7 +205,7 @@ def fit(config: TrainConfig, data: Dataset, *, seed: int, on_epoch: OnEpoch | No
             steps += 1
         if status == "diverged":
             break
-        logits = predict_logits(params, x_val, model)
+        logits = predict_logits(scored, x_val, model)
         val_loss = bce_with_logits(logits, y_val, pos_weight=model.pos_weight)
         if not np.isfinite(val_loss):
             status, reason = "diverged", f"validation loss is {val_loss} at epoch {epoch}"
@@ -212,7 +217,7 @@ def fit(config: TrainConfig, data: Dataset, *, seed: int, on_epoch: OnEpoch | No
         if probe is not None and ((every and epoch % every == 0) or (at_end and epoch == config.epochs)
                                   or (on_plateau and stalled(train_losses))):
             warm = probes[max(probes)] if probes else None
-            probes[epoch], curvature = _probe(params, probe, config, seed, warm)
+            probes[epoch], curvature = _probe(scored, probe, config, seed, warm)
         metrics = EpochMetrics(
             epoch=epoch, train_loss=train_losses[-1], val_loss=val_loss,
             val_accuracy=scores["accuracy"], val_precision=scores["precision"],
@@ -223,12 +228,12 @@ def fit(config: TrainConfig, data: Dataset, *, seed: int, on_epoch: OnEpoch | No
         history.append(metrics)
         if val_loss < best_loss:
             best_epoch, best_loss = epoch, val_loss
-            best_params = {k: v.copy() for k, v in params.items()}
+            best_params = {k: v.copy() for k, v in scored.items()}
         if on_epoch is not None and on_epoch(metrics):
             status, reason = "stopped", f"stopped after epoch {epoch} of {config.epochs}"
             break
     return FitResult(history=history, status=status, reason=reason, best_epoch=best_epoch,
-                     best_params=best_params, params=params, probes=probes, probe_batch=probe)
+                     best_params=best_params, params=scored, probes=probes, probe_batch=probe)
 
 
 def format_epoch(m: EpochMetrics, epochs: int) -> str:

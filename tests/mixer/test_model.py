@@ -48,6 +48,8 @@ GRAD_CASES = {
     "p2-erf-train-deep": (MixerConfig(n_features=8, patch_size=2, dim=3, depth=4, gelu="erf",
                                       dropout=0.25, stochastic_depth=0.6, pos_weight=3.0,
                                       token_expansion=1.5), True),
+    # Piecewise-linear encoding before the patch embedding, with dropout on.
+    "bins-p2-train": (MixerConfig(n_features=4, patch_size=2, dim=3, depth=2, bins=4, dropout=0.2), True),
     # Drop-path at 0.9 on 3 rows: whole branches skipped, single samples zeroed, subsets gathered.
     "droppath-only-high": (MixerConfig(n_features=4, patch_size=2, dim=3, depth=3,
                                        stochastic_depth=0.9, token_expansion=1.0), True),
@@ -89,6 +91,35 @@ def test_model_gradients_match_centred_differences(case):
             numeric.reshape(-1)[i] = (plus - minus) / (2 * h)
         assert grads[key].shape == p.shape
         assert rel_error(grads[key], numeric, scale=grad_scale(grads)) < 1e-6, key
+
+
+def test_piecewise_linear_reads_minus_one_below_each_piece_plus_one_above_and_linear_inside():
+    from statistics import NormalDist
+
+    bins = 4
+    inner = [NormalDist().inv_cdf(q) for q in (0.25, 0.5, 0.75)]  # 0 is the middle edge
+    x = np.array([[-10.0, 0.0, inner[2], 10.0]])
+    z = M.piecewise_linear(x, bins).reshape(4, bins)
+    np.testing.assert_array_equal(z[0], [-1, -1, -1, -1])   # below every piece: saturated
+    np.testing.assert_array_equal(z[1], [1, 1, -1, -1])     # the median fills the lower two
+    np.testing.assert_allclose(z[2], [1, 1, 1, -1])
+    np.testing.assert_array_equal(z[3], [1, 1, 1, 1])
+    # Halfway between two edges reads 0 in that piece; the encoding keeps the order of values.
+    mid = np.array([[(inner[0] + inner[1]) / 2]])
+    np.testing.assert_allclose(M.piecewise_linear(mid, bins)[0], [1, 0, -1, -1], atol=1e-12)
+    v = np.linspace(-4, 4, 101)[:, None]
+    assert (np.diff(M.piecewise_linear(v, bins).sum(axis=1)) >= 0).all()
+
+
+def test_bins_widen_only_the_patch_embedding():
+    plain = MixerConfig(n_features=6, patch_size=3, dim=5, depth=1)
+    binned = MixerConfig(n_features=6, patch_size=3, dim=5, depth=1, bins=8)
+    shapes, wide = M.param_shapes(plain), M.param_shapes(binned)
+    assert wide.pop("embed.w") == (5, 24) and shapes.pop("embed.w") == (5, 3)
+    assert wide == shapes
+    assert M.flops_per_example(binned) > M.flops_per_example(plain)
+    with pytest.raises(ValueError, match="bins must be 0"):
+        MixerConfig(bins=1)
 
 
 def test_drop_path_drops_whole_branches_of_some_samples_and_rescales_the_rest():

@@ -299,3 +299,17 @@ def test_sam_restores_float32_weights_bit_for_bit_and_keeps_a_zero_gradient():
     assert sam_gradients(params, zero, 0.05, lambda: pytest.fail("no ascent direction")) is zero
     with pytest.raises(ValueError, match="rho"):
         sam_gradients(params, grads, 0.0, lambda: grads)
+
+
+def test_ema_update_follows_the_hand_computed_average_with_its_ramp():
+    from mixer.optim import ema_update
+
+    average = {"w": np.array([1.0, 2.0])}
+    ema_update(average, {"w": np.array([3.0, 0.0])}, 0.99, step=1)  # d = min(0.99, 2/11)
+    d = 2 / 11
+    np.testing.assert_allclose(average["w"], d * np.array([1.0, 2.0]) + (1 - d) * np.array([3.0, 0.0]))
+    before = average["w"].copy()
+    ema_update(average, {"w": np.array([0.0, 0.0])}, 0.5, step=1000)  # the ramp is past: d = 0.5
+    np.testing.assert_allclose(average["w"], 0.5 * before)
+    with pytest.raises(ValueError, match="decay must be in"):
+        ema_update(average, average, 1.0, step=1)

@@ -214,3 +214,26 @@ def test_label_smoothing_trains_on_soft_targets_and_scores_validation_on_the_pla
     y = data.y_val
     plain = np.mean(y * np.logaddexp(0, -logits) + (1 - y) * np.logaddexp(0, logits))
     assert result.history[-1].val_loss == pytest.approx(plain, rel=1e-6)
+
+
+def test_a_moving_average_is_what_is_scored_and_returned_and_training_itself_is_unchanged(data):
+    averaged = dataclasses.replace(TINY, ema_decay=0.99)
+    result, plain = fit(averaged, data, seed=4), fit(TINY, data, seed=4)
+    assert [m.train_loss for m in result.history] == [m.train_loss for m in plain.history]
+    assert [m.val_loss for m in result.history] != [m.val_loss for m in plain.history]
+    # Validation scored the returned weights, and those are not the training weights.
+    logits = mixer.model.predict_logits(result.params, data.x_val, TINY.model).astype(np.float64)
+    y = data.y_val
+    assert result.history[-1].val_loss == pytest.approx(
+        np.mean(y * np.logaddexp(0, -logits) + (1 - y) * np.logaddexp(0, logits)), rel=1e-6)
+    assert any(not np.array_equal(result.params[k], plain.params[k]) for k in plain.params)
+    with pytest.raises(ValueError, match="ema_decay must be in"):
+        dataclasses.replace(TINY, ema_decay=1.0)
+
+
+def test_bins_train_through_fit(data):
+    binned = dataclasses.replace(TINY, model=dataclasses.replace(TINY.model, bins=8))
+    result = fit(binned, data, seed=5)
+    assert result.status == "completed"
+    assert result.params["embed.w"].shape == (16, 6 * 8)
+    assert result.history[-1].val_loss < result.history[0].val_loss
