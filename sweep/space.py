@@ -453,7 +453,8 @@ def _check_ranges(c: _Checker, data: dict[str, Any], train: dict[str, Any],
 
 # The knobs that size a run's memory, and which of a searched knob's values makes the largest run.
 _LARGEST = {"dim": max, "depth": max, "batch_size": max, "token_expansion": max, "channel_expansion": max,
-            "patch_size": min, "bins": max, "dtype": lambda values: "float64" if "float64" in values else values[0]}
+            "bins": max, "patch_size": min,
+            "dtype": lambda values: "float64" if "float64" in values else values[0]}
 
 
 def _check_memory(c: _Checker, data: dict[str, Any], train: dict[str, Any],
