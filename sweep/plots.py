@@ -388,8 +388,12 @@ def _last_probe(r: TrialRecord) -> dict[str, float] | None:
     return probed[-1] if probed else None
 
 
-def _trial_list(numbers: Sequence[int]) -> str:
-    return ", ".join(f"#{n}" for n in numbers)
+def _trial_list(numbers: Sequence[int], *, most: int = 10) -> str:
+    """``#2, #3, ...``; past ``most`` numbers, the first ones, the last and the count, so that a
+    long study's title stays as wide as its figure."""
+    if len(numbers) <= most:
+        return ", ".join(f"#{n}" for n in numbers)
+    return f"{', '.join(f'#{n}' for n in numbers[:most - 1])}, …, #{numbers[-1]} ({len(numbers)} trials)"
 
 
 def curvature_figures(records: Sequence[TrialRecord], *, group_by: str = DEFAULT_GROUP_BY,

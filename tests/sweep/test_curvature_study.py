@@ -85,6 +85,12 @@ def record(number: int, value: float | None, *, probes: bool = True, plateau=Non
                        plateau=plateau, probes=stored, slices=cut)
 
 
+def test_a_long_list_of_trials_without_a_probe_is_cut_short_in_the_title():
+    records = [record(0, 0.3)] + [record(n, None, probes=False) for n in range(1, 46)]
+    title = plots.plot_landscape(records).axes[0].get_title()
+    assert "not shown, no curvature probe: #1, #2, #3, #4, #5, #6, #7, #8, #9, …, #45 (45 trials)" in title
+
+
 def test_the_landscape_places_each_probed_trial_and_names_those_without_a_probe():
     records = [record(0, 0.3), record(1, 0.4, scheduler="cosine"), record(2, 0.5, probes=False),
                record(3, None, probes=False)]
