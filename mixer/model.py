@@ -143,9 +143,10 @@ def piecewise_linear(x: np.ndarray, bins: int) -> np.ndarray:
     Piece i lies between the standard normal's quantiles at i/bins and (i+1)/bins (the outer
     edges at ``EDGE_TAIL`` and 1 - ``EDGE_TAIL``) and reads -1 below its piece, +1 above it and
     linearly in between: the piecewise-linear encoding of Gorishniy et al. (2022), with the edges
-    of N(0, 1) rather than of the training data, because every scaling but ``global`` puts a
-    feature near N(0, 1) (``quantile`` exactly). A linear layer over it is a learned piecewise-
-    linear function of each value, so a threshold on one feature needs no hidden unit.
+    of N(0, 1) rather than of the training data, because every scaling but ``global`` gives each
+    feature mean 0 and standard deviation 1 (``quantile``: a normal score). A linear layer over it
+    is a learned piecewise-linear function of each value, so a threshold on one feature needs no
+    hidden unit.
     """
     e = _edges(bins).astype(x.dtype)
     z = (x[..., None] - e[:-1]) * (1.0 / (e[1:] - e[:-1])).astype(x.dtype)
