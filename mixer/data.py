@@ -26,7 +26,6 @@ line N + 1 of the file (the header is line 1); both numbers are given. For an in
 from __future__ import annotations
 
 import math
-import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,6 +34,7 @@ import numpy as np
 import pandas as pd
 
 from mixer.config import SCALINGS, DataConfig
+from mixer.metrics import normal_quantiles
 from mixer.synthetic import synthetic_frame
 
 __all__ = [
@@ -231,9 +231,7 @@ def _quantile_normal(x: np.ndarray, quantiles: np.ndarray) -> np.ndarray:
     """
     n = len(quantiles)
     levels = np.linspace(0.0, 1.0, n)
-    # n <= 1000 scalar calls: the standard library's inverse CDF, no scipy at run time.
-    normal = statistics.NormalDist()
-    scores = np.array([normal.inv_cdf(p) for p in np.clip(levels, _LEVEL_EPS, 1.0 - _LEVEL_EPS)])
+    scores = normal_quantiles(n, tail=_LEVEL_EPS)
     out = np.empty_like(x)
     for j in range(x.shape[1]):
         q = quantiles[:, j]

@@ -1,4 +1,5 @@
-"""How good a model's outputs are: binary cross-entropy, precision / recall / F1, ROC AUC.
+"""How good a model's outputs are: binary cross-entropy, precision / recall / F1, ROC AUC; and the
+standard normal's quantiles that quantile scaling and the model's piecewise-linear encoding share.
 
 Training (each epoch's validation scores) and ``python -m mixer.evaluate`` both use these. The
 loss value comes from the differentiable op ``layers.bce_with_logits_forward``, so the loss a
@@ -8,6 +9,7 @@ run reports is the one its gradients descend.
 from __future__ import annotations
 
 import math
+import statistics
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -16,7 +18,17 @@ import numpy as np
 from mixer import layers as L
 
 __all__ = ["BinaryMetrics", "bce_with_logits", "binary_metrics", "classification_metrics",
-           "precision_recall_f1", "roc_auc"]
+           "normal_quantiles", "precision_recall_f1", "roc_auc"]
+
+
+def normal_quantiles(n: int, *, tail: float) -> np.ndarray:
+    """The standard normal's quantiles at ``n`` evenly spaced levels from 0 to 1, float64.
+
+    The levels are kept in ``[tail, 1 - tail]``, so the outer two are finite. ``n`` scalar calls of
+    the standard library's inverse CDF: no scipy at run time.
+    """
+    normal = statistics.NormalDist()
+    return np.array([normal.inv_cdf(float(p)) for p in np.clip(np.linspace(0.0, 1.0, n), tail, 1.0 - tail)])
 
 
 def bce_with_logits(logits: np.ndarray, y: np.ndarray, *, pos_weight: float = 1.0) -> float:

@@ -36,6 +36,7 @@ import numpy as np
 from mixer import layers as L
 from mixer._parallel import bounds, get_num_threads, parallel_map, set_num_threads, threads_chosen
 from mixer.config import MixerConfig
+from mixer.metrics import normal_quantiles
 
 __all__ = [
     "EVAL_ROWS",
@@ -131,10 +132,7 @@ def flops_per_example(config: MixerConfig, *, backward: bool = True) -> int:
 
 @functools.cache
 def _edges(bins: int) -> np.ndarray:
-    from statistics import NormalDist
-
-    levels = np.clip(np.arange(bins + 1) / bins, EDGE_TAIL, 1.0 - EDGE_TAIL)
-    return np.array([NormalDist().inv_cdf(float(q)) for q in levels])
+    return normal_quantiles(bins + 1, tail=EDGE_TAIL)
 
 
 def piecewise_linear(x: np.ndarray, bins: int) -> np.ndarray:
