@@ -1,49 +1,9 @@
 """Curvature of the training loss: Hessian-vector products, Lanczos, the spectrum, the escape test.
 
-The probe answers one question about a point θ of training: is the loss surface there bowl-like
-(all Hessian eigenvalues >= 0), flat, or a saddle (a clearly negative eigenvalue)? It never forms
-the Hessian (400k parameters would need 1.3 TB): it only needs products ``H v``.
-
-* ``hvp`` gets ``H v`` by a central difference of the analytic gradient,
-  ``(g(θ + εv) - g(θ - εv)) / 2ε``, with ``ε = c · sqrt(u) · (1 + ||θ||) / ||v||`` (``u`` the unit
-  round-off of the probe's dtype): a step relative to the size of the weights and independent of
-  the length of ``v``. The textbook optimum for central differences is ``u^(1/3)`` (truncation
-  O(ε²) against rounding O(u/ε)), but it assumes third derivatives no larger than the loss; along
-  a Mixer's sharp directions they are far larger. In float64 ``c = 1`` leaves the truncation
-  negligible. In float32 ``sqrt(u)`` is not small enough: a trained Mixer's extremes came out up
-  to 50 % off, and a float64 probe with the same step was as wrong, so it is truncation, not
-  rounding. Scanning ``c`` on tiny Mixers against their exact Hessian and on the default study's
-  and the headline's shapes against float64, ``c = 0.03`` has the smallest worst case (about
-  1e-3; ``c = 0.1`` lets truncation reach 1 %, ``c = 0.01`` lets rounding reach 2e-3). So ``fit``
-  probes in the training dtype. An exact
-  forward-over-reverse product would cost about the same two passes per product (each linear
-  layer's tangent doubles its matmuls), so it would buy precision the probe does not need, not
-  speed. The gradient is taken in eval mode (``train=False``: no dropout, no drop-path) so that
-  ``H`` is the Hessian of one deterministic function.
-* ``lanczos`` runs at most ``iters`` steps of the Lanczos iteration with full reorthogonalisation
-  (every new vector is made orthogonal to all previous ones, twice, because finite-difference
-  products are only nearly symmetric and plain three-term Lanczos would grow ghost copies of the
-  extreme eigenvalues). The eigenvalues of the small tridiagonal ``T`` (Ritz values) converge to
-  the extreme eigenvalues of ``H`` first; with ``iters = n`` they are all of ``H``'s. It stops
-  early once both extreme Ritz pairs have converged (``tol``), and it can be warm-started from
-  the previous probe's extreme Ritz vectors, which the weights have moved only a little.
-* The same run gives the spectral density by stochastic Lanczos quadrature (as PyHessian does):
-  the Ritz values are the nodes and the squared first components of the eigenvectors of ``T``
-  the weights of a quadrature of the start vector's spectral measure, which for a random start
-  vector is an estimate of the eigenvalue density. ``spectral_density`` broadens it by
-  Gaussians; ``negative_share`` is its mass below ``-eps``.
-* ``extreme_eigenvalues`` puts these together on a probe batch: ``λ_max`` (sharpness),
-  ``λ_min``, ``neg_ratio = |λ_min| / λ_max`` (how deep the most negative direction is; the
-  saddle rule's number) and ``neg_share`` (how much of the spectrum is negative: the landscape's
-  position, a different question). Ritz values lie inside ``[λ_min(H), λ_max(H)]``, so a
-  negative ``lambda_min`` is a certificate that ``H`` has an eigenvalue at least that negative
-  (up to the finite-difference error); an unconverged probe can only under-state it.
-* ``escape_test`` steps along ``±v_min`` and compares the loss's fall with ``½ α² λ_min``:
-  a saddle is confirmed when the loss really bends down as the curvature says.
-
-Cost: each Lanczos step is one product, i.e. two forward+backward passes on the probe batch, plus
-O(steps² · n) for the reorthogonalisation (small next to the passes); the escape test adds three
-forward passes. ``benchmarks/bench_curvature.py`` measures it.
+Is the loss surface at a point θ of training bowl-like, flat, or a saddle? The Hessian is never
+formed: Lanczos runs on products ``H v``, each a central difference of two eval-mode gradients, and
+gives the extreme eigenvalues and (by stochastic Lanczos quadrature) the spectral density; an escape
+test then checks a saddle. The design argument is in docs/architecture.md.
 """
 
 from __future__ import annotations
@@ -61,25 +21,9 @@ Params = dict[str, np.ndarray]
 MatVec = Callable[[np.ndarray], np.ndarray]
 GradFn = Callable[[np.ndarray], np.ndarray]
 
-__all__ = [
-    "Curvature",
-    "Escape",
-    "Ritz",
-    "central_difference_hvp",
-    "default_step",
-    "escape_test",
-    "extreme_eigenvalues",
-    "flatten",
-    "hvp",
-    "lanczos",
-    "loss_fn",
-    "loss_gradient_fn",
-    "loss_slices",
-    "neg_ratio",
-    "negative_share",
-    "spectral_density",
-    "unflatten",
-]
+__all__ = ["Curvature", "Escape", "Ritz", "central_difference_hvp", "default_step", "escape_test",
+           "extreme_eigenvalues", "flatten", "hvp", "lanczos", "loss_fn", "loss_gradient_fn", "loss_slices",
+           "neg_ratio", "negative_share", "spectral_density", "unflatten"]
 
 # Weight of each previous Ritz vector in a warm start, against a unit random vector. It lifts the
 # start vector's component along the extremes from ~1/sqrt(n) to ~0.1, and adds at most
@@ -91,15 +35,9 @@ MIN_STEPS = 4
 
 @dataclass(frozen=True)
 class Ritz:
-    """What a Lanczos run found.
-
-    Attributes:
-        values: Ritz values, ascending (the quadrature's nodes).
-        weights: squared first components of the eigenvectors of ``T`` (the quadrature's weights,
-            summing to 1; 0 for nodes found after a restart, outside the start vector's space).
-        residuals: ``||A y - θ y||`` of each Ritz pair.
-        vector_min, vector_max: the unit Ritz vectors of the extremes.
-    """
+    """What a Lanczos run found: Ritz values (ascending, the quadrature's nodes), their quadrature
+    weights (summing to 1; 0 for nodes found after a restart), the residuals ``||A y - θ y||`` of
+    the Ritz pairs, and the unit Ritz vectors of the two extremes."""
 
     values: np.ndarray
     weights: np.ndarray
@@ -112,17 +50,10 @@ class Ritz:
 class Curvature:
     """Hessian eigenvalues of the loss at one point, as the Lanczos probe saw them.
 
-    Attributes:
-        lambda_max: largest Ritz value (estimate of the largest Hessian eigenvalue: sharpness).
-        lambda_min: smallest Ritz value (estimate of the most negative eigenvalue, if any).
-        neg_ratio: ``|lambda_min| / lambda_max`` if ``lambda_min < 0`` (and ``lambda_max > 0``),
-            else 0. Above ~0.01 the negative curvature is more than round-off.
-        neg_share: the spectral density's mass below ``-eps`` times the spectral radius.
-        seconds: wall time of the probe.
-        iters: Lanczos steps taken (fewer than asked when converged or the Krylov space is exhausted).
-        residual_max: ``||H y - λ_max y||`` for the Ritz vector ``y`` (how converged λ_max is).
-        residual_min: the same for ``λ_min``.
-        ritz: the whole run (nodes and weights of the density, extreme Ritz vectors).
+    ``neg_ratio`` is ``|lambda_min| / lambda_max`` (see ``neg_ratio``): above ~0.01 the negative
+    curvature is more than round-off. ``neg_share`` is the spectral density's mass below ``-eps``
+    times the spectral radius; ``seconds`` is wall time; ``iters`` the Lanczos steps taken (fewer
+    when converged); ``residual_max``/``residual_min`` are ``||H y - λ y||`` of the extremes.
     """
 
     lambda_max: float
@@ -134,10 +65,6 @@ class Curvature:
     residual_max: float = float("nan")
     residual_min: float = float("nan")
     ritz: Ritz | None = field(default=None, repr=False, compare=False)
-
-
-# ---------------------------------------------------------------------------------------------
-# Flat parameter vectors
 
 
 def flatten(params: Params, *, dtype: np.dtype | type | None = None) -> np.ndarray:
@@ -160,30 +87,23 @@ def unflatten(vector: np.ndarray, like: Params) -> Params:
     return out
 
 
-# ---------------------------------------------------------------------------------------------
-# Hessian-vector products
-
-
 def default_step(theta: np.ndarray, v: np.ndarray) -> float:
-    """The central-difference step ε for direction ``v`` at ``theta`` (see the module docstring)."""
+    """The central-difference step ``ε = c · sqrt(u) · (1 + ||θ||) / ||v||``, ``u`` the dtype's round-off.
+
+    ``c = 0.03`` in float32, where truncation error dominates (benchmarks/README.md, "Curvature
+    probes", has the scan).
+    """
     v_norm = float(np.linalg.norm(v))
     if v_norm == 0.0:
         raise ValueError("the direction v must be non-zero, got ||v||=0")
     unit_roundoff = float(np.finfo(theta.dtype).eps)
-    factor = 1.0 if theta.dtype == np.float64 else 0.03  # float32: see the module docstring
+    factor = 1.0 if theta.dtype == np.float64 else 0.03
     return factor * unit_roundoff ** 0.5 * (1.0 + float(np.linalg.norm(theta))) / v_norm
 
 
 def central_difference_hvp(grad: GradFn, theta: np.ndarray, v: np.ndarray, *,
                            eps: float | None = None) -> np.ndarray:
-    """``H(θ) v ≈ (g(θ + εv) - g(θ - εv)) / 2ε`` for any gradient function ``g`` of a flat vector.
-
-    Args:
-        grad: the gradient of a scalar function, flat vector in, flat vector out.
-        theta: the point (float64 for accurate products).
-        v: the direction, same shape as ``theta``.
-        eps: the step; None picks ``default_step(theta, v)``.
-    """
+    """``H(θ) v ≈ (g(θ + εv) - g(θ - εv)) / 2ε`` for a flat gradient ``g``; ``eps`` None: ``default_step``."""
     if v.shape != theta.shape:
         raise ValueError(f"v must have the shape of theta {theta.shape}, got {v.shape}")
     if eps is None:
@@ -196,15 +116,10 @@ def central_difference_hvp(grad: GradFn, theta: np.ndarray, v: np.ndarray, *,
 
 def loss_gradient_fn(params: Params, x: np.ndarray, y: np.ndarray, config: MixerConfig, *,
                      dtype: np.dtype | type | None = np.float64) -> tuple[np.ndarray, GradFn]:
-    """The point θ and the flat eval-mode gradient function of the Mixer's loss on ``(x, y)``.
+    """``(theta, grad)``: the flat parameters and the flat eval-mode gradient of the loss on ``(x, y)``.
 
-    Args:
-        dtype: the precision of the probe; params and inputs are cast to it (None keeps the
-            params' own dtype). float64 makes the finite differences accurate to ~1e-10.
-
-    Returns:
-        ``(theta, grad)``: the flattened parameters and ``grad(theta) -> flat gradient``.
-    """
+    Params and inputs are cast to ``dtype`` (None keeps the params' own); float64 makes the finite
+    differences accurate to ~1e-10."""
     from mixer.model import loss_and_grads  # imported here: the model imports nothing of ours
 
     theta = flatten(params, dtype=dtype)
@@ -221,9 +136,8 @@ def hvp(params: Params, x: np.ndarray, y: np.ndarray, config: MixerConfig, v: np
         eps: float | None = None, dtype: np.dtype | type | None = np.float64) -> np.ndarray:
     """Hessian of the (eval-mode) training loss on ``(x, y)`` times ``v``, flat in sorted-key order.
 
-    ``v`` is a flat vector over all parameters in the order of ``flatten(params)``. For many
-    products at one point use ``loss_gradient_fn`` + ``central_difference_hvp`` (casts once).
-    """
+    ``v`` is flat in the order of ``flatten(params)``. For many products at one point use
+    ``loss_gradient_fn`` + ``central_difference_hvp`` (casts once)."""
     theta, grad = loss_gradient_fn(params, x, y, config, dtype=dtype)
     return central_difference_hvp(grad, theta, np.asarray(v, dtype=theta.dtype), eps=eps)
 
@@ -244,10 +158,6 @@ def loss_fn(params: Params, x: np.ndarray, y: np.ndarray, config: MixerConfig, *
     return theta, loss
 
 
-# ---------------------------------------------------------------------------------------------
-# Lanczos and the spectral density
-
-
 def _tridiagonal_eigh(alpha: np.ndarray, beta: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Eigenpairs of the symmetric tridiagonal matrix with diagonal ``alpha``, off-diagonal ``beta``."""
     return np.linalg.eigh(np.diag(alpha) + np.diag(beta, 1) + np.diag(beta, -1))
@@ -255,23 +165,13 @@ def _tridiagonal_eigh(alpha: np.ndarray, beta: np.ndarray) -> tuple[np.ndarray, 
 
 def lanczos(matvec: MatVec, n: int, *, iters: int, seed: int, tol: float = 0.0,
             warm: Sequence[np.ndarray] = ()) -> Ritz:
-    """Lanczos with full (twice-applied) reorthogonalisation; restarts on an invariant subspace.
+    """Lanczos on ``matvec`` (symmetric ``n × n``) with full (twice-applied) reorthogonalisation.
 
-    A restart (β = 0 in T) happens when the Krylov space of the start vector is exhausted before
-    ``iters`` steps, e.g. when the start vector misses some eigenvectors: the iteration continues
-    with a fresh random vector orthogonal to everything so far, so that ``iters = n`` always
-    reaches the full spectrum.
-
-    Args:
-        matvec: ``v -> A v`` for a symmetric ``n × n`` operator ``A``.
-        n: the dimension.
-        iters: the most steps to take (capped at ``n``); ``iters = n`` gives all of ``A``'s eigenvalues.
-        seed: seeds the random start vector (same seed, same result).
-        tol: after ``MIN_STEPS`` steps, stop once both extreme Ritz pairs have a residual
-            ``||A y - θ y|| <= tol · max|θ|`` (it bounds their distance to an eigenvalue of ``A``);
-            0 takes all ``iters`` steps.
-        warm: vectors close to the wanted eigenvectors (the previous probe's ``vector_min`` and
-            ``vector_max``), each added with weight ``WARM_WEIGHT`` to the random start vector.
+    At most ``iters`` steps (capped at ``n``; ``iters = n`` gives the whole spectrum: an exhausted
+    Krylov space restarts, β = 0 in T, from a fresh random vector orthogonal to all so far). After
+    ``MIN_STEPS`` steps it stops once both extreme Ritz pairs have ``||A y - θ y|| <= tol · max|θ|``
+    (``tol`` 0: all steps). ``warm`` vectors (the previous probe's extremes) are added with weight
+    ``WARM_WEIGHT`` to the start vector, which ``seed`` draws.
     """
     if n < 1:
         raise ValueError(f"n must be >= 1, got n={n}")
@@ -360,19 +260,10 @@ def extreme_eigenvalues(params: Params, x: np.ndarray, y: np.ndarray, config: Mi
                         share_eps: float = 0.01) -> Curvature:
     """λ_max, λ_min, their ratio and the negative share of the eval-mode loss's Hessian on ``(x, y)``.
 
-    Args:
-        params: the model's parameters (not modified).
-        x, y: the probe batch (keep it fixed across a run so probes are comparable).
-        config: the model's architecture.
-        iters: the most Lanczos steps (Hessian-vector products); capped at the number of parameters.
-        seed: seeds the Lanczos start vector.
-        dtype: precision of the probe (float64 by default; None keeps the params' dtype).
-        eps: finite-difference step; None picks ``default_step`` per product.
-        tol: stop when the extremes have converged (see ``lanczos``); 0 takes ``iters`` steps.
-        warm: the previous probe of this run, whose extreme Ritz vectors start this one.
-        share_eps: ``neg_share`` counts the density below ``-share_eps`` times the spectral
-            radius, broadened by a quarter of that, so that the bulk of near-zero eigenvalues
-            does not leak into it.
+    Keep the probe batch fixed across a run, so probes are comparable. ``iters``, ``seed`` and
+    ``tol`` go to ``lanczos``; ``warm`` is the run's previous probe, whose Ritz vectors start this
+    one. ``neg_share`` counts the density below ``-share_eps`` times the spectral radius, broadened
+    by a quarter of that, so the near-zero bulk does not leak in.
     """
     start = time.perf_counter()
     theta, grad = loss_gradient_fn(params, x, y, config, dtype=dtype)
@@ -385,34 +276,18 @@ def extreme_eigenvalues(params: Params, x: np.ndarray, y: np.ndarray, config: Mi
     lam_min, lam_max = float(ritz.values[0]), float(ritz.values[-1])
     cut = share_eps * max(abs(lam_min), abs(lam_max))
     share = negative_share(ritz, -cut, sigma=cut / 4) if cut > 0 else 0.0
-    return Curvature(
-        lambda_max=lam_max,
-        lambda_min=lam_min,
-        neg_ratio=neg_ratio(lam_min, lam_max),
-        neg_share=share,
-        seconds=time.perf_counter() - start,
-        iters=int(ritz.values.size),
-        residual_max=float(ritz.residuals[-1]),
-        residual_min=float(ritz.residuals[0]),
-        ritz=ritz,
-    )
-
-
-# ---------------------------------------------------------------------------------------------
-# Escaping a saddle, and the loss along a line
+    return Curvature(lambda_max=lam_max, lambda_min=lam_min, neg_ratio=neg_ratio(lam_min, lam_max),
+                     neg_share=share, seconds=time.perf_counter() - start, iters=int(ritz.values.size),
+                     residual_max=float(ritz.residuals[-1]), residual_min=float(ritz.residuals[0]), ritz=ritz)
 
 
 @dataclass(frozen=True)
 class Escape:
-    """The loss one step ``α`` either way along a unit direction ``v``, against the second-order model.
+    """The loss at θ and at ``θ ± α v`` (unit ``v``), against the second-order model.
 
-    Attributes:
-        alpha: the step length (in parameter space, ``v`` of length 1).
-        loss: the loss at θ; ``loss_plus`` and ``loss_minus`` at ``θ ± α v``.
-        predicted: ``-½ α² λ`` (the decrease the curvature ``λ = vᵀHv`` predicts).
-        gain: the measured decrease ``loss - (loss_plus + loss_minus) / 2`` over ``predicted``:
-            1 when the loss falls as predicted, <= 0 when it does not fall. The mean of the two
-            sides cancels the gradient's first-order term, which would otherwise pass for curvature.
+    ``predicted`` is ``-½ α² λ``; ``gain`` the measured decrease ``loss - (loss_plus + loss_minus) / 2``
+    over it: 1 when the loss falls as predicted, <= 0 when it does not. Averaging the two sides
+    cancels the gradient's first-order term, which would otherwise pass for curvature.
     """
 
     alpha: float
@@ -427,9 +302,8 @@ def escape_test(params: Params, x: np.ndarray, y: np.ndarray, config: MixerConfi
                 curvature: float, *, fraction: float = 0.003, dtype: np.dtype | type | None = None) -> Escape:
     """Step along ``±direction`` (e.g. ``Ritz.vector_min``) whose curvature is ``curvature < 0``.
 
-    The step is scaled so that the second-order model predicts a fall of ``fraction`` of the
-    loss: some 1e4 times float32's round-off of the loss, and small enough that at the tests'
-    constructed saddles the quadratic model holds within 10 % (at 1 % quartic terms add 30 %).
+    The step makes the second-order model predict a fall of ``fraction`` of the loss: far above
+    float32's round-off, yet small enough for the quadratic model to hold (docs/architecture.md).
     """
     if not curvature < 0:
         raise ValueError(f"the escape test needs negative curvature, got curvature={curvature}")
@@ -447,13 +321,8 @@ def escape_test(params: Params, x: np.ndarray, y: np.ndarray, config: MixerConfi
 
 def loss_slices(params: Params, x: np.ndarray, y: np.ndarray, config: MixerConfig, direction: np.ndarray, *,
                 alphas: np.ndarray, dtype: np.dtype | type | None = None) -> dict[str, np.ndarray]:
-    """1-D slices of the eval-mode loss on ``(x, y)``, for drawing.
-
-    Returns:
-        ``alpha`` (as given), ``direction`` (the loss at ``θ + α v`` for the unit ``v`` along
-        ``direction``, e.g. ``Ritz.vector_min``) and ``gradient`` (at ``θ - α g/||g||``, so that
-        positive steps go downhill).
-    """
+    """1-D slices of the eval-mode loss on ``(x, y)``, for drawing: ``alpha`` (as given), ``direction``
+    (the loss at ``θ + α v``, ``v`` the unit ``direction``) and ``gradient`` (at ``θ - α g/||g||``)."""
     theta, loss = loss_fn(params, x, y, config, dtype=dtype)
     _, grad = loss_gradient_fn(params, x, y, config, dtype=theta.dtype)
     alphas = np.asarray(alphas, dtype=np.float64)

@@ -1,18 +1,13 @@
 """Pure forward/backward pairs for the Mixer: linear, layernorm, GELU with fused dropout, BCE.
 
 Every differentiable op is a pair ``op_forward(...) -> (out, cache)`` and
-``op_backward(dout, cache) -> (dx, ...)`` with shapes in the docstring (CS231n
-``layers.py``). Nothing here holds state; randomness comes from the
-``np.random.Generator`` the caller passes. Dropout on a residual branch and drop-path are
-applied by the model (``mixer.model``), with ``dropout_mask``, so that it can skip dropped work.
+``op_backward(dout, cache) -> (dx, ...)`` (CS231n ``layers.py``), stateless; randomness comes from
+the caller's ``np.random.Generator``. The model applies residual-branch dropout and drop-path
+itself (with ``dropout_mask``), so that it can skip dropped work.
 
-Written for speed as much as clarity, because a training step is a few hundred NumPy calls on
-arrays of ~10^5 elements and every full pass over memory counts: results are computed in place
-where the operand is a temporary of our own (never in an array the caller passed), and Python
-float constants are "weak" scalars (NEP 50), so float32 stays float32. Each op's docstring or
-comment says what else it does for speed; benchmarks/README.md has the measurements.
-
-Dtype follows the input: float32 for training, float64 for gradient checks.
+Every pass over memory counts, so results are computed in place in our own temporaries (never in
+a caller's array). Python float constants are "weak" scalars (NEP 50), so the dtype follows the
+input: float32 for training, float64 for gradient checks.
 """
 
 from __future__ import annotations
@@ -24,22 +19,9 @@ import numpy as np
 
 from mixer._parallel import bounds
 
-__all__ = [
-    "GELU_TANH_COEF",
-    "TOKEN_BLOCK_COLUMNS",
-    "bce_with_logits_backward",
-    "bce_with_logits_forward",
-    "dropout_mask",
-    "erf",
-    "gelu_backward",
-    "gelu_forward",
-    "layernorm_backward",
-    "layernorm_forward",
-    "linear_backward",
-    "linear_forward",
-    "token_linear_backward",
-    "token_linear_forward",
-]
+__all__ = ["GELU_TANH_COEF", "TOKEN_BLOCK_COLUMNS", "bce_with_logits_backward", "bce_with_logits_forward",
+           "dropout_mask", "erf", "gelu_backward", "gelu_forward", "layernorm_backward", "layernorm_forward",
+           "linear_backward", "linear_forward", "token_linear_backward", "token_linear_forward"]
 
 # sqrt(2/pi) and the cubic coefficient of the tanh approximation of GELU (Hendrycks & Gimpel;
 # the same constants as torch's GELU(approximate="tanh")).
@@ -51,17 +33,14 @@ _INV_SQRT2PI = 1.0 / math.sqrt(2.0 * math.pi)
 _MASK_LEVELS = 1 << 16
 
 
-# --------------------------------------------------------------------------- linear
-# Token-mixing matmuls have one long axis (batch*dim columns) and two short ones (tokens,
-# hidden). OpenBLAS runs them faster on column blocks of this size than in one call, as a
-# block's operands then stay in L2.
+# Token-mixing matmuls have one long axis (batch*dim columns) and two short ones: OpenBLAS runs
+# them faster on column blocks of this size than in one call, as a block's operands stay in L2.
 TOKEN_BLOCK_COLUMNS = 1024
 
 
 @functools.lru_cache(maxsize=64)
 def _ones(n: int, dtype: np.dtype) -> np.ndarray:
-    """A read-only vector of ones: sums over an axis as a BLAS matrix-vector product, which beats
-    ``ndarray.sum`` on these shapes."""
+    """A read-only vector of ones: axis sums as BLAS matrix-vector products beat ``ndarray.sum`` here."""
     ones = np.ones(n, dtype=dtype)
     ones.flags.writeable = False
     return ones
@@ -73,16 +52,7 @@ def _column_blocks(n: int) -> tuple[slice, ...]:
 
 
 def linear_forward(x: np.ndarray, w: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, tuple]:
-    """Features-last affine map (torch ``nn.Linear``): ``out = x @ w.T + b``.
-
-    Args:
-        x: (n, in).
-        w: (out, in).
-        b: (out,).
-
-    Returns:
-        out (n, out) and the cache ``(x, w)``.
-    """
+    """Features-last affine map (torch ``nn.Linear``): x (n, in), w (out, in), b (out,) -> ``x @ w.T + b``."""
     out = x @ w.T
     out += b
     return out, (x, w)
@@ -95,19 +65,7 @@ def linear_backward(dout: np.ndarray, cache: tuple) -> tuple[np.ndarray, np.ndar
 
 
 def token_linear_forward(x: np.ndarray, w: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, tuple]:
-    """Features-first affine map, the token-mixing layer: ``out = w @ x + b[:, None]``.
-
-    With token-major activations (tokens, batch*dim), mixing tokens is one 2-D matmul whose
-    long axis (batch*dim) is contiguous: no transpose, no per-sample loop.
-
-    Args:
-        x: (in, n).
-        w: (out, in).
-        b: (out,).
-
-    Returns:
-        out (out, n) and the cache ``(x, w)``.
-    """
+    """Features-first affine map, the token-mixing layer: x (in, n), w (out, in) -> ``w @ x + b[:, None]``."""
     out = np.empty((w.shape[0], x.shape[1]), dtype=np.result_type(x, w))
     for cols in _column_blocks(x.shape[1]):
         np.matmul(w, x[:, cols], out=out[:, cols])
@@ -126,24 +84,12 @@ def token_linear_backward(dout: np.ndarray, cache: tuple) -> tuple[np.ndarray, n
     return dx, dw, dout @ _ones(dout.shape[1], dout.dtype)
 
 
-# --------------------------------------------------------------------------- layernorm
-def layernorm_forward(
-    x: np.ndarray, w: np.ndarray, b: np.ndarray, *, eps: float = 1e-5
-) -> tuple[np.ndarray, tuple]:
-    """LayerNorm over the last axis (torch ``nn.LayerNorm(dim)``, biased variance).
+def layernorm_forward(x: np.ndarray, w: np.ndarray, b: np.ndarray, *,
+                      eps: float = 1e-5) -> tuple[np.ndarray, tuple]:
+    """LayerNorm of x (n, dim) over the last axis (torch ``nn.LayerNorm(dim)``, biased variance).
 
-    The cache is ``(xhat, w, rstd)``: the normalised input and 1/std per row. Unlike llm.c
-    (which keeps x and recomputes xhat) we keep xhat, because the Mixer updates its residual
-    stream in place, so x does not survive until the backward pass; keeping xhat also saves
-    two passes there. That is one array the size of x per LayerNorm, plus one scalar per row.
-
-    Args:
-        x: (n, dim).
-        w, b: (dim,) scale and shift.
-        eps: added to the variance.
-
-    Returns:
-        out (n, dim) and the cache.
+    The cache is ``(xhat, w, rstd)``. Unlike llm.c we keep xhat, not x: the Mixer updates its
+    residual stream in place, so x does not survive until the backward pass (and it saves two passes).
     """
     dim = x.shape[-1]
     # Row means as matrix-vector products: BLAS gemv beats a NumPy reduction over short rows.
@@ -167,8 +113,7 @@ def layernorm_backward(dout: np.ndarray, cache: tuple) -> tuple[np.ndarray, np.n
     """Gradients of ``layernorm_forward``: dout (n, dim) -> dx (n, dim), dw (dim,), db (dim,).
 
     dx = rstd * (g - mean(g) - xhat * mean(g * xhat)) with g = dout * w; both means are
-    matrix-vector products with w, so no (n, dim) temporary is needed for them.
-    """
+    matrix-vector products with w, so they need no (n, dim) temporary."""
     xhat, w, rstd = cache
     dim = xhat.shape[-1]
     prod = dout * xhat
@@ -188,10 +133,8 @@ def layernorm_backward(dout: np.ndarray, cache: tuple) -> tuple[np.ndarray, np.n
     return dx, dw, db
 
 
-# --------------------------------------------------------------------------- erf and GELU
-# Cephes ndtr.c (S. L. Moshier, public domain), the rational approximations behind
-# scipy.special.erf: relative error ~1e-16 in float64, so the exact-GELU derivative below
-# (written with exp(-x^2/2)) agrees with the forward to far better than the 1e-6 gradient check.
+# Cephes ndtr.c (S. L. Moshier, public domain), behind scipy.special.erf: relative error ~1e-16 in
+# float64, so the exact-GELU derivative (with exp(-x^2/2)) agrees with the forward far past the check.
 _ERF_T = (9.60497373987051638749e0, 9.00260197203842689217e1, 2.23200534594684319226e3,
           7.00332514112805075473e3, 5.55923013010394962768e4)
 _ERF_U = (3.35617141647503099647e1, 5.21357949780152679795e2, 4.59432382970980127987e3,
@@ -217,9 +160,8 @@ def _polevl(x: np.ndarray, coefs: tuple[float, ...], *, monic: bool = False) -> 
     return acc
 
 
-# Eigen's single-precision erf (also XLA's and oneDNN's): x P(x^2) / Q(x^2) on x clamped to
-# [-4, 4], where erf is +-1 in float32. Within a few float32 ulps of the true erf, branch-free,
-# and so much faster in NumPy than the Cephes branches, which need masked gathers.
+# Eigen's single-precision erf (also XLA's and oneDNN's): x P(x^2) / Q(x^2) on x clamped to [-4, 4],
+# within a few float32 ulps; branch-free, so much faster in NumPy than Cephes' masked gathers.
 _ERF32_P = (-2.72614225801306e-10, 2.77068142495902e-08, -2.10102402082508e-06, -5.69250639462346e-05,
             -7.34990630326855e-04, -2.95459980854025e-03, -1.60960333262415e-02)
 _ERF32_Q = (-1.45660718464996e-05, -2.13374055278905e-04, -1.68282697438203e-03, -7.37332916720468e-03,
@@ -227,14 +169,10 @@ _ERF32_Q = (-1.45660718464996e-05, -2.13374055278905e-04, -1.68282697438203e-03,
 
 
 def erf(x: np.ndarray) -> np.ndarray:
-    """The error function, elementwise, in x's dtype, with NumPy only.
+    """The error function, elementwise, in x's dtype, with NumPy only (scipy is no runtime dependency).
 
-    scipy is not a runtime dependency (and its erf is slower than this on float32), and
-    ``np.vectorize(math.erf)`` is far slower. float64 (and anything that is not float32):
-    Cephes' algorithm, the one scipy.special.erf uses, a rational function for |x| <= 1 and
-    1 - erfc(|x|) with erfc = exp(-x^2) P(x)/Q(x) beyond; error ~1e-16, which keeps the
-    exact-GELU gradient check in float64 exact to ~1e-10. float32: Eigen's rational
-    approximation, error ~1e-7 (float32 resolution).
+    float32: Eigen's approximation, error ~1e-7. Any other dtype: Cephes, a rational function for
+    |x| <= 1 and 1 - erfc(|x|) with erfc = exp(-x^2) P(x)/Q(x) beyond, error ~1e-16.
     """
     x = np.asarray(x)
     if x.dtype == np.float32:
@@ -261,41 +199,23 @@ def erf(x: np.ndarray) -> np.ndarray:
     return out
 
 
-def gelu_forward(
-    x: np.ndarray,
-    *,
-    form: str = "tanh",
-    p: float = 0.0,
-    rng: np.random.Generator | None = None,
-    need_grad: bool = True,
-) -> tuple[np.ndarray, np.ndarray | None]:
+def gelu_forward(x: np.ndarray, *, form: str = "tanh", p: float = 0.0, rng: np.random.Generator | None = None,
+                 need_grad: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
     """GELU, optionally followed by dropout, fused: one pass over the hidden activation.
 
     ``form="tanh"``: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))) (the default: one tanh).
     ``form="erf"``: 0.5 x (1 + erf(x / sqrt(2))), exact (see ``erf``), slower.
     With ``p > 0`` and an ``rng`` the result is multiplied by a dropout mask (0, or 1/(1-p)).
 
-    The cache is the local derivative d(out)/dx itself, mask included, computed here from the
-    forward's intermediates (tanh(.) is shared), so the backward pass is one multiply and the
-    cache is one array instead of three (x, tanh, mask). ``need_grad=False`` skips it (eval).
-
-    Args:
-        x: any shape.
-        form: "tanh" or "erf".
-        p: dropout probability in [0, 1); ignored without rng.
-        rng: source of the dropout mask; None = no dropout (eval mode).
-        need_grad: compute the cache for ``gelu_backward``.
-
-    Returns:
-        out (x.shape) and the cache (the derivative, x.shape; None without need_grad).
-    """
+    The cache is the derivative d(out)/dx itself, mask included, so the backward pass is one
+    multiply; ``need_grad=False`` (eval) returns None for it."""
+    s = None
     if form == "tanh":
         x2 = x * x
         t = np.multiply(x2, _K * GELU_TANH_COEF)
         t += _K
         t *= x
         np.tanh(t, out=t)
-        s = None
         if need_grad:
             # s = x * d(tanh argument)/dx = x sqrt(2/pi) (1 + 3 * 0.044715 x^2)
             s = x2
@@ -304,7 +224,6 @@ def gelu_forward(
             s *= x
     elif form == "erf":
         t = erf(x * _INV_SQRT2)
-        s = None
         if need_grad:
             # s = x * d(erf(x/sqrt2))/dx = x * sqrt(2/pi) exp(-x^2/2)
             s = x * x
@@ -346,10 +265,8 @@ def gelu_backward(dout: np.ndarray, cache: np.ndarray) -> np.ndarray:
     return dout * cache
 
 
-# --------------------------------------------------------------------------- dropout
-def dropout_mask(
-    shape: tuple[int, ...], p: float, rng: np.random.Generator, *, dtype=np.float32, scale: float = 1.0
-) -> np.ndarray:
+def dropout_mask(shape: tuple[int, ...], p: float, rng: np.random.Generator, *, dtype=np.float32,
+                 scale: float = 1.0) -> np.ndarray:
     """A dropout mask: 0 with probability p, else scale / (1 - p).
 
     Drawn as 16-bit integers compared with round(p * 65536), so p is used to a resolution of
@@ -367,23 +284,14 @@ def dropout_mask(
     return mask
 
 
-# --------------------------------------------------------------------------- loss
-def bce_with_logits_forward(
-    logits: np.ndarray, y: np.ndarray, *, pos_weight: float = 1.0, reduction: str = "mean"
-) -> tuple[float, tuple]:
-    """Binary cross-entropy on logits, as torch ``BCEWithLogitsLoss(pos_weight=...)``.
+def bce_with_logits_forward(logits: np.ndarray, y: np.ndarray, *, pos_weight: float = 1.0,
+                            reduction: str = "mean") -> tuple[float, tuple]:
+    """Binary cross-entropy on logits (n,), as torch ``BCEWithLogitsLoss(pos_weight=...)``.
 
     loss_i = (1 - y) z + (1 + (pos_weight - 1) y) * softplus(-z), with softplus(-z) =
     logaddexp(0, -z): finite for any finite z (z = +-1000 gives 0 or 1000, not inf/nan).
-
-    Args:
-        logits: (n,).
-        y: (n,) targets in [0, 1] (any numeric dtype; used in logits' dtype).
-        pos_weight: weight of the positive term (> 0).
-        reduction: "mean" or "sum" over the n rows.
-
-    Returns:
-        The loss (Python float) and the cache for the backward pass.
+    ``y`` (n,) holds targets in [0, 1], used in the logits' dtype; ``reduction`` is "mean" or "sum".
+    Returns the loss (a Python float) and the cache.
     """
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction must be 'mean' or 'sum', got reduction={reduction!r}")
@@ -400,10 +308,7 @@ def bce_with_logits_forward(
 
 
 def bce_with_logits_backward(cache: tuple, dloss: float = 1.0) -> np.ndarray:
-    """Gradient of ``bce_with_logits_forward`` with respect to the logits: (n,).
-
-    d/dz = (1 - y) - (1 + (pos_weight - 1) y) * sigmoid(-z), sigmoid(-z) = exp(-logaddexp(0, z)).
-    """
+    """d/d(logits) (n,) of ``bce_with_logits_forward``: (1 - y) - (1 + (pos_weight - 1) y) sigmoid(-z)."""
     z, y, lw, denom = cache
     sig_neg = np.exp(-np.logaddexp(0.0, z))
     dz = (1.0 - y) - lw * sig_neg

@@ -1,9 +1,7 @@
 """How good a model's outputs are: binary cross-entropy, precision / recall / F1, ROC AUC; and the
 standard normal's quantiles that quantile scaling and the model's piecewise-linear encoding share.
-
-Training (each epoch's validation scores) and ``python -m mixer.evaluate`` both use these. The
-loss value comes from the differentiable op ``layers.bce_with_logits_forward``, so the loss a
-run reports is the one its gradients descend.
+The loss is the differentiable op ``layers.bce_with_logits_forward``, so the loss a run reports
+is the one its gradients descend.
 """
 
 from __future__ import annotations
@@ -24,9 +22,8 @@ __all__ = ["BinaryMetrics", "bce_with_logits", "binary_metrics", "classification
 def normal_quantiles(n: int, *, tail: float) -> np.ndarray:
     """The standard normal's quantiles at ``n`` evenly spaced levels from 0 to 1, float64.
 
-    The levels are kept in ``[tail, 1 - tail]``, so the outer two are finite. ``n`` scalar calls of
-    the standard library's inverse CDF: no scipy at run time.
-    """
+    The levels are kept in ``[tail, 1 - tail]``, so the outer two are finite; the standard
+    library's inverse CDF, so no scipy at run time."""
     normal = statistics.NormalDist()
     return np.array([normal.inv_cdf(float(p)) for p in np.clip(np.linspace(0.0, 1.0, n), tail, 1.0 - tail)])
 
@@ -61,10 +58,8 @@ def classification_metrics(logits: np.ndarray, y: np.ndarray) -> dict[str, float
 
 
 def roc_auc(y_true: np.ndarray, scores: np.ndarray) -> float:
-    """Area under the ROC curve by the rank statistic (Mann-Whitney U), ties counted as half.
-
-    AUC = P(score of a random positive > score of a random negative). NaN if a class is absent.
-    """
+    """Area under the ROC curve by the rank statistic (Mann-Whitney U), ties counted as half; NaN if a
+    class is absent."""
     y = np.asarray(y_true).astype(bool)
     s = np.asarray(scores, dtype=np.float64)
     if y.shape != s.shape or y.ndim != 1:
@@ -86,11 +81,8 @@ def roc_auc(y_true: np.ndarray, scores: np.ndarray) -> float:
 
 @dataclass(frozen=True)
 class BinaryMetrics:
-    """Classification quality of probabilities against 0/1 labels at one threshold.
-
-    ``roc_auc`` is NaN when the labels hold a single class (it is undefined there); precision,
-    recall and F1 are 0 when their denominator is 0.
-    """
+    """Classification quality of probabilities against 0/1 labels at one threshold. ``roc_auc`` is NaN
+    for a single class; precision, recall and F1 are 0 when their denominator is 0."""
 
     rows: int
     positives: int
@@ -120,9 +112,6 @@ def binary_metrics(y_true: np.ndarray, proba: np.ndarray, *, threshold: float = 
         raise ValueError(f"y_true and proba must have one shape, got {y.shape} and {p.shape}")
     tn, fp, fn, tp = _counts(p >= threshold, y)
     precision, recall, f1 = precision_recall_f1(tp, fp, fn)
-    return BinaryMetrics(
-        rows=len(y), positives=int(y.sum()), threshold=float(threshold),
-        accuracy=(tp + tn) / len(y) if len(y) else float("nan"),
-        precision=precision, recall=recall, f1=f1, roc_auc=roc_auc(y, p),
-        tn=tn, fp=fp, fn=fn, tp=tp,
-    )
+    return BinaryMetrics(rows=len(y), positives=int(y.sum()), threshold=float(threshold),
+                         accuracy=(tp + tn) / len(y) if len(y) else float("nan"), precision=precision,
+                         recall=recall, f1=f1, roc_auc=roc_auc(y, p), tn=tn, fp=fp, fn=fn, tp=tp)

@@ -1,28 +1,17 @@
 """The MLP-Mixer for tabular rows: parameters, forward, hand-written backward, loss.
 
-A row of ``n_features`` values is cut into ``n_tokens`` tokens of ``patch_size``
-consecutive features (with ``bins``, each value first spread over that many pieces by
-``piecewise_linear``), each projected to ``dim`` channels; ``depth`` blocks then
-alternate a token-mixing MLP and a channel-mixing MLP (pre-norm, residual,
-dropout, stochastic depth rising linearly to ``stochastic_depth`` at the last
-block); a final LayerNorm, a mean over tokens and a linear head give one logit,
-scored by binary cross-entropy with ``pos_weight``.
+A row of ``n_features`` values is cut into ``n_tokens`` tokens of ``patch_size`` consecutive
+features (with ``bins``, each value first spread over that many pieces by ``piecewise_linear``),
+each projected to ``dim`` channels; ``depth`` blocks then alternate a token-mixing MLP and a
+channel-mixing MLP (pre-norm, residual, dropout, stochastic depth rising linearly to
+``stochastic_depth`` at the last block); a final LayerNorm, a mean over tokens and a linear head
+give one logit, scored by binary cross-entropy with ``pos_weight``.
 
-Parameters are one flat dict with dotted names (``blocks.3.token.fc1.w``), weights
-shaped (out, in) like torch ``nn.Linear``. Gradients come back in a dict with the
-same keys. Float32 for training; float64 works the same (gradient checks).
-
-How it is kept fast (benchmarks/README.md has the measurements):
-
-- Activations are token-major, (tokens, batch, dim), stored as 2-D
-  (tokens*batch, dim). Token mixing is then one matmul ``W @ X.reshape(tokens,
-  batch*dim)`` and channel mixing one matmul ``X @ W.T``; neither needs a transpose.
-- A batch is cut into shards of ``SHARD_ROWS`` rows whose gradients are summed; the shards
-  run on the thread pool of ``mixer._parallel`` (``set_num_threads``). The shard size is fixed,
-  and each shard draws its dropout masks from its own generator seeded from the caller's
-  ``rng``, so results do not depend on the number of threads.
-- Drop-path skips the dropped samples' branch work instead of multiplying it by 0
-  (``_residual_forward``).
+Parameters are one flat dict with dotted names (``blocks.3.token.fc1.w``), weights shaped (out, in)
+like torch ``nn.Linear``, float32 for training or float64 (gradient checks); gradients come back
+with the same keys. Activations are token-major (tokens*batch, dim). A batch runs as fixed-size
+shards on ``mixer._parallel``'s thread pool, each with its own mask generator, so results do not
+depend on the number of threads.
 """
 
 from __future__ import annotations
@@ -38,22 +27,9 @@ from mixer._parallel import bounds, get_num_threads, parallel_map, set_num_threa
 from mixer.config import MixerConfig
 from mixer.metrics import normal_quantiles
 
-__all__ = [
-    "EVAL_ROWS",
-    "GATHER_MIN_DROPPED",
-    "SHARD_ROWS",
-    "drop_path_rates",
-    "flops_per_example",
-    "get_num_threads",
-    "init_params",
-    "loss_and_grads",
-    "param_count",
-    "param_shapes",
-    "piecewise_linear",
-    "predict_logits",
-    "set_num_threads",
-    "threads_chosen",
-]
+__all__ = ["EVAL_ROWS", "GATHER_MIN_DROPPED", "SHARD_ROWS", "drop_path_rates", "flops_per_example",
+           "get_num_threads", "init_params", "loss_and_grads", "param_count", "param_shapes",
+           "piecewise_linear", "predict_logits", "set_num_threads", "threads_chosen"]
 
 # Rows per shard of a training batch. Fixed (not derived from the thread count) so that the
 # masks and the order of the gradient sum, hence the results, are the same on any machine.
@@ -65,22 +41,17 @@ EVAL_ROWS = 32
 EDGE_TAIL = 0.0005
 
 
-# --------------------------------------------------------------------------- parameters
 def param_shapes(config: MixerConfig) -> dict[str, tuple[int, ...]]:
     """Name -> shape of every parameter, in the (stable) order ``init_params`` creates them."""
     T, P, D = config.n_tokens, config.patch_width, config.dim
     Ht, Hc = config.token_hidden, config.channel_hidden
     shapes: dict[str, tuple[int, ...]] = {"embed.w": (D, P), "embed.b": (D,)}
     for i in range(config.depth):
-        pre = f"blocks.{i}."
-        shapes.update({
-            pre + "token.norm.w": (D,), pre + "token.norm.b": (D,),
-            pre + "token.fc1.w": (Ht, T), pre + "token.fc1.b": (Ht,),
-            pre + "token.fc2.w": (T, Ht), pre + "token.fc2.b": (T,),
-            pre + "channel.norm.w": (D,), pre + "channel.norm.b": (D,),
-            pre + "channel.fc1.w": (Hc, D), pre + "channel.fc1.b": (Hc,),
-            pre + "channel.fc2.w": (D, Hc), pre + "channel.fc2.b": (D,),
-        })
+        # The token MLP maps T -> Ht -> T, the channel MLP D -> Hc -> D; both are pre-normed over D.
+        for branch, n, h in (("token", T, Ht), ("channel", D, Hc)):
+            pre = f"blocks.{i}.{branch}."
+            shapes.update({pre + "norm.w": (D,), pre + "norm.b": (D,), pre + "fc1.w": (h, n),
+                           pre + "fc1.b": (h,), pre + "fc2.w": (n, h), pre + "fc2.b": (n,)})
     shapes.update({"norm.w": (D,), "norm.b": (D,), "head.w": (1, D), "head.b": (1,)})
     return shapes
 
@@ -90,8 +61,8 @@ def init_params(config: MixerConfig, seed: int, *, dtype: Any = np.float32) -> d
 
     Linear layers: weight and bias ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in)) (torch's
     kaiming_uniform_(a=sqrt(5)) and its bias rule), drawn in that order, layer by layer, from
-    ``np.random.default_rng(seed)``. LayerNorm: weight 1, bias 0. Values are drawn in float64
-    and rounded to ``dtype``, so float32 and float64 parameters of one seed agree.
+    ``default_rng(seed)``; LayerNorm: weight 1, bias 0. Drawn in float64 and rounded to ``dtype``,
+    so float32 and float64 parameters of one seed agree.
     """
     dtype = np.dtype(dtype)
     if dtype not in (np.float32, np.float64):
@@ -116,11 +87,10 @@ def param_count(config: MixerConfig) -> int:
 
 
 def flops_per_example(config: MixerConfig, *, backward: bool = True) -> int:
-    """Matmul FLOPs of one training example, forward + backward (2*m*n*k per matmul).
+    """Matmul FLOPs (2*m*n*k each) of one example, forward + backward (``backward=False``: forward only).
 
-    Backward costs two matmuls per forward one (input and weight gradients), except the patch
-    embedding, whose input needs no gradient. Elementwise work is not counted.
-    ``backward=False``: the forward pass alone (evaluation).
+    Backward costs two matmuls per forward one, except the patch embedding's (its input needs no
+    gradient). Elementwise work is not counted.
     """
     T, P, D = config.n_tokens, config.patch_width, config.dim
     embed = 2 * T * P * D
@@ -138,13 +108,10 @@ def _edges(bins: int) -> np.ndarray:
 def piecewise_linear(x: np.ndarray, bins: int) -> np.ndarray:
     """(..., P) -> (..., P * bins): each value spread over ``bins`` pieces, feature by feature.
 
-    Piece i lies between the standard normal's quantiles at i/bins and (i+1)/bins (the outer
-    edges at ``EDGE_TAIL`` and 1 - ``EDGE_TAIL``) and reads -1 below its piece, +1 above it and
-    linearly in between: the piecewise-linear encoding of Gorishniy et al. (2022), with the edges
-    of N(0, 1) rather than of the training data, because every scaling but ``global`` gives each
-    feature mean 0 and standard deviation 1 (``quantile``: a normal score). A linear layer over it
-    is a learned piecewise-linear function of each value, so a threshold on one feature needs no
-    hidden unit.
+    Piece i lies between the standard normal's quantiles at i/bins and (i+1)/bins (the outer edges
+    at ``EDGE_TAIL`` and 1 - ``EDGE_TAIL``) and reads -1 below its piece, +1 above it and linearly
+    in between: the encoding of Gorishniy et al. (2022), with the edges of N(0, 1) because every
+    scaling but ``global`` standardises each feature (docs/architecture.md).
     """
     e = _edges(bins).astype(x.dtype)
     z = (x[..., None] - e[:-1]) * (1.0 / (e[1:] - e[:-1])).astype(x.dtype)
@@ -161,10 +128,7 @@ def drop_path_rates(config: MixerConfig) -> list[float]:
     return [config.stochastic_depth * i / (config.depth - 1) for i in range(config.depth)]
 
 
-# --------------------------------------------------------------------------- forward / backward
-_TOKEN_KEYS = ("token.norm.w", "token.norm.b", "token.fc1.w", "token.fc1.b", "token.fc2.w", "token.fc2.b")
-_CHANNEL_KEYS = ("channel.norm.w", "channel.norm.b", "channel.fc1.w", "channel.fc1.b",
-                 "channel.fc2.w", "channel.fc2.b")
+_MLP_KEYS = ("norm.w", "norm.b", "fc1.w", "fc1.b", "fc2.w", "fc2.b")  # the order of a branch's Weights
 Weights = tuple[np.ndarray, ...]
 Shape3 = tuple[int, int, int]
 
@@ -172,8 +136,8 @@ Shape3 = tuple[int, int, int]
 @functools.lru_cache(maxsize=16)
 def _block_keys(depth: int) -> tuple[tuple[tuple[str, ...], tuple[str, ...]], ...]:
     """Parameter names of each block, (token names, channel names), built once per depth."""
-    return tuple((tuple(f"blocks.{i}.{k}" for k in _TOKEN_KEYS),
-                  tuple(f"blocks.{i}.{k}" for k in _CHANNEL_KEYS)) for i in range(depth))
+    return tuple((tuple(f"blocks.{i}.token.{k}" for k in _MLP_KEYS),
+                  tuple(f"blocks.{i}.channel.{k}" for k in _MLP_KEYS)) for i in range(depth))
 
 
 def _block_weights(params: dict[str, np.ndarray], depth: int) -> list[tuple[Weights, Weights]]:
@@ -181,15 +145,10 @@ def _block_weights(params: dict[str, np.ndarray], depth: int) -> list[tuple[Weig
     return [(tuple(params[k] for k in tk), tuple(params[k] for k in ck)) for tk, ck in _block_keys(depth)]
 
 
-def _mlp_forward(
-    h: np.ndarray, tokens: bool, w: Weights, shape3: Shape3, form: str, drop: float,
-    rng: np.random.Generator | None, need_grad: bool,
-) -> tuple[np.ndarray, tuple]:
-    """LayerNorm -> Linear -> GELU -> Dropout -> Linear: (T*b, D) -> (T*b, D).
-
-    ``tokens``: the linears mix the tokens, applied to the normalised h viewed as (T, b*D);
-    otherwise they mix the channels of each token (features last).
-    """
+def _mlp_forward(h: np.ndarray, tokens: bool, w: Weights, shape3: Shape3, form: str, drop: float,
+                 rng: np.random.Generator | None, need_grad: bool) -> tuple[np.ndarray, tuple]:
+    """LayerNorm -> Linear -> GELU -> Dropout -> Linear: (T*b, D) -> (T*b, D); the linears mix the
+    tokens (on h viewed as (T, b*D)) if ``tokens``, else the channels of each token."""
     T, b, D = shape3
     n, ln = L.layernorm_forward(h, w[0], w[1])
     x, linear = (n.reshape(T, b * D), L.token_linear_forward) if tokens else (n, L.linear_forward)
@@ -199,9 +158,8 @@ def _mlp_forward(
     return out.reshape(T * b, D), (ln, x, g, a)
 
 
-def _mlp_backward(
-    dout: np.ndarray, tokens: bool, cache: tuple, w: Weights, shape3: Shape3
-) -> tuple[np.ndarray, Weights]:
+def _mlp_backward(dout: np.ndarray, tokens: bool, cache: tuple, w: Weights,
+                  shape3: Shape3) -> tuple[np.ndarray, Weights]:
     T, b, D = shape3
     ln, x, g, a = cache
     linear_backward = L.token_linear_backward if tokens else L.linear_backward
@@ -217,16 +175,12 @@ def _mlp_backward(
 GATHER_MIN_DROPPED = 2
 
 
-def _residual_forward(
-    h: np.ndarray, tokens: bool, w: Weights, shape3: Shape3, config: MixerConfig,
-    rate: float, rng: np.random.Generator | None, need_grad: bool,
-) -> tuple | None:
+def _residual_forward(h: np.ndarray, tokens: bool, w: Weights, shape3: Shape3, config: MixerConfig,
+                      rate: float, rng: np.random.Generator | None, need_grad: bool) -> tuple | None:
     """h (T*b, D) += drop_path(dropout(mlp(h))), in place. Returns the cache (None: branch skipped).
 
-    Drop-path is the same function as computing every sample and multiplying the dropped ones by
-    0, but when at least ``GATHER_MIN_DROPPED`` samples are dropped the branch runs on the kept
-    samples only and its output is added back into their rows: at the headline
-    stochastic_depth=0.3 the rate averages 0.15 over the blocks, work not done at all.
+    Once ``GATHER_MIN_DROPPED`` samples are dropped, the branch runs on the kept samples only and
+    its output is added back into their rows: the same function as zeroing the dropped ones.
     """
     T, b, D = shape3
     drop = config.dropout if rng is not None else 0.0
@@ -265,9 +219,8 @@ def _residual_forward(
     return idx, mask, cache, shape_k
 
 
-def _residual_backward(
-    dh: np.ndarray, rcache: tuple | None, tokens: bool, w: Weights, shape3: Shape3
-) -> Weights:
+def _residual_backward(dh: np.ndarray, rcache: tuple | None, tokens: bool, w: Weights,
+                       shape3: Shape3) -> Weights:
     """Gradients of a residual branch's weights; adds the branch's input gradient into dh."""
     if rcache is None:
         return tuple(np.zeros_like(a) for a in w)
@@ -295,19 +248,13 @@ def _add_samples(h: np.ndarray, idx: np.ndarray | None, shape3: Shape3, delta: n
     h3[:, idx] = part
 
 
-def _forward(
-    p: dict[str, np.ndarray],
-    blocks: list[tuple[Weights, Weights]],
-    x: np.ndarray,
-    config: MixerConfig,
-    rng: np.random.Generator | None,
-    caches: list | None,
-) -> tuple[np.ndarray, tuple | None]:
+def _forward(p: dict[str, np.ndarray], blocks: list[tuple[Weights, Weights]], x: np.ndarray,
+             config: MixerConfig, rng: np.random.Generator | None,
+             caches: list | None) -> tuple[np.ndarray, tuple | None]:
     """Logits of x (b, n_features) -> (b,). ``rng`` None = eval mode (no dropout, no drop-path).
 
-    With a ``caches`` list, appends one cache per block and returns the head's cache too;
-    without, keeps nothing (eval: memory stays at a few activations).
-    """
+    With a ``caches`` list, appends one cache per block and returns the head's cache too; without,
+    keeps nothing (eval: memory stays at a few activations)."""
     T, P, D = config.n_tokens, config.patch_size, config.dim
     b = x.shape[0]
     shape3 = (T, b, D)
@@ -329,14 +276,8 @@ def _forward(
     return logits, ((xt, lnf, pooled) if caches is not None else None)
 
 
-def _backward(
-    p: dict[str, np.ndarray],
-    blocks: list[tuple[Weights, Weights]],
-    config: MixerConfig,
-    dlogits: np.ndarray,
-    head_cache: tuple,
-    caches: list,
-) -> dict[str, np.ndarray]:
+def _backward(p: dict[str, np.ndarray], blocks: list[tuple[Weights, Weights]], config: MixerConfig,
+              dlogits: np.ndarray, head_cache: tuple, caches: list) -> dict[str, np.ndarray]:
     """Gradients of every parameter from dlogits (b,), unwinding ``_forward``'s caches."""
     T, D = config.n_tokens, config.dim
     xt, lnf, pooled = head_cache
@@ -363,10 +304,8 @@ def _backward(
     return g
 
 
-# --------------------------------------------------------------------------- public entry points
-def _check_inputs(
-    params: dict[str, np.ndarray], x: np.ndarray, config: MixerConfig, *, allow_empty: bool = False
-) -> np.ndarray:
+def _check_inputs(params: dict[str, np.ndarray], x: np.ndarray, config: MixerConfig, *,
+                  allow_empty: bool = False) -> np.ndarray:
     """x as a C-contiguous array of the parameters' dtype, after checking its shape."""
     try:
         dtype = params["embed.w"].dtype
@@ -386,29 +325,15 @@ def _shape(config: MixerConfig) -> tuple[int, ...]:
             config.channel_hidden)
 
 
-def loss_and_grads(
-    params: dict[str, np.ndarray],
-    x: np.ndarray,
-    y: np.ndarray,
-    config: MixerConfig,
-    *,
-    train: bool = False,
-    rng: np.random.Generator | None = None,
-    label_smoothing: float = 0.0,
-) -> tuple[float, dict[str, np.ndarray]]:
+def loss_and_grads(params: dict[str, np.ndarray], x: np.ndarray, y: np.ndarray, config: MixerConfig, *,
+                   train: bool = False, rng: np.random.Generator | None = None,
+                   label_smoothing: float = 0.0) -> tuple[float, dict[str, np.ndarray]]:
     """Mean binary cross-entropy of a batch and its gradient with respect to every parameter.
 
-    Args:
-        params: as ``init_params`` makes them (float32 or float64; everything follows).
-        x: (batch, n_features), cast to the parameters' dtype.
-        y: (batch,) labels in {0, 1}.
-        config: the architecture the parameters belong to.
-        train: enable dropout and drop-path (masks drawn from ``rng``).
-        rng: required when ``train`` is True. A batch consumes one draw per shard from it.
-        label_smoothing: in [0, 1); the loss is taken against ``y * (1 - s) + s / 2``.
-
-    Returns:
-        The loss (a Python float) and a dict with exactly the keys of ``params``.
+    ``x`` (batch, n_features) is cast to the parameters' dtype; ``y`` (batch,) holds labels in {0, 1}.
+    ``train`` enables dropout and drop-path, with masks from ``rng`` (required then; a batch takes
+    one draw per shard from it). ``label_smoothing`` s in [0, 1) scores against ``y (1 - s) + s / 2``.
+    Returns the loss (a Python float) and a dict with exactly the keys of ``params``.
     """
     x = _check_inputs(params, x, config)
     y = np.asarray(y)

@@ -1,4 +1,5 @@
-"""Adam / AdamW over a flat parameter dict, with global-norm clipping and optional gradient noise.
+"""Adam / AdamW over a flat parameter dict, with global-norm clipping and optional gradient noise;
+SAM's gradient (``sam_gradients``) and the weights' moving average (``ema_update``).
 
 One step, in the order torch applies them (``clip_grad_norm_`` then ``optim.Adam``/``AdamW``)::
 
@@ -14,17 +15,8 @@ with ``s`` the 1-based step number and ``t = s - 1`` the number of steps taken b
 the first step's noise has std ``grad_noise`` (the schedule of Neelakantan et al., 2015, whose
 decay 0.55 is the default; the noise goes on the gradient, i.e. into every update).
 
-``sam_gradients`` turns a gradient into sharpness-aware minimisation's (Foret et al., 2021) before
-the step: the gradient at the perturbed weights ``w + rho * g / ||g||``, the point of steepest ascent
-within a ball of radius ``rho``. It needs a second gradient evaluation per step.
-
-``ema_update`` keeps an exponential moving average of the weights after each step (Polyak
-averaging); the average sits nearer the middle of the basin the steps wander in than any one step.
-
-Speed: the step runs hundreds of times per epoch over ~60 arrays, most of them small, so the
-moment estimates live in one flat buffer per statistic (one dtype, the parameters') and the
-arithmetic runs as a handful of ufunc calls over all parameters at once, in place, with
-preallocated scratch; per key there is only the gradient copy-in and the parameter update.
+A step runs hundreds of times per epoch over ~60 mostly small arrays, so the moments live in one
+flat buffer per statistic and the arithmetic is a handful of in-place ufunc calls over all of them.
 """
 
 from __future__ import annotations
@@ -45,12 +37,8 @@ _CLIP_EPS = 1e-6
 
 @dataclass(frozen=True)
 class StepStats:
-    """What one step measured.
-
-    Attributes:
-        grad_norm: global L2 norm of the gradient as given (before clipping and noise).
-        update_ratio: ||new params - old params|| / ||old params|| over all keys (0 if params are 0).
-    """
+    """What one step measured: the global L2 norm of the gradient as given (before clipping and
+    noise), and ||new params - old params|| / ||old params|| over all keys (0 if params are 0)."""
 
     grad_norm: float
     update_ratio: float
@@ -59,18 +47,9 @@ class StepStats:
 class Adam:
     """Adam (torch ``optim.Adam`` semantics) or, with ``decoupled=True``, AdamW.
 
-    Args:
-        params: the parameters; their keys, shapes and dtype fix the optimiser's state. The arrays
-            are updated in place by ``step``.
-        lr: default learning rate (``step`` may pass the scheduled one).
-        beta1, beta2: moment decay rates in [0, 1).
-        eps: added to the denominator, > 0.
-        weight_decay: >= 0; L2 added to the gradient (Adam) or decoupled decay (AdamW).
-        decoupled: AdamW's decoupled weight decay.
-        clip_norm: clip the global gradient norm to this value; 0 = off.
-        grad_noise: std of Gaussian noise added to the gradient at step 1; 0 = off.
-        grad_noise_decay: the noise std decays as ``(1 + t) ** -grad_noise_decay``.
-        rng: the noise's source; required when ``grad_noise > 0``.
+    The keys, shapes and dtype of ``params`` fix the state; ``step`` updates the arrays in place.
+    ``lr`` is the default rate (``step`` may pass the scheduled one). ``clip_norm`` and
+    ``grad_noise`` (the noise's std at step 1) are off at 0; ``rng`` is required for the noise.
     """
 
     def __init__(self, params: dict[str, np.ndarray], *, lr: float, beta1: float = 0.9,
@@ -143,11 +122,8 @@ class Adam:
 
     def step(self, params: dict[str, np.ndarray], grads: dict[str, np.ndarray], *,
              lr: float | None = None) -> StepStats:
-        """Update ``params`` in place from ``grads`` (same keys and shapes); ``grads`` is not modified.
-
-        Args:
-            lr: this step's learning rate (a schedule's); default the constructor's.
-        """
+        """Update ``params`` in place from ``grads`` (same keys and shapes; not modified) at this step's
+        ``lr`` (a schedule's; None: the constructor's)."""
         lr = self.lr if lr is None else float(lr)
         if not lr >= 0:
             raise ValueError(f"lr must be >= 0, got lr={lr}")
@@ -252,15 +228,10 @@ class Adam:
 
 def sam_gradients(params: dict[str, np.ndarray], grads: dict[str, np.ndarray], rho: float,
                   gradient: Callable[[], dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-    """SAM's gradient: ``gradient()`` evaluated at ``w + rho * g / ||g||``, with ``params`` restored.
+    """SAM's gradient (Foret et al., 2021): ``gradient()`` at ``w + rho * g / ||g||``, the steepest ascent.
 
-    Args:
-        params: the weights ``w``, moved in place for the call and then restored bit for bit.
-        grads: ``g``, the gradient at ``w`` (same keys); ``||g||`` is the global L2 norm.
-        rho: the ascent step's length, > 0.
-        gradient: computes the gradient at the current ``params`` (the same batch as ``grads``).
-
-    A zero gradient has no ascent direction; it is returned as it is.
+    ``params`` (``w``) are moved in place for the call and then restored bit for bit; ``grads``
+    (``g``) is the gradient at ``w`` on the same batch. A zero gradient is returned as it is.
     """
     if not rho > 0:
         raise ValueError(f"rho must be > 0, got rho={rho}")
@@ -282,9 +253,10 @@ def ema_update(average: dict[str, np.ndarray], params: dict[str, np.ndarray], de
                step: int) -> None:
     """``average <- d * average + (1 - d) * params`` in place, ``d = min(decay, (1 + step) / (10 + step))``.
 
-    The ramp is TensorFlow's ``ExponentialMovingAverage(num_updates=step)``: over the first steps
-    the average follows the weights closely, so their random start does not linger in it.
-    ``step`` is the number of optimiser steps taken, this one included.
+    Polyak averaging: the average sits nearer the middle of the basin the steps wander in than any
+    one step. The ramp is TensorFlow's ``ExponentialMovingAverage(num_updates=step)``: early on the
+    average follows the weights closely, so their random start does not linger in it. ``step`` is
+    the number of optimiser steps taken, this one included.
     """
     if not 0.0 < decay < 1.0:
         raise ValueError(f"decay must be in (0, 1), got decay={decay}")

@@ -8,15 +8,10 @@ as ``lr * (epoch + 1) / warmup_epochs``, so the first epoch already trains (at `
 a zero-lr epoch would be wasted) and the last warmup epoch runs at ``lr``. The schedule proper
 then starts at ``lr`` with ``e = epoch - warmup_epochs`` (so the peak is held for two epochs).
 
-- ``cosine``: ``eta_min + (lr - eta_min) * (1 + cos(pi * e / T)) / 2`` for ``e <= T`` and
-  ``eta_min`` after, with ``T = t_max`` or, if ``t_max`` is 0, the epochs left after warmup. As
-  torch's ``CosineAnnealingLR(T_max=T)`` up to ``T``; torch then rises again, this holds.
-- ``cosine_warm_restarts``: torch's ``CosineAnnealingWarmRestarts(T_0=t_0, T_mult=t_mult,
-  eta_min)`` on ``e`` (SGDR): cycles of ``t_0, t_0 * t_mult, ...`` epochs, each a cosine from
-  ``lr`` down towards ``eta_min``, restarting at ``lr``.
-- ``sharp_cosine`` (the seed notebook's last experiment): ``cosine`` with ``T`` =
-  ``round(sharp_fraction * epochs)`` (half up, at least 1), so the rate reaches ``eta_min``
-  after that share of the run's epochs and holds there.
+``cosine`` is torch's ``CosineAnnealingLR(T_max=T)`` on ``e`` up to ``T``, then holds ``eta_min``
+(torch rises again). ``cosine_warm_restarts`` is torch's ``CosineAnnealingWarmRestarts(T_0=t_0,
+T_mult=t_mult, eta_min)`` (SGDR) on ``e``. ``sharp_cosine`` (the seed notebook's last experiment)
+is ``cosine`` reaching ``eta_min`` after ``sharp_fraction`` of the run's epochs.
 """
 
 from __future__ import annotations
@@ -57,8 +52,7 @@ def cosine(epoch: int, *, lr: float, epochs: int, eta_min: float = 0.0, warmup_e
            t_max: int = 0) -> float:
     """Warmup, then a half cosine from ``lr`` to ``eta_min`` over ``t_max`` epochs, then ``eta_min``.
 
-    Args:
-        epochs: the run's length; ``t_max=0`` means ``epochs - warmup_epochs`` (at least 1).
+    ``t_max=0`` means ``epochs - warmup_epochs`` (at least 1), ``epochs`` being the run's length.
     """
     warm = warmup(epoch, lr=lr, warmup_epochs=warmup_epochs)
     if warm is not None:
