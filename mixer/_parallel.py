@@ -1,19 +1,8 @@
 """The model's process runtime: shards of a batch on a small thread pool, and process tuning.
 
-- A batch is cut into shards (``bounds``) that run on a thread pool (NumPy releases the GIL
-  inside BLAS calls and ufunc loops), and the caller sums their results. BLAS itself is kept
-  single-threaded: multi-threaded OpenBLAS is slower than one thread on the Mixer's skinny
-  matrices, so parallelism over shards is the only kind used.
-- The thread count is ``MIXER_NUM_THREADS`` if set, else ``available_cpus()`` (the CPUs this
-  process may run on, capped by a container's CPU quota); ``set_num_threads`` changes it. Sweep
-  workers sharing a machine should set it to the cores each one owns. It is a ceiling: for each
-  kind of work (a ``key``: training or prediction, model shape), the first calls alternate between
-  one thread and all of them, timed, and the faster is kept for the rest of the process. A small
-  model's shards hold the GIL most of the time, so two threads passing it back and forth lose to
-  one; a large model's gain from two (``benchmarks/bench_threads.py`` measures where the
-  cross-over lies).
-- The first call tunes the process (``tune_process``): single-threaded BLAS, and an allocator that
-  keeps freed buffers.
+BLAS stays single-threaded; shards (``bounds``) run on threads and the caller sums their results.
+The thread count is a ceiling (``MIXER_NUM_THREADS``, else ``available_cpus()``); for each kind of
+work (a ``key``) the first calls alternate one thread and the ceiling, timed, and keep the faster.
 """
 
 from __future__ import annotations
@@ -69,12 +58,7 @@ def _default_threads() -> int:
 
 
 def available_cpus() -> int:
-    """The CPUs this process may run on, capped by the cgroup CPU quota (rounded up, at least 1).
-
-    A container limited by ``cpus:`` (``docker run --cpus``) still sees every host core in its
-    affinity; only the quota (cgroup v2 ``cpu.max``, v1 ``cpu.cfs_quota_us``/``cpu.cfs_period_us``)
-    tells how many it may use.
-    """
+    """The CPUs this process may run on, capped by the cgroup (v2 or v1) CPU quota, rounded up, >= 1."""
     try:
         n = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
@@ -105,10 +89,7 @@ def get_num_threads() -> int:
 def set_num_threads(n: int | None, *, adaptive: bool = True) -> None:
     """Run shards on up to ``n`` threads (None: back to the default). Results do not depend on it.
 
-    Args:
-        adaptive: use fewer threads for work that ran faster on one (see the module docstring);
-            False: always ``n`` (benchmarks comparing thread counts).
-    """
+    ``adaptive=False``: always ``n``, never fewer for work timed faster on one (for benchmarks)."""
     global _num_threads, _pool, _adaptive
     if n is not None and (not isinstance(n, int) or n < 1):
         raise ValueError(f"n must be a positive integer or None, got n={n!r}")
@@ -123,12 +104,7 @@ def set_num_threads(n: int | None, *, adaptive: bool = True) -> None:
 
 
 def threads_chosen() -> dict[tuple, int]:
-    """The thread count chosen so far per kind of work.
-
-    Keys are ``(*key, items, ceiling)``: the ``key`` given to ``parallel_map`` (the model passes
-    ``("train", shape, dtype, dropout on)`` or ``("predict", shape, dtype)``), the items per call
-    and the thread ceiling.
-    """
+    """The thread count chosen so far per ``(*key, items, ceiling)``, ``key`` as given to ``parallel_map``."""
     with _lock:
         return dict(_chosen)
 
@@ -176,16 +152,8 @@ if hasattr(os, "register_at_fork"):
 
 
 def tune_process() -> None:
-    """Once per process: single-threaded BLAS, and an allocator that keeps freed buffers.
-
-    BLAS: uses threadpoolctl when it is installed; otherwise BLAS keeps its own thread count (set
-    OPENBLAS_NUM_THREADS=1 before starting Python for the same effect).
-
-    Allocator: a step allocates and frees a few hundred activation arrays of 0.1-1 MB, which
-    glibc serves from fresh mmap()s (or trims from the heap on free), so every new array
-    page-faults. Raising the mmap and trim thresholds keeps the memory in the heap for reuse;
-    peak RSS is unchanged (it is the high-water mark either way).
-    """
+    """Once per process: single-threaded BLAS (via threadpoolctl if installed), and glibc thresholds
+    that keep freed activation buffers in the heap instead of fresh, page-faulting mmap()s."""
     global _tuned
     if _tuned:
         return
@@ -206,8 +174,7 @@ def tune_process() -> None:
 def parallel_map(fn: Callable[[_T], _R], items: Sequence[_T], key: tuple | None = None) -> list[_R]:
     """``[fn(i) for i in items]`` on up to ``get_num_threads()`` threads, the calling one included.
 
-    Items are handed out one at a time, so a thread slowed by other load on the machine simply
-    takes fewer. ``key`` names the kind of work whose thread count is chosen (module docstring).
+    Items are handed out one at a time, so a thread slowed by other load simply takes fewer.
     """
     tune_process()
     n = len(items)
@@ -217,11 +184,10 @@ def parallel_map(fn: Callable[[_T], _R], items: Sequence[_T], key: tuple | None 
     if key is not None:
         key = (*key, n, ceiling)
     threads, timed = _threads_for(key, ceiling)
-    if not timed:
-        return _run(fn, items, threads)
     started = time.perf_counter()
     results = _run(fn, items, threads)
-    _record(key, threads, time.perf_counter() - started)
+    if timed:
+        _record(key, threads, time.perf_counter() - started)
     return results
 
 

@@ -1,8 +1,7 @@
 """Plain, frozen configuration records shared by the model, training and the sweep.
 
-Every knob a sweep may search or fix is a field of one of these dataclasses.
-The sweep addresses them by their bare field name (``lr``, ``patch_size``,
-``scaling``), so field names are unique across the three records.
+Every knob a sweep may search or fix is a field of one of them, addressed by its bare name (``lr``),
+so field names are unique across the three records.
 """
 
 from __future__ import annotations
@@ -25,9 +24,8 @@ SCALINGS = ("global", "standard", "log_standard", "quantile")
 DATA_SOURCES = ("synthetic", "csv")
 DTYPES = ("float32", "float64")
 
-# Upper bounds, far past any useful run on this project's data (42 features, tens of thousands of
-# rows) and low enough that a typo such as `epochs: 100000000000` or `dim: 100000` is an error before
-# a study starts, not a run that never ends or dies of MemoryError in every trial.
+# Upper bounds far past any useful run, so that a typo (`epochs: 100000000000`) fails before a study
+# starts instead of running forever or dying of MemoryError in every trial.
 MAX_DIM = 4096  # channels per token (the notebook's model has 198)
 MAX_DEPTH = 256  # blocks (the shipped spaces search up to 12)
 MAX_EXPANSION = 16.0  # an MLP's hidden width over its input width (defaults 4 and 0.5)
@@ -103,11 +101,9 @@ class MixerConfig:
         if self.n_features < 1:
             raise ValueError(f"n_features must be >= 1, got n_features={self.n_features}")
         if self.patch_size < 1 or self.n_features % self.patch_size:
-            raise ValueError(
-                f"patch_size must divide n_features={self.n_features} "
-                f"(valid: {', '.join(map(str, divisors(self.n_features)))}), "
-                f"got patch_size={self.patch_size}"
-            )
+            raise ValueError(f"patch_size must divide n_features={self.n_features} "
+                             f"(valid: {', '.join(map(str, divisors(self.n_features)))}), "
+                             f"got patch_size={self.patch_size}")
         for name in ("dim", "depth"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {name}={getattr(self, name)}")
@@ -118,10 +114,8 @@ class MixerConfig:
         if self.pos_weight <= 0:
             raise ValueError(f"pos_weight must be > 0, got pos_weight={self.pos_weight}")
         if self.token_hidden < 1 or self.channel_hidden < 1:
-            raise ValueError(
-                "token_expansion and channel_expansion must leave hidden sizes >= 1, got "
-                f"token_hidden={self.token_hidden}, channel_hidden={self.channel_hidden}"
-            )
+            raise ValueError("token_expansion and channel_expansion must leave hidden sizes >= 1, got "
+                             f"token_hidden={self.token_hidden}, channel_hidden={self.channel_hidden}")
 
     @property
     def n_tokens(self) -> int:
@@ -143,13 +137,11 @@ class MixerConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    """Where the rows come from and how they are prepared.
+    """Where the rows come from and how they are prepared (see ``mixer.data.load``).
 
-    ``source="synthetic"`` generates ``n_rows`` rows from ``seed`` with the
-    UNSW-NB15 schema; ``source="csv"`` reads ``train_csv``. Either way ``test_fraction`` of the rows
-    (0 = none) are held out first as a test split, then the rest is split into train and validation
-    by ``val_fraction``; both splits are stratified and seeded by ``seed``. ``test_csv`` names a
-    separate test file instead.
+    ``source="synthetic"`` generates ``n_rows`` rows from ``seed``; ``source="csv"`` reads ``train_csv``.
+    ``test_fraction`` (0 = none) is held out first, then ``val_fraction`` of the rest; ``test_csv``
+    names a separate test file instead.
     """
 
     source: str = "synthetic"
@@ -195,8 +187,7 @@ class TrainConfig:
     eps: float = 1e-8
     weight_decay: float = 0.0
     clip_norm: float = 0.0
-    # Training targets y * (1 - label_smoothing) + label_smoothing / 2; validation is scored on the
-    # plain labels.
+    # Training targets y * (1 - label_smoothing) + label_smoothing / 2; validation scores plain labels.
     label_smoothing: float = 0.0
     # Sharpness-aware minimisation (Foret et al., 2021), 0 = off: each step takes its gradient at
     # w + sam_rho * g / ||g||, which costs a second forward and backward pass per step.
@@ -215,9 +206,8 @@ class TrainConfig:
     t_0: int = 10
     t_mult: int = 1
     sharp_fraction: float = 0.15
-    # Curvature probes on a fixed batch of the training split: every k epochs (0 = never), when the
-    # plateau rule sees the training loss stall, and at the last scheduled epoch. Off when all three
-    # are off (the shipped spaces turn them on). See mixer.curvature for the rest.
+    # Curvature probes on a fixed training batch (mixer.curvature): every k epochs (0 = never), when
+    # the plateau rule sees the training loss stall, and at the last scheduled epoch.
     curvature_every: int = 0
     curvature_on_plateau: bool = False
     curvature_at_end: bool = False
@@ -249,10 +239,9 @@ class TrainConfig:
             raise ValueError(f"need curvature_tol >= 0, 0 < curvature_share_eps < 1 and "
                              f"curvature_escape_ratio > 0, got {self.curvature_tol}, "
                              f"{self.curvature_share_eps}, {self.curvature_escape_ratio}")
-        if not 0.0 <= self.ema_decay < 1.0:
-            raise ValueError(f"ema_decay must be in [0, 1), got ema_decay={self.ema_decay}")
-        if not 0.0 <= self.label_smoothing < 1.0:
-            raise ValueError(f"label_smoothing must be in [0, 1), got label_smoothing={self.label_smoothing}")
+        for name in ("ema_decay", "label_smoothing"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {name}={getattr(self, name)}")
         if self.t_0 < 1 or self.t_mult < 1:
             raise ValueError(f"t_0 and t_mult must be >= 1, got t_0={self.t_0}, t_mult={self.t_mult}")
         if not 0 < self.sharp_fraction <= 1:
@@ -284,19 +273,15 @@ class TrainConfig:
 MODEL_FIELDS = tuple(f.name for f in dataclasses.fields(MixerConfig))
 TRAIN_FIELDS = tuple(f.name for f in dataclasses.fields(TrainConfig) if f.name != "model")
 DATA_FIELDS = tuple(f.name for f in dataclasses.fields(DataConfig))
-assert not set(MODEL_FIELDS) & set(TRAIN_FIELDS) and not set(DATA_FIELDS) & (
-    set(MODEL_FIELDS) | set(TRAIN_FIELDS)
-), "knob names must be unique across the config records"
+_KNOBS = MODEL_FIELDS + TRAIN_FIELDS + DATA_FIELDS
+assert len(set(_KNOBS)) == len(_KNOBS), "knob names must be unique across the config records"
 
 
 def resolve_csv(value: str, *, base: Path) -> str:
     """The absolute path of a CSV named in a YAML file in the folder ``base``.
 
-    An absolute path is kept. A relative one is relative to ``base``, unless ``$MIXER_DATA_DIR`` is
-    set: then its file name is looked up in that folder instead (the data live outside the clone).
-
-    Raises:
-        ValueError: the path is not a file; the message says where to put it.
+    A relative path is relative to ``base``, or with ``$MIXER_DATA_DIR`` set, its file name is looked
+    up in that folder. ValueError if it is not a file; the message says where to put it.
     """
     p = Path(value)
     if not p.is_absolute():
@@ -324,10 +309,9 @@ def check_memory(train: TrainConfig) -> None:
     need = (8 if train.dtype == "float64" else 4) * (4 * param_count(m) + m.depth * per_block)
     have = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     if need > have:
-        raise ValueError(
-            f"training needs about {need / 2**30:,.1f} GiB (dim={m.dim}, depth={m.depth}, "
-            f"patch_size={m.patch_size}, batch_size={train.batch_size}, dtype={train.dtype}), more than "
-            f"this machine's {have / 2**30:,.1f} GiB")
+        raise ValueError(f"training needs about {need / 2**30:,.1f} GiB (dim={m.dim}, depth={m.depth}, "
+                         f"patch_size={m.patch_size}, batch_size={train.batch_size}, "
+                         f"dtype={train.dtype}), more than this machine's {have / 2**30:,.1f} GiB")
 
 
 def bad_field(exc: BaseException, names: Any) -> str | None:
@@ -344,12 +328,8 @@ def load_run_config(path: str | Path, *, train_csv: str | Path | None = None,
                     ) -> tuple[DataConfig, TrainConfig, int]:
     """Read a single-run YAML (``data:``, ``train:``, ``seed:``), as ``python -m mixer.train`` takes.
 
-    Read with ``mixer.yaml_io.load_yaml``, the search spaces' loader: ``lr: 1e-4`` is a float.
-    CSV paths are found by ``resolve_csv``. ``train_csv`` (a command line's ``--train-csv``, relative
-    to the working directory) replaces the file's ``data.train_csv`` and sets ``source: csv``.
-
-    Raises:
-        ConfigError: naming the file and the key, for anything missing, unknown or out of range.
+    CSV paths are found by ``resolve_csv``. ``train_csv`` (``--train-csv``, relative to the working
+    directory) replaces ``data.train_csv`` and sets ``source: csv``. ConfigError names file and key.
     """
     path = Path(path)
     try:

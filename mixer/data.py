@@ -1,26 +1,9 @@
 """UNSW-NB15 data: the CSV schema, loading and validation, categorical encoding, scaling.
 
-The data path is the same for a CSV and for synthetic rows::
-
-    raw frame (id?, 42 features, label?, attack_cat?)  ──  read_csv / mixer.synthetic.synthetic_frame
-        │ labels()                       stratified test split (test_fraction > 0), then
-        │                                stratified train/validation split of the rest (seeded)
-        ▼
-    Pipeline.fit(train rows)             category codes + scaling statistics, train split only
-        │ Pipeline.transform(any rows)   -> float32 (rows, 42), columns in ``feature_names`` order
-        ▼
-    Dataset(x_train, y_train, x_val, y_val, feature_names, pipeline, x_test?, y_test?, rows)
-
-Scalings (``mixer.config.SCALINGS``), each fitted on the training split only: ``global`` (one
-table-wide mean/std), ``standard`` (per feature), ``log_standard`` (signed log1p, then per feature)
-and ``quantile`` (per feature, each value through the training rows' empirical CDF to the standard
-normal score of its level: robust to heavy tails and outliers, and an unseen extreme maps no
-further out than the most extreme training value).
-
-Errors in the input raise ``DataError`` naming the source (file), the column and the row.
-In messages about a CSV file, "data row N" is 1-based and counts data rows only, so it sits on
-line N + 1 of the file (the header is line 1); both numbers are given. For an in-memory frame
-"data row N" is the 1-based position in the frame.
+Raw rows (a CSV or ``synthetic_frame``) are split (stratified, seeded), a ``Pipeline`` is fitted on
+the training split only, and every split goes through it into a ``Dataset``. Bad input raises
+``DataError`` naming the source, the column and the row: "data row N" is 1-based and counts data
+rows only, so in a CSV it sits on line N + 1 (both are given); in a frame it is the position.
 """
 
 from __future__ import annotations
@@ -37,19 +20,8 @@ from mixer.config import SCALINGS, DataConfig
 from mixer.metrics import normal_quantiles
 from mixer.synthetic import synthetic_frame
 
-__all__ = [
-    "CATEGORICAL",
-    "FEATURE_NAMES",
-    "FLOAT_FEATURES",
-    "DataError",
-    "Dataset",
-    "Pipeline",
-    "labels",
-    "load",
-    "read_csv",
-    "stratified_split",
-    "synthetic_frame",
-]
+__all__ = ["CATEGORICAL", "FEATURE_NAMES", "FLOAT_FEATURES", "DataError", "Dataset", "Pipeline", "labels",
+           "load", "read_csv", "stratified_split", "synthetic_frame"]
 
 # The 42 flow features of the public UNSW-NB15 release, in its column order.
 FEATURE_NAMES: tuple[str, ...] = (
@@ -67,8 +39,7 @@ IGNORED = ("id", "attack_cat")
 # Columns stored as floats in the public CSV (the other numeric ones are integers).
 FLOAT_FEATURES = frozenset({"dur", "rate", "sload", "dload", "sinpkt", "dinpkt", "sjit", "djit",
                              "tcprtt", "synack", "ackdat"})
-# The key "quantiles" was added for scaling "quantile" without a new format: it is present exactly
-# when scaling is "quantile", so every pipeline saved before it still loads (and saves) unchanged.
+# Key "quantiles" is present exactly when scaling is "quantile", so older pipelines load unchanged.
 _PIPELINE_FORMAT = "mixer.data.Pipeline/1"
 # Quantile scaling: at most this many CDF levels per feature (fewer for a smaller training split).
 _MAX_LEVELS = 1000
@@ -82,12 +53,7 @@ class DataError(ValueError):
 
 def _where(row: int, *, csv: bool) -> str:
     """Name a 0-based row position for a message (see the module docstring)."""
-    if csv:
-        return f"data row {row + 1} (line {row + 2})"
-    return f"data row {row + 1}"
-
-
-# --------------------------------------------------------------------------- validation
+    return f"data row {row + 1} (line {row + 2})" if csv else f"data row {row + 1}"
 
 
 def _plain(value: Any) -> Any:
@@ -155,12 +121,7 @@ def _labels(frame: pd.DataFrame, source: str, *, csv: bool) -> np.ndarray:
 
 
 def labels(frame: pd.DataFrame, *, source: str) -> np.ndarray:
-    """The 0/1 target of a raw frame as int64 (rows,).
-
-    Raises:
-        DataError: naming ``source``, if there is no ``label`` column or a value is not 0 or 1
-            (with the 1-based data row).
-    """
+    """The 0/1 target of a raw frame as int64 (rows,); DataError if there is none or a value is not 0/1."""
     return _labels(frame, source, csv=False)
 
 
@@ -181,13 +142,8 @@ def _validate(frame: pd.DataFrame, source: str, *, csv: bool) -> None:
 def read_csv(path: str | Path) -> pd.DataFrame:
     """Read and validate a UNSW-NB15 CSV of either layout (with or without ``attack_cat``).
 
-    The frame is returned as read (all columns, the file's order). ``label`` is optional here
-    (a file of rows to predict has none); ``labels`` requires it.
-
-    Raises:
-        DataError: naming the file and, where it applies, the column and the data row / line: a
-            missing or empty file, a missing feature column, an unexpected column, a non-numeric,
-            missing or infinite value in a numeric column, a missing category, a label not 0/1.
+    The frame is returned as read (all columns, the file's order); ``label`` is optional here (a file
+    of rows to predict has none). DataError names the file and, where it applies, column and row.
     """
     path = Path(path)
     source = str(path)
@@ -207,9 +163,6 @@ def read_csv(path: str | Path) -> pd.DataFrame:
     return frame
 
 
-# --------------------------------------------------------------------------- pipeline
-
-
 def _log_signed(x: np.ndarray) -> np.ndarray:
     """sign(x) * log1p(|x|), in place: compresses 1e9-sized counters without losing the sign."""
     sign = np.sign(x)
@@ -222,12 +175,9 @@ def _log_signed(x: np.ndarray) -> np.ndarray:
 def _quantile_normal(x: np.ndarray, quantiles: np.ndarray) -> np.ndarray:
     """Encoded rows (rows, n_features) -> float64 normal scores through the fitted quantiles.
 
-    Each value goes to its level on the training rows' CDF, then to the standard normal score of
-    that level (levels kept in ``[1e-7, 1 - 1e-7]``), both steps linear between the fitted points.
-    A value tied with a run of quantiles (a mostly-zero column) gets the run's middle level: the
-    mean of the forward and the backward interpolation, as scikit-learn's QuantileTransformer
-    does. Values are clamped to the training range first, so an unseen extreme scores as the
-    training extreme (scikit-learn sends it to the clip bound, past a tied extreme's score).
+    Value -> CDF level -> normal score, both linear between fitted points; a value tied with a run of
+    quantiles gets the run's middle level (forward and backward interpolation averaged, as
+    scikit-learn does). Values are clamped to the training range first.
     """
     n = len(quantiles)
     levels = np.linspace(0.0, 1.0, n)
@@ -245,22 +195,13 @@ def _quantile_normal(x: np.ndarray, quantiles: np.ndarray) -> np.ndarray:
 class Pipeline:
     """Everything fitted on the training split that turns raw rows into model inputs.
 
-    Attributes:
-        feature_names: the feature columns in model order (the training file's order).
-        categories: for each categorical column, its training categories in code order (most
-            frequent first, ties alphabetical); category ``i`` is coded ``i`` and a category never
-            seen in training gets the unknown code ``len(categories[column])``.
-        scaling: one of ``mixer.config.SCALINGS``.
-        mean, std: float64 (n_features,) statistics applied after encoding (and after the signed
-            log for ``log_standard``). For ``global`` every entry holds the one table-wide value;
-            for ``quantile`` they are 0 and 1 and unused.
-        quantiles: for ``quantile`` only (else None), float64 (n_levels, n_features): row ``i``
-            holds each feature's empirical quantile at level ``i / (n_levels - 1)`` over the
-            training rows (after encoding), non-decreasing down each column. ``transform`` gives
-            a quantile the standard normal score of its level (kept within ``[1e-7, 1 - 1e-7]``),
-            a value tied with several quantiles the score of their middle level, a value between
-            two quantiles the linear interpolation of their scores, and a value beyond the
-            training range the score of the training extreme.
+    ``feature_names`` is the model's column order (the training file's). ``categories`` lists each
+    categorical column's training categories in code order (most frequent first, ties alphabetical);
+    an unseen category gets the code ``len(categories[column])``. ``mean``/``std`` are float64
+    (n_features,), applied after encoding (and the signed log for ``log_standard``); for ``global``
+    every entry is the table-wide value, for ``quantile`` they are 0 and 1, unused. ``quantiles``
+    (``quantile`` only, else None) is float64 (n_levels, n_features): row ``i`` holds each feature's
+    encoded training quantile at level ``i / (n_levels - 1)``, non-decreasing down each column.
     """
 
     feature_names: list[str]
@@ -276,17 +217,10 @@ class Pipeline:
 
     @classmethod
     def fit(cls, frame: pd.DataFrame, *, scaling: str, source: str) -> Pipeline:
-        """Fit category codes and scaling statistics on the (training) rows of ``frame``.
+        """Fit category codes and ``scaling`` statistics on the (training) rows of ``frame``.
 
-        Args:
-            frame: raw rows of either layout.
-            scaling: ``global`` (one mean/std over the whole table, as the original notebook),
-                ``standard`` (per feature), ``log_standard`` (signed log1p, then per feature) or
-                ``quantile`` (per feature, the empirical CDF of these rows at
-                ``min(1000, len(frame))`` evenly spaced levels, at least 2, then the normal score).
-            source: names the data in error messages.
-
-        The model's column order (``feature_names``) is the frame's own order of the 42 features.
+        ``quantile`` uses ``min(1000, len(frame))`` levels, at least 2. ``source`` names the data in
+        errors; ``feature_names`` follows the frame's own order of the 42 features.
         """
         if scaling not in SCALINGS:
             raise ValueError(f"scaling must be one of {SCALINGS}, got scaling={scaling!r}")
@@ -343,11 +277,7 @@ class Pipeline:
     def transform(self, frame: pd.DataFrame, *, source: str) -> np.ndarray:
         """Raw rows of either layout -> float32 (rows, n_features) in ``feature_names`` order.
 
-        ``id``, ``label``, ``attack_cat`` and any other extra columns are ignored.
-
-        Raises:
-            DataError: naming ``source``, the column and the data row, for a missing feature
-                column or a non-numeric / missing / infinite value.
+        Extra columns (``id``, ``label``, ...) are ignored; DataError names ``source``, column and row.
         """
         x = self._encode(frame, source)
         if self.scaling == "quantile":
@@ -359,11 +289,7 @@ class Pipeline:
         return x.astype(np.float32)
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-serialisable description that ``from_dict`` turns back into the same pipeline.
-
-        ``quantiles`` (a list of n_levels lists of n_features floats) is there only for scaling
-        ``quantile``.
-        """
+        """A JSON-serialisable description that ``from_dict`` turns back into the same pipeline."""
         d = {
             "format": _PIPELINE_FORMAT,
             "feature_names": list(self.feature_names),
@@ -458,18 +384,13 @@ def _check_quantiles(d: dict[str, Any], names: list[str], where: str) -> np.ndar
     return arr
 
 
-# --------------------------------------------------------------------------- dataset
-
-
 @dataclass
 class Dataset:
     """Arrays ready for the Mixer: x of shape (rows, n_features) float32, y of shape (rows,) in {0,1}.
 
-    ``pipeline`` is the fitted preprocessing (fit on the training split only) that turns raw rows
-    of either UNSW-NB15 layout into x; ``x_test``/``y_test`` are None without a test CSV or a
-    ``test_fraction``. ``rows`` says which rows of the source table (the training CSV's data rows in
-    file order, or the synthetic frame's rows) went where: sorted 0-based positions under
-    ``"train"`` and ``"val"``, and ``"test"`` for a held-out test split (not for a test CSV).
+    ``pipeline`` was fitted on the training split; ``x_test``/``y_test`` are None without a test CSV
+    or ``test_fraction``. ``rows`` maps "train", "val" (and "test" for a held-out split) to sorted
+    0-based positions in the source table.
     """
 
     x_train: np.ndarray
@@ -521,9 +442,8 @@ def _split(y: np.ndarray, config: DataConfig, source: str) -> dict[str, np.ndarr
     rest, test = stratified_split(y, val_fraction=config.test_fraction, seed=config.seed, stream=2)
     train, val = stratified_split(y[rest], val_fraction=config.val_fraction, seed=config.seed)
     rows = {"train": rest[train], "val": rest[val], "test": test}
-    # Every label on every side: one missing from validation or test leaves their metrics undefined
-    # (and one missing from training is never learned). Without a test split only an empty
-    # validation split is refused, as before test_fraction existed.
+    # Every label on every side, or a split's metrics are undefined (or a label never learned).
+    # Without a test split only an empty validation split is refused, as before test_fraction.
     for label, n in zip(*np.unique(y, return_counts=True), strict=True):
         for side, name in (("train", "training"), ("val", "validation"), ("test", "test")):
             if not (y[rows[side]] == label).any():
@@ -534,20 +454,12 @@ def _split(y: np.ndarray, config: DataConfig, source: str) -> dict[str, np.ndarr
 
 
 def load(config: DataConfig) -> Dataset:
-    """Load, split and scale the rows ``config`` names.
+    """Load, split and scale the rows ``config`` names (synthetic rows, or ``train_csv``).
 
-    ``source="synthetic"``: ``synthetic_frame(config.n_rows, config.seed)``; ``source="csv"``:
-    ``read_csv(config.train_csv)`` and, if set, ``config.test_csv`` (transformed with the
-    train-fitted pipeline; ``y_test`` only if that file has a ``label`` column). With
-    ``config.test_fraction > 0`` that share of the rows is first held out as the test split
-    (stratified, seeded by ``config.seed`` from a stream of its own), and ``val_fraction`` applies
-    to the rows left after it. The remaining rows are split into train/validation (stratified,
-    seeded by ``config.seed``), and the pipeline is fitted on the training split only; validation
-    and test rows go through it unseen. ``Dataset.rows`` records which source row went where.
-
-    Raises:
-        DataError: naming the file, column and row for bad input, or the source and the fractions
-            when a label has too few rows for every split; nothing half-built is returned.
+    ``test_fraction`` of the rows is held out first (its own random stream), ``val_fraction`` applies
+    to the rest, and the pipeline is fitted on the training split only. A ``test_csv`` goes through
+    it too (``y_test`` only if it has a ``label`` column). DataError names the file, column and row,
+    or the fractions when a label has too few rows for every split.
     """
     if config.source == "synthetic":
         source = f"synthetic(n_rows={config.n_rows}, seed={config.seed})"

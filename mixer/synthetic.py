@@ -1,8 +1,7 @@
 """Synthetic UNSW-NB15 flows: rows in the real CSV's raw layout, with its pathology and a learnable label.
 
-``synthetic_frame(n_rows, seed)`` is the data of the default search space and of the tests: it
-needs no download, and it makes the point of the study (one global mean/std hides the small-scale
-features behind the 1e9-sized ones) on a few thousand rows.
+The data of the default search space and of the tests: no download, and the study's point on a few
+thousand rows.
 """
 
 from __future__ import annotations
@@ -50,19 +49,11 @@ def _synthetic_score(*, sttl: np.ndarray, smean: np.ndarray, ct_srv_src: np.ndar
 
 
 def synthetic_frame(n_rows: int, seed: int) -> pd.DataFrame:
-    """Synthetic flows in the real CSV's raw layout: ``id``, the 42 features, ``label``.
+    """``n_rows`` (>= 1) synthetic flows: ``id``, the 42 features, ``label``; the same seed, the same frame.
 
-    The rows share the real sample's pathology: integer features in [0, 255] beside counters up
-    to ~4.3e9 and loads up to ~5e9, heavy tails, three categoricals with rare categories. The
-    label (a little over half ones) depends non-linearly on several features, most of them
-    small-scale (TTLs, mean packet size, connection counts, state x counts, service x returned
-    bytes), plus logistic noise, so a model that sees each feature on its own scale can learn it
-    well (but not perfectly) while one global mean/std hides the small-scale features behind the
-    1e9-sized ones: with ``global`` scaling a Mixer stays near the majority rate.
-
-    Args:
-        n_rows: number of rows (>= 1).
-        seed: the generator's seed; same seed -> identical frame.
+    Integer features in [0, 255] sit beside 1e9-sized counters, with heavy tails and rare categories.
+    The label depends non-linearly on mostly small-scale features plus noise, so one global mean/std
+    hides it: with ``global`` scaling a Mixer stays near the majority rate.
     """
     if n_rows < 1:
         raise ValueError(f"n_rows must be >= 1, got n_rows={n_rows}")
@@ -87,14 +78,12 @@ def synthetic_frame(n_rows: int, seed: int) -> pd.DataFrame:
     is_int = state == "INT"
 
     # Packets, sizes and durations: log-normal, with interrupted (INT) flows one-sided and short.
-    spkts = np.maximum(1, np.round(rng.lognormal(np.where(tcp, 2.3, 0.6), 1.1))).astype(np.int64)
-    spkts = np.minimum(spkts, 9400)
+    spkts = np.clip(np.round(rng.lognormal(np.where(tcp, 2.3, 0.6), 1.1)), 1, 9400).astype(np.int64)
     dpkts = np.where(is_int, 0, np.round(rng.lognormal(np.where(tcp, 2.2, 0.4), 1.1))).astype(np.int64)
     dpkts = np.minimum(dpkts, 3500)
+    # Integer-valued floats here; the columns get their CSV dtypes at the end.
     smean = np.clip(np.round(rng.lognormal(np.log(np.where(dns, 90.0, 140.0)), 0.75)), 28, 1504)
-    smean = smean.astype(np.int64)
     dmean = np.where(dpkts > 0, np.clip(np.round(rng.lognormal(np.log(180.0), 1.0, n)), 28, 1500), 0)
-    dmean = dmean.astype(np.int64)
     sbytes = spkts * smean
     dbytes = dpkts * dmean
     dur = np.where(is_int, rng.uniform(1e-6, 1e-5, n), np.minimum(rng.lognormal(-1.0, 1.6, n), 60.0))
@@ -117,7 +106,6 @@ def synthetic_frame(n_rows: int, seed: int) -> pd.DataFrame:
     sttl = np.where(tcp, _pick(rng, (31, 62, 254, 29), (0.50, 0.22, 0.18, 0.10), n),
                     _pick(rng, (31, 254, 60, 0, 62), (0.35, 0.40, 0.12, 0.05, 0.08), n)).astype(np.int64)
     dttl = np.where(dpkts > 0, _pick(rng, (29, 252, 253, 60), (0.45, 0.40, 0.05, 0.10), n), 0)
-    dttl = dttl.astype(np.int64)
     has_win = tcp & ~is_int
     swin = np.where(has_win, 255, 0).astype(np.int64)
     dwin = np.where(has_win & (dpkts > 0), 255, 0).astype(np.int64)

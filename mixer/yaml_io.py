@@ -1,15 +1,8 @@
 """The one YAML reader: run configs (``mixer.config``) and search spaces (``sweep.space``) use it.
 
-PyYAML follows YAML 1.1, whose floats need a dot, so it reads ``lr: 1e-4`` as the string
-``"1e-4"``; this loader reads it as a float, as YAML 1.2 does. It also refuses duplicate keys
-instead of silently keeping the last one. Otherwise it is PyYAML's safe loader.
-
-These files are small and written by hand, so hostile ones are refused before they cost anything:
-anything but a regular file (a directory, ``/dev/zero``, a pipe), a file over ``MAX_BYTES``, text
-that is not UTF-8, nesting deeper than ``MAX_NESTING``, and every YAML alias (``*name``, merge keys
-``<<: *name`` included). A space or a run config has no need of aliases, and refusing them outright
-is the simplest defence against a "billion laughs" document, whose aliases expand a few hundred
-bytes into gigabytes.
+PyYAML's safe loader, except that ``lr: 1e-4`` is a float (as in YAML 1.2, not the string of YAML
+1.1), duplicate keys fail, and hostile files are refused before they cost anything: anything but a
+regular file, over ``MAX_BYTES``, not UTF-8, nested deeper than ``MAX_NESTING``, or with an alias.
 """
 
 from __future__ import annotations
@@ -29,10 +22,7 @@ _REPR.maxstring = _REPR.maxlong = _REPR.maxother = 80
 
 
 def shorten(value: object, *, limit: int = 80) -> str:
-    """``repr(value)`` cut to about ``limit`` characters: a value quoted in an error cannot flood it.
-
-    The one cut of quoted values (configs, spaces): here, not in ``sweep``, because a published
-    model ships only ``mixer``."""
+    """``repr(value)`` cut to about ``limit`` characters: a value quoted in an error cannot flood it."""
     text = _REPR.repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
@@ -97,9 +87,7 @@ def _loader() -> type:
 def load_yaml(path: str | Path) -> Any:
     """The document in the YAML file at ``path`` (``1e-4`` is a float; duplicate keys and aliases fail).
 
-    Raises:
-        YamlError: ``"<path>: cannot read: ..."``, ``"<path>: not valid YAML: ..."`` or another
-            message starting with the path (not a regular file, too large, not UTF-8).
+    Raises YamlError, its message starting with the path: "cannot read", "not valid YAML" and so on.
     """
     import yaml
 
