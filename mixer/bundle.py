@@ -1,13 +1,10 @@
 """A trained model that travels with its preprocessing: one ``.npz`` file in, probabilities out.
 
-A bundle holds the Mixer's parameters, its ``MixerConfig`` and the fitted data ``Pipeline``
-(category codes, scaling statistics, column order), so raw UNSW-NB15 rows of either layout
-(with or without ``id``, ``label``, ``attack_cat``) can be scored without the training data.
-
-File layout (``np.savez``, never pickled): one array per parameter under ``param/<key>`` and a
-JSON string under ``__bundle__`` holding ``format``, ``config`` (MixerConfig fields),
-``pipeline`` (``Pipeline.to_dict()``), the parameter keys and a free-form ``info`` dict
-(provenance: study, trial, seed, epoch).
+A bundle holds the Mixer's parameters, its ``MixerConfig`` and the fitted data ``Pipeline`` (category
+codes, scaling statistics, column order), so raw UNSW-NB15 rows of either layout can be scored
+without the training data. File layout (``np.savez``, never pickled): one array per parameter under
+``param/<key>``, and under ``__bundle__`` a JSON string with ``format``, ``config`` (MixerConfig
+fields), ``pipeline`` (``Pipeline.to_dict()``), the parameter keys and ``info``.
 """
 
 from __future__ import annotations
@@ -60,41 +57,18 @@ def atomic_write(path: str | Path, write: Callable[[IO], Any], *, mode: str = "w
     return path
 
 
-def _check_param_shapes(params: dict[str, np.ndarray], expected: dict[str, tuple[int, ...]],
-                       *, source: str) -> None:
-    """Raise BundleError naming the first key missing, unexpected or of the wrong shape."""
-    for key, shape in expected.items():
-        if key not in params:
-            raise BundleError(f"{source}: parameter {key!r} is missing")
-        if tuple(params[key].shape) != tuple(shape):
-            raise BundleError(f"{source}: parameter {key!r} has shape {tuple(params[key].shape)}, "
-                              f"the config needs {tuple(shape)}")
-    for key in params:
-        if key not in expected:
-            raise BundleError(f"{source}: unexpected parameter {key!r} for this config")
-
-
 def sigmoid(logits: np.ndarray) -> np.ndarray:
     """Numerically stable logistic function (no overflow warning for large |logit|)."""
     logits = np.asarray(logits, dtype=np.float64)
-    out = np.empty_like(logits)
-    pos = logits >= 0
-    out[pos] = 1.0 / (1.0 + np.exp(-logits[pos]))
-    exp = np.exp(logits[~pos])
-    out[~pos] = exp / (1.0 + exp)
-    return out
+    exp = np.exp(-np.abs(logits))  # at most 1, on either side of 0
+    return np.where(logits >= 0, 1.0 / (1.0 + exp), exp / (1.0 + exp))
 
 
 @dataclass
 class ModelBundle:
-    """Parameters + architecture + fitted preprocessing of one trained Mixer.
-
-    Attributes:
-        params: flat parameter dict as ``mixer.model.init_params`` lays it out.
-        config: the architecture the parameters belong to.
-        pipeline: the preprocessing fitted on the training split.
-        info: JSON-serialisable provenance (study, trial number, seed, best epoch, ...).
-    """
+    """Parameters (flat, as ``mixer.model.init_params`` lays them out), architecture and the
+    preprocessing fitted on the training split of one trained Mixer, with JSON-serialisable
+    provenance in ``info`` (study, trial number, seed, best epoch, ...)."""
 
     params: dict[str, np.ndarray]
     config: MixerConfig
@@ -102,42 +76,39 @@ class ModelBundle:
     info: dict[str, Any] = field(default_factory=dict)
 
     def check(self, *, source: str = "bundle") -> None:
-        """Raise BundleError if the config, pipeline and parameters do not belong together."""
+        """Raise BundleError naming the first mismatch of the config, pipeline and parameters."""
         from mixer.model import param_shapes
 
-        n_pipeline = len(self.pipeline.feature_names)
-        if self.config.n_features != n_pipeline:
-            raise BundleError(
-                f"{source}: config has n_features={self.config.n_features} but the pipeline "
-                f"produces {n_pipeline} features"
-            )
-        _check_param_shapes(self.params, param_shapes(self.config), source=source)
+        if self.config.n_features != len(self.pipeline.feature_names):
+            raise BundleError(f"{source}: config has n_features={self.config.n_features} but the pipeline "
+                              f"produces {len(self.pipeline.feature_names)} features")
+        expected = param_shapes(self.config)
+        for key, shape in expected.items():
+            if key not in self.params:
+                raise BundleError(f"{source}: parameter {key!r} is missing")
+            if tuple(self.params[key].shape) != tuple(shape):
+                raise BundleError(f"{source}: parameter {key!r} has shape {tuple(self.params[key].shape)}, "
+                                  f"the config needs {tuple(shape)}")
+        for key in self.params:
+            if key not in expected:
+                raise BundleError(f"{source}: unexpected parameter {key!r} for this config")
 
     def save(self, path: str | Path) -> Path:
         """Write the bundle to ``path`` atomically (temporary file, then rename)."""
         self.check(source=str(path))
-        meta = {
-            "format": FORMAT,
-            "config": dataclasses.asdict(self.config),
-            "pipeline": self.pipeline.to_dict(),
-            "params": list(self.params),
-            "info": self.info,
-        }
+        meta = {"format": FORMAT, "config": dataclasses.asdict(self.config),
+                "pipeline": self.pipeline.to_dict(), "params": list(self.params), "info": self.info}
         try:
             blob = json.dumps(meta)
         except TypeError as exc:
             raise BundleError(f"{path}: bundle metadata is not JSON-serialisable: {exc}") from None
-        arrays = {_META: np.array(blob)}
-        arrays.update({_PARAM + k: np.asarray(v) for k, v in self.params.items()})
+        arrays = {_META: np.array(blob), **{_PARAM + k: np.asarray(v) for k, v in self.params.items()}}
         return atomic_write(path, lambda fh: np.savez(fh, **arrays))
 
     @classmethod
     def load(cls, path: str | Path) -> ModelBundle:
-        """Read a bundle written by ``save``, checking config, pipeline and parameters against each other.
-
-        Raises:
-            BundleError: naming the file and the first part that is missing or does not match.
-        """
+        """Read a bundle written by ``save``, checking config, pipeline and parameters against each other;
+        BundleError names the file and the first part that is missing or does not match."""
         path = Path(path)
         if path.is_dir():
             raise BundleError(f"{path}: is a directory, not a model file")
@@ -185,15 +156,9 @@ class ModelBundle:
         return bundle
 
     def predict_proba(self, frame: pd.DataFrame, *, source: str) -> np.ndarray:
-        """P(label = 1) for each raw row of ``frame``, float64 of shape (rows,).
-
-        Args:
-            frame: raw UNSW-NB15 rows, either layout; ``id``, ``label`` and ``attack_cat`` are ignored.
-            source: what the rows are (a file name), used in error messages.
-
-        Raises:
-            mixer.data.DataError: naming ``source``, the column and the row of a bad value.
-        """
+        """P(label = 1) for each raw row of ``frame`` (either layout; ``id``, ``label`` and ``attack_cat``
+        are ignored), float64 of shape (rows,). A bad value raises mixer.data.DataError naming
+        ``source`` (what the rows are, e.g. a file name), the column and the row."""
         return self.proba(self.pipeline.transform(frame, source=source))
 
     def proba(self, x: np.ndarray) -> np.ndarray:

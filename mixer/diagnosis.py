@@ -1,52 +1,21 @@
 """What a trial's curves say: healthy, plateau, saddle, oscillating, diverged or too short — with the numbers.
 
-``diagnose(history)`` reads one run's per-epoch metrics (``mixer.train.EpochMetrics``, or the
-same as dicts, as stored in a trial's ``history`` user attribute) and measures:
+``diagnose(history)`` labels one run from its per-epoch metrics (``mixer.train.EpochMetrics``, or
+dicts as stored in a trial's ``history`` user attribute). A plateau is the longest run of epochs
+that neither beat the best train loss so far by ``plateau_tol`` nor rose ``plateau_band`` above it
+(``plateau_run``); ``val_wiggle`` is the validation loss's travel beyond its net change, relative to
+its mean. The first matching rule wins:
 
-* **plateau** — the longest run of consecutive epochs none of which improved the train loss by
-  ``plateau_tol`` relative to the best loss before it, ``(min L[<t] - L[t]) / min L[<t] <
-  plateau_tol`` (no progress), and none rose ``plateau_band`` or more above it (a spike is not a
-  plateau). Against the best so far rather than the epoch before, so that mini-batch noise does
-  not cut one plateau into pieces. ``plateau_length`` counts those
-  epochs, ``plateau_start_epoch`` is the first of them. Over the plateau: the mean gradient norm
-  (``plateau_grad_norm``, from ``grad_norm_mean``), the same relative to the largest epoch-mean
-  gradient norm of the run (``plateau_grad_ratio``), the mean learning rate (``plateau_lr``: a
-  plateau at a learning rate near zero is the schedule freezing the run, not the loss surface),
-  the mean train loss (``plateau_loss``), and the Hessian extremes of the probe nearest the
-  plateau's middle among probes no more than ``probe_slack`` epochs outside it
-  (``plateau_min_eig``, ``plateau_max_eig``, ``plateau_neg_ratio``, ``plateau_probe_epoch``,
-  and where that probe measured them ``plateau_neg_share`` and ``plateau_escape_gain``).
-* **wiggle** — ``val_wiggle = (Σ|ΔV| - |V_last - V_first|) / mean(V)`` over the validation loss
-  ``V``: the up-and-down travel that did not contribute to the net change, relative to the loss
-  level (0 for a monotone curve; it adds up over epochs).
-
-``grad_norm_mean`` is the mean *mini-batch* gradient norm, which mini-batch noise keeps well above
-the full-batch gradient on a plateau; hence "small" is relative to the run's own peak and loose.
-The defaults were calibrated on the real sample, on the notebook's experiment 1 (patch 1, dim 48,
-lr 0.01, global scaling), whose long plateau at a gradient well below its peak, with clearly
-negative curvature at every probe, is a saddle region by any reading. A freshly initialised Mixer
-already shows a little negative curvature, so ``saddle_neg_ratio`` asks for clearly more.
-
-Rules, first match wins:
-
-1. ``diverged`` — fit reported divergence (``diverged=True``) or any train/val loss is NaN/inf.
-2. ``too_short`` — at most ``min_plateau_epochs`` epochs (a pruned trial, typically): too few for
-   the plateau rule (the first epoch has no best before it), so the curves cannot say "healthy".
-3. ``saddle`` — a plateau of at least ``min_plateau_epochs`` epochs where the gradient is small
-   (``plateau_grad_ratio <= small_grad_ratio``) and a probe shows clearly negative curvature
-   (``plateau_neg_ratio >= saddle_neg_ratio``): small gradient + a descent direction of the
-   curvature is what a saddle is; a plateau with a flat spectrum is not one. The tag
-   ``saddle_confirmed`` says whether the probe's escape test (``mixer.curvature.escape_test``:
-   a step along ``±v_min``) lowered the loss by at least ``escape_gain`` of what ``½ α² λ_min``
-   predicts: ``yes``, ``no``, or ``untested`` (no escape test at the probe).
-4. ``plateau`` — a plateau of at least ``min_plateau_epochs`` epochs (flat spectrum, large
-   gradient, or no curvature probe near it).
+1. ``diverged`` — fit reported divergence or a train/val loss is NaN/inf.
+2. ``too_short`` — at most ``min_plateau_epochs`` epochs: too few for the plateau rule.
+3. ``saddle`` — a plateau of ``min_plateau_epochs`` or more with a small gradient (``plateau_grad_ratio
+   <= small_grad_ratio``) and clearly negative curvature at a probe near it (``plateau_neg_ratio >=
+   saddle_neg_ratio``); the tag ``saddle_confirmed`` says whether the probe's escape step worked.
+4. ``plateau`` — such a plateau otherwise (flat spectrum, large gradient or no probe near it).
 5. ``oscillating`` — ``val_wiggle >= oscillation_wiggle``.
 6. ``healthy`` — none of the above.
 
-``stalled`` applies the plateau rule to a history as it grows, so that ``fit`` can probe the
-curvature at the epoch a plateau becomes long enough to count.
-
+``stalled`` applies the plateau rule to a growing history, so that ``fit`` can probe at a stall.
 The thresholds are the fields of ``Thresholds`` (frozen; defaults there).
 """
 
@@ -66,28 +35,16 @@ LABELS = ("healthy", "plateau", "saddle", "oscillating", "diverged", "too_short"
 
 @dataclass(frozen=True)
 class Thresholds:
-    """The settings behind the rules (see the module docstring).
+    """The settings behind the rules (see the module docstring)."""
 
-    Attributes:
-        plateau_tol: an epoch is flat if it beat the best train loss so far by less than this share.
-        plateau_band: ... and did not rise this share or more above it.
-        min_plateau_epochs: flat epochs in a row needed to call a plateau.
-        small_grad_ratio: plateau grad norm <= this × the run's largest epoch-mean grad norm is small.
-        saddle_neg_ratio: |λ_min| / λ_max at the plateau for "clearly negative" curvature.
-        probe_slack: probes up to this many epochs outside the plateau still count.
-        oscillation_wiggle: val_wiggle at or above this is oscillating.
-        escape_gain: a saddle is confirmed when the escape step lowered the loss by at least this
-            share of the second-order prediction.
-    """
-
-    plateau_tol: float = 0.005
-    plateau_band: float = 0.05
-    min_plateau_epochs: int = 4
-    small_grad_ratio: float = 0.75
-    saddle_neg_ratio: float = 0.1
-    probe_slack: int = 2
-    oscillation_wiggle: float = 0.25
-    escape_gain: float = 0.5
+    plateau_tol: float = 0.005  # flat: an epoch beat the best train loss so far by less than this share
+    plateau_band: float = 0.05  # ... and did not rise this share or more above it
+    min_plateau_epochs: int = 4  # flat epochs in a row needed to call a plateau
+    small_grad_ratio: float = 0.75  # plateau grad norm <= this × the run's largest epoch-mean one is small
+    saddle_neg_ratio: float = 0.1  # |λ_min| / λ_max at the plateau for "clearly negative" curvature
+    probe_slack: int = 2  # probes up to this many epochs outside the plateau still count
+    oscillation_wiggle: float = 0.25  # val_wiggle at or above this is oscillating
+    escape_gain: float = 0.5  # saddle confirmed: escape step's loss fall >= this share of the predicted one
 
     def __post_init__(self) -> None:
         for name in ("plateau_tol", "plateau_band", "small_grad_ratio", "saddle_neg_ratio",
@@ -103,14 +60,11 @@ class Thresholds:
 
 @dataclass(frozen=True)
 class Diagnosis:
-    """A label and the numbers behind it.
+    """A label (one of ``LABELS``) and the numbers behind it.
 
-    Attributes:
-        label: one of ``LABELS``.
-        metrics: numbers for MLflow metrics (only those that are known for this run).
-        tags: strings for MLflow tags: ``diagnosis``, ``plateau_start_epoch``, ``plateau_length``
-            (``"none"``/``"0"`` without a plateau), ``saddle_confirmed`` (``yes``/``no``/``untested``)
-            and ``diagnosis_reason`` (one readable line).
+    ``metrics`` holds the numbers known for this run, for MLflow metrics; ``tags`` the MLflow tags
+    ``diagnosis``, ``plateau_start_epoch``, ``plateau_length`` (``"none"``/``"0"`` without a plateau),
+    ``saddle_confirmed`` (``yes``/``no``/``untested``) and ``diagnosis_reason`` (one readable line).
     """
 
     label: str
@@ -118,9 +72,9 @@ class Diagnosis:
     tags: dict[str, str] = field(default_factory=dict)
 
 
-def _get(entry: Any, name: str) -> float | None:
+def _get(entry: Any, name: str, default: float | None = None) -> float | None:
     value = entry.get(name) if isinstance(entry, Mapping) else getattr(entry, name, None)
-    return None if value is None else float(value)
+    return default if value is None else float(value)
 
 
 def _flat(losses: Sequence[float], tol: float, band: float) -> list[bool]:
@@ -137,32 +91,22 @@ def _flat(losses: Sequence[float], tol: float, band: float) -> list[bool]:
 def plateau_run(losses: Sequence[float], *, tol: float, band: float = math.inf) -> tuple[int, int]:
     """The longest run of epochs that brought no real improvement: ``(start index, length)``.
 
-    Epoch ``i`` (``i >= 1``) is flat when it neither beats the best loss before it by ``tol``
-    relative nor rises above it by ``band`` relative:
-    ``-band < (best - losses[i]) / |best| < tol`` with ``best = min(losses[:i])`` (the module
-    docstring says why); a jump far above the best (a restart's spike, a blow-up) is not flat.
-    A non-finite loss ends a run.
-    ``(-1, 0)`` if no epoch is flat; ties go to the earliest run.
+    Epoch ``i >= 1`` is flat when ``-band < (best - losses[i]) / |best| < tol`` with ``best =
+    min(losses[:i])``: compared with the best so far, so that mini-batch noise does not cut a plateau
+    in pieces, and a jump far above it (a restart's spike, a blow-up) is not flat. A non-finite loss
+    ends a run. ``(-1, 0)`` if no epoch is flat; ties go to the earliest run.
     """
-    best_start, best_len = -1, 0
-    start, length = -1, 0
+    best_start, best_len, length = -1, 0, 0
     for i, flat in enumerate(_flat(losses, tol, band)):
-        if flat:
-            if length == 0:
-                start = i
-            length += 1
-            if length > best_len:
-                best_start, best_len = start, length
-        else:
-            length = 0
+        length = length + 1 if flat else 0
+        if length > best_len:
+            best_start, best_len = i - length + 1, length
     return best_start, best_len
 
 
 def stalled(losses: Sequence[float], *, thresholds: Thresholds = Thresholds()) -> bool:
-    """True when the last ``min_plateau_epochs`` losses are flat and the one before them is not.
-
-    That is, once per plateau: at the epoch it becomes long enough for the diagnosis to count it.
-    """
+    """True when the last ``min_plateau_epochs`` losses are flat and the one before them is not:
+    once per plateau, at the epoch it becomes long enough for the diagnosis to count it."""
     flat = _flat(losses, thresholds.plateau_tol, thresholds.plateau_band)
     k = thresholds.min_plateau_epochs
     return len(flat) > k and all(flat[-k:]) and not flat[-k - 1]
@@ -173,11 +117,10 @@ def val_wiggle(values: Sequence[float]) -> float:
     if len(values) < 3:
         return 0.0
     travel = sum(abs(b - a) for a, b in zip(values, values[1:], strict=False))
-    net = abs(values[-1] - values[0])
     mean = sum(values) / len(values)
     if mean == 0:
         return 0.0
-    return (travel - net) / abs(mean)
+    return (travel - abs(values[-1] - values[0])) / abs(mean)
 
 
 def _fmt(value: float) -> str:
@@ -188,19 +131,13 @@ def diagnose(history: Sequence[Any], *, diverged: bool = False,
              thresholds: Thresholds = Thresholds()) -> Diagnosis:
     """Label one run from its per-epoch metrics (see the module docstring for the rules).
 
-    Args:
-        history: ``EpochMetrics`` (or dicts with the same names and ``epoch``), in epoch order;
-            curvature fields may be None/absent on epochs without a probe.
-        diverged: fit stopped the run as diverged.
-        thresholds: the settings of the rules.
+    ``history`` holds ``EpochMetrics`` (or dicts with the same names and ``epoch``) in epoch order;
+    curvature fields may be None/absent on epochs without a probe. ``diverged``: fit said so.
     """
     th = thresholds
     epochs = [int(_get(e, "epoch") or i + 1) for i, e in enumerate(history)]
-    train = [_get(e, "train_loss") for e in history]
-    val = [_get(e, "val_loss") for e in history]
-    train_f = [math.nan if v is None else v for v in train]
-    val_f = [math.nan if v is None else v for v in val]
-
+    train_f = [_get(e, "train_loss", math.nan) for e in history]
+    val_f = [_get(e, "val_loss", math.nan) for e in history]
     metrics: dict[str, float] = {"epochs_run": float(len(history))}
     tags = {"plateau_start_epoch": "none", "plateau_length": "0", "saddle_confirmed": "untested"}
 
@@ -214,8 +151,7 @@ def diagnose(history: Sequence[Any], *, diverged: bool = False,
     if bad:
         metrics["diverged_epoch"] = float(bad[0])
     if diverged or bad:
-        where = f"non-finite loss at epoch {bad[0]}" if bad else "fit reported divergence"
-        return done("diverged", where)
+        return done("diverged", f"non-finite loss at epoch {bad[0]}" if bad else "fit reported divergence")
     if not history:
         return done("too_short", "no epochs to judge")
     if len(history) <= th.min_plateau_epochs:
@@ -224,28 +160,29 @@ def diagnose(history: Sequence[Any], *, diverged: bool = False,
 
     wiggle = val_wiggle(val_f)
     metrics["val_wiggle"] = wiggle
-
     start_idx, length = plateau_run(train_f, tol=th.plateau_tol, band=th.plateau_band)
     metrics["plateau_length"] = float(length)
     plateau_note = ""
-    saddle = False
     if length:
         idx = range(start_idx, start_idx + length)
         first, last = epochs[start_idx], epochs[start_idx + length - 1]
-        tags["plateau_start_epoch"] = str(first)
-        tags["plateau_length"] = str(length)
+        tags.update(plateau_start_epoch=str(first), plateau_length=str(length))
         metrics["plateau_start_epoch"] = float(first)
         metrics["plateau_loss"] = sum(train_f[i] for i in idx) / length
+        plateau_note = (f"train loss improved < {th.plateau_tol:.2%}/epoch for {length} epochs from "
+                        f"epoch {first} at {_fmt(metrics['plateau_loss'])}")
         lrs = [_get(history[i], "lr") for i in idx]
         if all(v is not None for v in lrs):
             metrics["plateau_lr"] = sum(lrs) / length
+            plateau_note += f", lr {_fmt(metrics['plateau_lr'])}"
         grads = [_get(history[i], "grad_norm_mean") for i in idx]
-        all_grads = [g for g in (_get(e, "grad_norm_mean") for e in history) if g is not None]
         if all(g is not None for g in grads):
             metrics["plateau_grad_norm"] = sum(grads) / length
-            peak = max(all_grads)
+            peak = max(g for g in (_get(e, "grad_norm_mean") for e in history) if g is not None)
             if peak > 0:
                 metrics["plateau_grad_ratio"] = metrics["plateau_grad_norm"] / peak
+                plateau_note += (f", grad norm {_fmt(metrics['plateau_grad_norm'])} "
+                                 f"({_fmt(metrics['plateau_grad_ratio'])} of peak)")
         # The probe nearest the plateau's middle, among those close enough to speak for it.
         middle = (first + last) / 2
         probes = [(abs(ep - middle), ep, e) for ep, e in zip(epochs, history, strict=True)
@@ -254,42 +191,26 @@ def diagnose(history: Sequence[Any], *, diverged: bool = False,
         if probes:
             _, probe_epoch, probe = min(probes, key=lambda p: (p[0], p[1]))
             lam_min, lam_max = _get(probe, "hessian_min_eig"), _get(probe, "hessian_max_eig")
-            ratio = _get(probe, "neg_curvature_ratio")
-            if ratio is None:
-                ratio = neg_ratio(lam_min, lam_max)
+            ratio = _get(probe, "neg_curvature_ratio", neg_ratio(lam_min, lam_max))
             metrics.update(plateau_min_eig=lam_min, plateau_max_eig=lam_max,
                            plateau_neg_ratio=ratio, plateau_probe_epoch=float(probe_epoch))
+            plateau_note += (f", λ_min {_fmt(lam_min)} / λ_max {_fmt(lam_max)} (ratio {_fmt(ratio)}) "
+                             f"at epoch {probe_epoch}")
             for name, key in (("neg_curvature_share", "plateau_neg_share"),
                               ("escape_gain", "plateau_escape_gain")):
                 if _get(probe, name) is not None:
                     metrics[key] = _get(probe, name)
             if "plateau_escape_gain" in metrics:
                 tags["saddle_confirmed"] = "yes" if metrics["plateau_escape_gain"] >= th.escape_gain else "no"
-        plateau_note = (f"train loss improved < {th.plateau_tol:.2%}/epoch for {length} epochs from "
-                        f"epoch {first} at {_fmt(metrics['plateau_loss'])}")
-        if "plateau_lr" in metrics:
-            plateau_note += f", lr {_fmt(metrics['plateau_lr'])}"
-        if "plateau_grad_ratio" in metrics:
-            plateau_note += (f", grad norm {_fmt(metrics['plateau_grad_norm'])} "
-                             f"({_fmt(metrics['plateau_grad_ratio'])} of peak)")
-        if "plateau_min_eig" in metrics:
-            plateau_note += (f", λ_min {_fmt(metrics['plateau_min_eig'])} / λ_max "
-                             f"{_fmt(metrics['plateau_max_eig'])} (ratio "
-                             f"{_fmt(metrics['plateau_neg_ratio'])}) at epoch {probe_epoch}")
-            if "plateau_escape_gain" in metrics:
                 plateau_note += (f", escape gain {_fmt(metrics['plateau_escape_gain'])} "
                                  f"(saddle confirmed: {tags['saddle_confirmed']})")
         else:
             plateau_note += ", no curvature probe near it"
-        saddle = (length >= th.min_plateau_epochs
-                  and metrics.get("plateau_grad_ratio", math.inf) <= th.small_grad_ratio
-                  and metrics.get("plateau_neg_ratio", 0.0) >= th.saddle_neg_ratio)
 
-    if saddle:
-        return done("saddle", plateau_note)
     if length >= th.min_plateau_epochs:
-        return done("plateau", plateau_note)
+        saddle = (metrics.get("plateau_grad_ratio", math.inf) <= th.small_grad_ratio
+                  and metrics.get("plateau_neg_ratio", 0.0) >= th.saddle_neg_ratio)
+        return done("saddle" if saddle else "plateau", plateau_note)
     if wiggle >= th.oscillation_wiggle:
         return done("oscillating", f"validation loss wiggle {_fmt(wiggle)} >= {th.oscillation_wiggle}")
-    note = f"longest flat stretch {length} epochs, validation loss wiggle {_fmt(wiggle)}"
-    return done("healthy", note)
+    return done("healthy", f"longest flat stretch {length} epochs, validation loss wiggle {_fmt(wiggle)}")

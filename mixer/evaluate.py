@@ -1,11 +1,9 @@
 """Score a saved model on a labelled CSV: ``python -m mixer.evaluate MODEL TEST.csv``.
 
-Prints accuracy, precision, recall, F1, ROC AUC and the confusion matrix (``--json`` for
-machines), and a warning on stderr when the rows do not look like the model's training data.
-Exit status: see ``EPILOG``.
-
-This module also holds what the mixer command lines share: ``threshold_arg``, ``prog_name``,
-``quiet_broken_pipe``, ``data_warnings`` and ``read_inputs``.
+Prints accuracy, precision, recall, F1, ROC AUC and the confusion matrix (``--json`` for machines),
+and a warning on stderr when the rows do not look like the model's training data. Also holds what
+the mixer command lines share: ``threshold_arg``, ``prog_name``, ``quiet_broken_pipe``,
+``data_warnings`` and ``read_inputs``.
 """
 
 from __future__ import annotations
@@ -34,11 +32,8 @@ EPILOG = ("Exit status: 0 done; 2 bad usage or bad input (a missing, truncated o
 
 def evaluate_frame(bundle: ModelBundle, frame: pd.DataFrame, *, source: str,
                    threshold: float = 0.5) -> BinaryMetrics:
-    """Score the labelled raw rows of ``frame`` (read from ``source``) with ``bundle``.
-
-    Raises:
-        mixer.data.DataError: no ``label`` column or a bad value (naming ``source``, column, row).
-    """
+    """Score the labelled raw rows of ``frame`` (read from ``source``) with ``bundle``; DataError if
+    there is no ``label`` column or a bad value (naming ``source``, column and row)."""
     y = labels(frame, source=source)
     return binary_metrics(y, bundle.predict_proba(frame, source=source), threshold=threshold)
 
@@ -57,9 +52,8 @@ def data_warnings(bundle: ModelBundle, columns: Sequence[str], *, model: str, da
     """
     found = [c for c in map(str, columns) if c in FEATURE_NAMES]
     order = list(bundle.pipeline.feature_names)
-    trained = (bundle.info.get("data_config") or {}).get("source")
     out = []
-    if trained == "synthetic":
+    if (bundle.info.get("data_config") or {}).get("source") == "synthetic":
         out.append(f"warning: {model} was trained on synthetic rows, and {data} is a CSV file: "
                    "its scores on real rows say little")
     first = next((i for i, (a, b) in enumerate(zip(found, order, strict=False)) if a != b), None)
@@ -71,11 +65,8 @@ def data_warnings(bundle: ModelBundle, columns: Sequence[str], *, model: str, da
 
 
 def read_inputs(model: str, data: str) -> tuple[ModelBundle, pd.DataFrame]:
-    """The bundle and the raw rows a command was given, its ``data_warnings`` printed on stderr.
-
-    Raises:
-        BundleError, DataError: either file is unusable (the message names it).
-    """
+    """The bundle and the raw rows a command was given, its ``data_warnings`` printed on stderr;
+    BundleError or DataError if either file is unusable (the message names it)."""
     bundle, frame = ModelBundle.load(model), read_csv(data)
     for line in data_warnings(bundle, frame.columns, model=model, data=data):
         print(line, file=sys.stderr)

@@ -1,16 +1,11 @@
 """Score unlabelled rows: ``python -m mixer.predict MODEL INPUT.csv [--out FILE]``.
 
-Writes one CSV row per input row with columns ``id`` (the input's ``id`` column, or the
-1-based data row number when there is none), ``probability`` (P(label = 1), 7 significant
-digits) and ``prediction`` (1 iff probability >= ``--threshold``). A ``label`` column in the
-input is allowed and ignored.
-
-Output goes to stdout unless ``--out FILE`` is given (then written to a temporary file and
-renamed, so a failed run never leaves a half-written FILE). Nothing is written at all until
-every row has been scored: a bad value stops the run with exit 2 and a message naming the
-file, the row and the column, never a silently skipped row. A summary line (rows, predicted
-positives) goes to stderr, after a warning if the rows do not look like the model's training data.
-Exit status: see ``EPILOG``.
+Writes a CSV row per input row: ``id`` (the input's, else the 1-based data row number),
+``probability`` (P(label = 1)) and ``prediction`` (1 iff probability >= ``--threshold``); a
+``label`` column is ignored. Output goes to stdout or, atomically, to ``--out FILE``, and only once
+every row is scored: a bad value exits 2 naming the file, row and column, never skipping a row.
+A summary line (rows, predicted positives) goes to stderr, after a warning if the rows do not look
+like the model's training data.
 """
 
 from __future__ import annotations
@@ -34,11 +29,8 @@ EPILOG = ("Exit status: 0 done; 2 bad usage or bad input (a missing, truncated o
 
 def predict_frame(bundle: ModelBundle, frame: pd.DataFrame, *, source: str,
                   threshold: float = 0.5) -> pd.DataFrame:
-    """One output row per input row: ``id``, ``probability``, ``prediction`` (0/1).
-
-    Raises:
-        mixer.data.DataError: naming ``source``, the column and the row of a bad value.
-    """
+    """One output row per input row: ``id``, ``probability``, ``prediction`` (0/1); DataError naming
+    ``source``, the column and the row of a bad value."""
     if not 0.0 <= threshold <= 1.0:
         raise ValueError(f"threshold must be in [0, 1], got threshold={threshold}")
     proba = bundle.predict_proba(frame, source=source)
@@ -82,8 +74,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {args.out}: cannot write: {exc.strerror or exc}", file=sys.stderr)
             return 2
         where = args.out
-    positives = int(out["prediction"].sum())
-    print(f"scored {len(out):,} rows from {args.data}: {positives:,} predicted 1 "
+    print(f"scored {len(out):,} rows from {args.data}: {int(out['prediction'].sum()):,} predicted 1 "
           f"(threshold {args.threshold:g}) -> {where}", file=sys.stderr)
     return 0
 

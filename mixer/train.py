@@ -1,30 +1,27 @@
 """Training: ``fit`` runs epochs of mini-batches and reports each epoch to a callback.
 
-``fit`` knows nothing of Optuna or MLflow: the sweep passes ``on_epoch``, which
-receives each epoch's ``EpochMetrics`` and returns True to ask the run to stop.
-
-Curvature probes (``mixer.curvature``) are taken every ``curvature_every`` epochs (0 = none),
-at the epoch the train loss stalls by the diagnosis' plateau rule (``curvature_on_plateau``) and
-at the last scheduled epoch (``curvature_at_end``); with all three off there are none. A run
-stopped by ``on_epoch`` (a pruned trial) gets no probe at the epoch it stopped: its metrics are
-already reported by then, and the diagnosis calls such a short run ``too_short`` anyway. Each
-probe runs in the training dtype, starts from the previous probe's Ritz vectors, stops once the
-extremes have converged (``curvature_tol``), and at clearly negative curvature
-(``neg_ratio >= curvature_escape_ratio``) tries the escape step along ``v_min``.
+``fit`` knows nothing of Optuna or MLflow: the sweep passes ``on_epoch``, which receives each
+epoch's ``EpochMetrics`` and returns True to ask the run to stop. Curvature probes
+(``mixer.curvature``) run every ``curvature_every`` epochs, at the epoch the train loss stalls
+(``curvature_on_plateau``) and at the last epoch (``curvature_at_end``).
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from mixer.config import TrainConfig
+from mixer.bundle import ModelBundle
+from mixer.config import ConfigError, TrainConfig, load_run_config
 from mixer.curvature import Curvature
-from mixer.data import Dataset
+from mixer.data import DataError, Dataset, load
+from mixer.evaluate import EXIT_BROKEN_PIPE, prog_name, quiet_broken_pipe
 from mixer.metrics import bce_with_logits, classification_metrics
 
 
@@ -32,11 +29,10 @@ from mixer.metrics import bce_with_logits, classification_metrics
 class EpochMetrics:
     """What one epoch measured. ``epoch`` counts from 1.
 
-    The curvature fields are None on epochs without a curvature probe; ``escape_gain`` also on
-    probes whose negative curvature was not clear enough to try the escape step
-    (``mixer.curvature.Escape.gain``: 1 when the loss fell as ``½ α² λ_min`` predicts).
-    ``neg_curvature_ratio`` is ``|λ_min| / λ_max``, ``neg_curvature_share`` the share of the
-    spectral density below ``-eps`` (``mixer.curvature.Curvature``).
+    The curvature fields are None on epochs without a probe, ``escape_gain`` also when the negative
+    curvature was not clear enough to try the escape step (``mixer.curvature.Escape.gain``: 1 when the
+    loss fell as ``½ α² λ_min`` predicts). ``neg_curvature_ratio`` is ``|λ_min| / λ_max``,
+    ``neg_curvature_share`` the spectral density's share below ``-eps`` (``mixer.curvature.Curvature``).
     """
 
     epoch: int
@@ -61,26 +57,19 @@ class EpochMetrics:
 
     def as_dict(self) -> dict[str, float]:
         """Metric name -> value, leaving out what this epoch did not measure (no ``epoch``)."""
-        return {k: float(v) for k, v in dataclasses.asdict(self).items()
-                if k != "epoch" and v is not None}
+        return {k: float(v) for k, v in dataclasses.asdict(self).items() if k != "epoch" and v is not None}
 
 
 @dataclass
 class FitResult:
-    """The outcome of ``fit``.
+    """The outcome of ``fit``: one EpochMetrics per epoch run, in order, and how the run ended.
 
-    Attributes:
-        history: one EpochMetrics per epoch run, in order.
-        status: "completed" (all epochs), "stopped" (on_epoch asked) or "diverged"
-            (a NaN or infinite loss; ``reason`` says where).
-        reason: why the run did not complete, else None.
-        best_epoch: the epoch with the lowest val_loss (0 if none finished).
-        best_params: the parameters at the end of ``best_epoch``.
-        params: the parameters at the end of the run. With ``ema_decay`` both are the moving
-            average of the weights, which is also what validation scores and the probes measure.
-        probes: epoch -> the curvature probe taken then (its Ritz values and weights give the
-            spectral density, its ``ritz.vector_min`` the direction of ``loss_slices``).
-        probe_batch: the rows ``(x, y)`` every probe used, or None without probes.
+    ``status`` is "completed", "stopped" (on_epoch asked) or "diverged" (a NaN or infinite loss),
+    and ``reason`` says why it did not complete (else None). ``best_params`` are the parameters at
+    the end of ``best_epoch`` (lowest val_loss, 0 if none finished), ``params`` at the end of the
+    run; with ``ema_decay`` both are the weights' moving average, which validation and probes measure.
+    ``probes`` maps an epoch to the curvature probe taken then; ``probe_batch`` is the rows
+    ``(x, y)`` every probe used, or None without probes.
     """
 
     history: list[EpochMetrics]
@@ -97,11 +86,7 @@ OnEpoch = Callable[[EpochMetrics], "bool | None"]
 
 
 def probe_size(config: TrainConfig, n_train: int) -> int:
-    """Rows in the probe batch: ``curvature_batch``, but at most 2 % of the training rows (and >= 32).
-
-    A Lanczos step is two passes over the probe batch, so the cap keeps a step within ~4 % of an
-    epoch: small training sets (the default study's) would otherwise pay epochs for one probe.
-    """
+    """Rows in the probe batch: ``curvature_batch``, but at most 2 % of the training rows (and >= 32)."""
     return min(config.curvature_batch, max(32, n_train // 50), n_train)
 
 
@@ -111,9 +96,8 @@ def _probe(params: dict[str, np.ndarray], batch: tuple[np.ndarray, np.ndarray], 
     from mixer.curvature import escape_test, extreme_eigenvalues
 
     started = time.perf_counter()
-    c = extreme_eigenvalues(params, *batch, config.model, iters=config.curvature_iters, seed=seed,
-                            dtype=None, tol=config.curvature_tol, warm=warm,
-                            share_eps=config.curvature_share_eps)
+    c = extreme_eigenvalues(params, *batch, config.model, iters=config.curvature_iters, seed=seed, dtype=None,
+                            tol=config.curvature_tol, warm=warm, share_eps=config.curvature_share_eps)
     fields = {"hessian_max_eig": c.lambda_max, "hessian_min_eig": c.lambda_min,
               "neg_curvature_ratio": c.neg_ratio, "neg_curvature_share": c.neg_share,
               "lanczos_steps": c.iters}
@@ -125,16 +109,11 @@ def _probe(params: dict[str, np.ndarray], batch: tuple[np.ndarray, np.ndarray], 
 
 
 def fit(config: TrainConfig, data: Dataset, *, seed: int, on_epoch: OnEpoch | None = None) -> FitResult:
-    """Train one Mixer. Same seed and inputs give a bit-identical history.
+    """Train one Mixer; ``on_epoch`` gets each epoch's metrics and stops the run by returning True.
 
-    Args:
-        config: model, optimiser, schedule and curvature settings.
-        data: the prepared arrays; ``data.n_features`` must equal ``config.model.n_features``.
-        seed: every random draw (init, shuffling, dropout, gradient noise, probe batch) derives from it.
-        on_epoch: called after each epoch with its metrics; returning True stops the run.
-
-    Returns:
-        The history, how the run ended, and the best-epoch and final parameters.
+    Every random draw (init, shuffling, dropout, gradient noise, probe batch) derives from ``seed``:
+    same seed and inputs give a bit-identical history. ValueError if ``data.n_features`` is not
+    ``config.model.n_features``.
     """
     from mixer.diagnosis import stalled
     from mixer.model import init_params, loss_and_grads, predict_logits
@@ -149,8 +128,7 @@ def fit(config: TrainConfig, data: Dataset, *, seed: int, on_epoch: OnEpoch | No
     dtype = np.dtype(config.dtype)
     # Independent streams, so that e.g. turning dropout on does not change the shuffling order.
     init_ss, shuffle_ss, dropout_ss, noise_ss, probe_ss = np.random.SeedSequence(seed).spawn(5)
-    shuffle_rng = np.random.default_rng(shuffle_ss)
-    dropout_rng = np.random.default_rng(dropout_ss)
+    shuffle_rng, dropout_rng = np.random.default_rng(shuffle_ss), np.random.default_rng(dropout_ss)
     params = init_params(model, int(init_ss.generate_state(1)[0]), dtype=dtype)
     optimizer = Adam.from_config(config, params, rng=np.random.default_rng(noise_ss))
     # What is scored, probed, kept and returned: the weights, or their moving average.
@@ -161,9 +139,7 @@ def fit(config: TrainConfig, data: Dataset, *, seed: int, on_epoch: OnEpoch | No
     x_val = np.ascontiguousarray(data.x_val, dtype=dtype)
     y_val = np.asarray(data.y_val, dtype=np.float64)
     n, batch = len(x_train), config.batch_size
-    every = config.curvature_every
-    on_plateau = config.curvature_on_plateau
-    at_end = config.curvature_at_end
+    every, on_plateau, at_end = config.curvature_every, config.curvature_on_plateau, config.curvature_at_end
     probe, probes = None, {}
     if every or on_plateau or at_end:
         rows = np.random.default_rng(probe_ss).choice(n, size=probe_size(config, n), replace=False)
@@ -176,7 +152,7 @@ def fit(config: TrainConfig, data: Dataset, *, seed: int, on_epoch: OnEpoch | No
         started = time.perf_counter()
         lr = learning_rate(config, epoch - 1)
         order = shuffle_rng.permutation(n)
-        loss_sum, norm_sum, norm_max, ratio_sum, steps = 0.0, 0.0, 0.0, 0.0, 0
+        loss_sum, norms, ratios = 0.0, [], []
         for start in range(0, n, batch):
             rows = order[start:start + batch]
             # SAM's second pass replays the first one's dropout masks: the same function, moved.
@@ -190,7 +166,8 @@ def fit(config: TrainConfig, data: Dataset, *, seed: int, on_epoch: OnEpoch | No
                                           rng=dropout_rng, label_smoothing=config.label_smoothing)[1]
                 grads = sam_gradients(params, grads, config.sam_rho, perturbed)
             if not np.isfinite(loss):
-                status, reason = "diverged", f"training loss is {loss} at epoch {epoch}, step {steps + 1}"
+                status = "diverged"
+                reason = f"training loss is {loss} at epoch {epoch}, step {len(norms) + 1}"
                 break
             stats = optimizer.step(params, grads, lr=lr)
             if not np.isfinite(stats.grad_norm):
@@ -199,10 +176,8 @@ def fit(config: TrainConfig, data: Dataset, *, seed: int, on_epoch: OnEpoch | No
             if config.ema_decay:
                 ema_update(scored, params, config.ema_decay, optimizer.step_count)
             loss_sum += loss * len(rows)
-            norm_sum += stats.grad_norm
-            norm_max = max(norm_max, stats.grad_norm)
-            ratio_sum += stats.update_ratio
-            steps += 1
+            norms.append(stats.grad_norm)
+            ratios.append(stats.update_ratio)
         if status == "diverged":
             break
         logits = predict_logits(scored, x_val, model)
@@ -218,13 +193,11 @@ def fit(config: TrainConfig, data: Dataset, *, seed: int, on_epoch: OnEpoch | No
                                   or (on_plateau and stalled(train_losses))):
             warm = probes[max(probes)] if probes else None
             probes[epoch], curvature = _probe(scored, probe, config, seed, warm)
-        metrics = EpochMetrics(
-            epoch=epoch, train_loss=train_losses[-1], val_loss=val_loss,
-            val_accuracy=scores["accuracy"], val_precision=scores["precision"],
-            val_recall=scores["recall"], val_f1=scores["f1"], lr=float(lr),
-            grad_norm_mean=norm_sum / steps, grad_norm_max=norm_max,
-            update_ratio=ratio_sum / steps, epoch_seconds=seconds, **curvature,
-        )
+        metrics = EpochMetrics(epoch=epoch, train_loss=train_losses[-1], val_loss=val_loss,
+                               val_accuracy=scores["accuracy"], val_precision=scores["precision"],
+                               val_recall=scores["recall"], val_f1=scores["f1"], lr=float(lr),
+                               grad_norm_mean=sum(norms) / len(norms), grad_norm_max=max(norms),
+                               update_ratio=sum(ratios) / len(ratios), epoch_seconds=seconds, **curvature)
         history.append(metrics)
         if val_loss < best_loss:
             best_epoch, best_loss = epoch, val_loss
@@ -246,21 +219,9 @@ def format_epoch(m: EpochMetrics, epochs: int) -> str:
     return line
 
 
+@quiet_broken_pipe
 def main(argv: list[str] | None = None) -> int:
     """``python -m mixer.train CONFIG.yaml``: train one configuration, a line per epoch."""
-    from mixer.evaluate import quiet_broken_pipe
-
-    return quiet_broken_pipe(_main)(argv)
-
-
-def _main(argv: list[str] | None) -> int:
-    import argparse
-    import sys
-
-    from mixer.config import ConfigError, load_run_config
-    from mixer.data import DataError, load
-    from mixer.evaluate import EXIT_BROKEN_PIPE, prog_name
-
     parser = argparse.ArgumentParser(
         prog=prog_name("mixer-train", "mixer.train"),
         description="Train one Mixer configuration and print a line per epoch: the way to "
@@ -272,9 +233,8 @@ def _main(argv: list[str] | None) -> int:
     parser.add_argument("config", help="run config YAML with keys data, train, seed "
                         "(e.g. configs/notebook_headline.yaml or a sweep's best_config.yaml)")
     parser.add_argument("--epochs", type=int, help="override train.epochs")
-    parser.add_argument("--train-csv", metavar="CSV",
-                        help="train on this labelled CSV instead of the file's data "
-                             "(see also $MIXER_DATA_DIR)")
+    parser.add_argument("--train-csv", metavar="CSV", help="train on this labelled CSV instead of the "
+                        "file's data (see also $MIXER_DATA_DIR)")
     parser.add_argument("--seed", type=int, help="override the file's seed")
     parser.add_argument("--save", metavar="PATH",
                         help="write the best epoch's model (parameters + config + data pipeline) here")
@@ -307,8 +267,6 @@ def _main(argv: list[str] | None) -> int:
     print(f"best epoch {best.epoch}: val_loss {best.val_loss:.4f}  val_acc {best.val_accuracy:.4f}  "
           f"val_f1 {best.val_f1:.4f}")
     if args.save:
-        from mixer.bundle import ModelBundle
-
         # The data config in the bundle lets mixer.evaluate/predict warn about rows of another kind.
         bundle = ModelBundle(result.best_params, config.model, data.pipeline,
                              info={"data_config": dataclasses.asdict(data_config)})
