@@ -1,20 +1,12 @@
 """The one lock that every process working on a study shares, through the study's own storage.
 
-``study_lock(storage, study_name, purpose)`` returns a lock with ``acquire``/``release``/``close``
-(and ``with`` support); different purposes never block each other: ``"budget"`` around "count the
-trials, then start one" (several workers spend ``n_trials`` exactly), ``"parent"`` around "read the
-parent run's id from the study, else create the run" (one MLflow parent run per study), ``"publish"``
-around "summarise the finished study and publish its model, unless that is done" (one publisher).
-
-By storage: a journal file (the default) gets an ``flock`` on ``<journal>.<purpose>.lock`` beside
-it, which local processes on one file system share. PostgreSQL gets a session advisory lock keyed by
-(purpose, study name), shared by workers on every machine; it lives as long as its connection, so
-after a database restart ``release`` has nothing to do and ``acquire`` reconnects, retrying as long
-as ``sweep.storage`` retries any storage operation. Anything else (in-memory, SQLite) gets a lock
-within this process only: those storages are not offered for concurrent workers.
-
-``file_lock(path)`` is the same ``flock`` for any other file that local processes share (a new
-SQLite MLflow store, created once under it).
+``study_lock(storage, study_name, purpose)``: purposes never block each other (docs/architecture.md
+says what each one guards). A journal gets an ``flock`` on ``<journal>.<purpose>.lock``, PostgreSQL a
+session advisory lock keyed by (purpose, study name), anything else a lock within this process. An
+advisory lock lives as long as its connection: after a database restart ``release`` has nothing to
+do and ``acquire`` reconnects, retrying as long as ``sweep.storage`` retries any storage operation.
+``file_lock(path)`` is the same ``flock`` for any other file local processes share (a new SQLite
+MLflow store, created once under it).
 """
 
 from __future__ import annotations
@@ -149,10 +141,7 @@ def file_lock(path: str) -> _Lock:
 
 
 def study_lock(storage: Any, study_name: str, purpose: str) -> _Lock:
-    """The lock for ``purpose`` (one of ``PURPOSES``) on ``study_name`` in ``storage``.
-
-    ``storage`` is an Optuna storage object, or an ``optuna.Study`` (its storage is used).
-    """
+    """The lock for ``purpose`` (one of ``PURPOSES``) on ``study_name`` in an Optuna storage or study."""
     if purpose not in PURPOSES:
         raise ValueError(f"purpose must be one of {PURPOSES}, got {purpose=}")
     storage = getattr(storage, "_storage", storage)       # an optuna.Study

@@ -1,20 +1,11 @@
 """One trial: sample a config, train it, report every epoch, prune, record what happened.
 
-``Objective`` is an ordinary Optuna objective (``study.optimize(Objective(space, study_seed=0))``
-works). It returns the best epoch's metric, raises ``optuna.TrialPruned`` when the pruner stops the
-trial (never during the learning-rate warmup, nor at the last epoch), and raises ``TrialFailed``
-(with the reason) when training diverged or errored, so that ``study.optimize(...,
-catch=(TrialFailed,))`` records the trial as FAIL and the study goes on.
-
-Whatever the outcome, the trial ends with these user attributes: ``seed``, ``config`` (flat dict of
-every data and training knob actually used), ``history`` (a ``{"epoch": n, **EpochMetrics.as_dict()}``
-per epoch), ``status`` (completed, pruned, diverged, error, interrupted), ``reason``, ``diagnosis``
-(``mixer.diagnosis`` label), ``mlflow_run_id``, ``pruned_epoch`` and ``worker`` (host:pid). The run id of
-a trial that ended before the tracking server created its run is a study attribute instead
-(``trial_run_id`` finds it either way). For the report's landscape figures (``sweep.plots``) also
-``plateau`` (``[first, last]`` epoch of the diagnosis' longest flat stretch, or None), ``probes``
-(per curvature probe its epoch and the Ritz values and weights of its spectral density) and
-``slices`` (``curvature_attrs``: the loss along ``v_min`` and the gradient at a final probe, or None).
+``Objective`` is an ordinary Optuna objective. It returns the best epoch's metric, raises
+``optuna.TrialPruned`` when the pruner stops the trial (never in the warmup nor at the last epoch),
+and ``TrialFailed`` when training diverged or errored (``catch=(TrialFailed,)`` records a FAIL and the
+study goes on). Whatever the outcome, the trial ends with the user attributes ``seed``, ``config``,
+``history``, ``status``, ``reason``, ``diagnosis``, ``mlflow_run_id``, ``pruned_epoch``, ``worker``,
+``plateau``, ``probes`` and ``slices`` (docs/architecture.md says what each holds).
 """
 
 from __future__ import annotations
@@ -60,9 +51,8 @@ RUN_ID_ATTR = "mlflow_run_id"
 def store_run_id(trial: Any, run_id: str) -> None:
     """Record the trial's MLflow run id (called on the tracker's sending thread once the run exists).
 
-    Straight through the storage, which is thread-safe, not the ``Trial`` object, whose cache belongs
-    to the training thread. A trial that finished before its run existed (the server was down) no
-    longer takes attributes: the study keeps the id, as ``mlflow_run_id.<trial number>``.
+    Through the storage, which is thread-safe, not the ``Trial``, whose cache is the training thread's.
+    A finished trial takes no attributes: the study keeps the id, as ``mlflow_run_id.<trial number>``.
     """
     from optuna.exceptions import UpdateFinishedTrialError
 
@@ -105,11 +95,10 @@ def _short(values: Any) -> list[float]:
 
 
 def curvature_attrs(result: Any, config: TrainConfig) -> dict[str, Any]:
-    """``probes`` and ``slices`` (see the module docstring) from a ``mixer.train.FitResult``.
+    """``probes`` and ``slices`` (the trial attributes) from a ``mixer.train.FitResult``.
 
     The slices need the weights at the probe, which ``fit`` returns only when its last probe was at
-    its last epoch (``curvature_at_end``), so only completed trials get them: ``2 * SLICE_POINTS``
-    forward passes and one gradient on the probe batch, a fraction of the probe itself.
+    its last epoch (``curvature_at_end``), so only completed trials get them.
     """
     from mixer.curvature import loss_slices
 
@@ -193,14 +182,10 @@ EpochHook = Callable[[int, Any, int], None]  # (trial number, EpochMetrics, epoc
 
 
 class Objective:
-    """Train one trial of ``space``.
+    """Train one trial of ``space``; its seed derives from ``study_seed`` and the trial number.
 
-    Args:
-        space: the validated search space.
-        study_seed: trial seeds derive from it and the trial number (a retried trial keeps its seed).
-        tracker: a ``sweep.tracking.Tracker`` (or None for no tracking).
-        interrupts: the process's Ctrl-C handling (None: a plain KeyboardInterrupt).
-        on_epoch: progress hook called after every epoch.
+    ``tracker`` is a ``sweep.tracking.Tracker`` (None: no tracking), ``interrupts`` the process's
+    Ctrl-C handling (None: a plain KeyboardInterrupt), ``on_epoch`` a hook called after every epoch.
     """
 
     def __init__(self, space: Space, *, study_seed: int, tracker: Any | None = None,
@@ -258,7 +243,6 @@ class Objective:
         finally:
             self._finish(trial, history, state)
 
-    # ---------------------------------------------------------------------------------------------
     def _start_run(self, trial: Any, config: TrainConfig, data_config: DataConfig, seed: int) -> Any:
         if self.tracker is None:
             return None

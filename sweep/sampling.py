@@ -4,6 +4,7 @@ the study's sampler and pruner. ``sweep.space`` checks a space file, builds a ``
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,70 +17,35 @@ __all__ = ["ETA_MIN_RATIO", "KNOBS", "Param", "PrunerSpec", "SamplerSpec", "Spac
 
 ETA_MIN_RATIO = "eta_min_ratio"  # the virtual knob: eta_min = eta_min_ratio * lr
 
-# --------------------------------------------------------------------------------------------------
-# Knob table: name -> (record, kind), kind one of int, float, str, optional_str.
-
 
 def _kind(annotation: Any) -> str:
+    """A field's annotation as a knob kind: int, float, str, optional_str (else the annotation)."""
     text = str(annotation).replace(" ", "")
-    return {"int": "int", "float": "float", "str": "str", "str|None": "optional_str",
-            "None|str": "optional_str"}.get(text, text)
+    return {"str|None": "optional_str", "None|str": "optional_str"}.get(text, text)
 
 
-def _knob_table() -> dict[str, tuple[str, str]]:
-    table: dict[str, tuple[str, str]] = {}
-    for record, cls in (("model", MixerConfig), ("train", TrainConfig), ("data", DataConfig)):
-        for f in dataclasses.fields(cls):
-            if f.name == "model":
-                continue
-            table[f.name] = (record, _kind(f.type))
-    table[ETA_MIN_RATIO] = ("train", "float")
-    return table
-
-
-KNOBS = _knob_table()
+# Knob name -> (record, kind): every field of the three config records but TrainConfig.model.
+KNOBS: dict[str, tuple[str, str]] = {
+    f.name: (record, _kind(f.type))
+    for record, cls in (("model", MixerConfig), ("train", TrainConfig), ("data", DataConfig))
+    for f in dataclasses.fields(cls) if f.name != "model"
+}
+KNOBS[ETA_MIN_RATIO] = ("train", "float")
 _DEFAULTS: dict[str, Any] = {**TrainConfig().to_flat(), **dataclasses.asdict(DataConfig())}
-
-
-def _type_ok(kind: str, value: Any) -> bool:
-    if isinstance(value, bool) or kind == "bool":
-        return isinstance(value, bool) and kind == "bool"
-    if kind == "int":
-        return isinstance(value, int)
-    if kind == "float":
-        return isinstance(value, int | float)
-    if kind == "str":
-        return isinstance(value, str)
-    if kind == "optional_str":
-        return value is None or isinstance(value, str)
-    return True
-
-
-def _kind_name(kind: str) -> str:
-    return {"int": "an integer", "float": "a number", "str": "a string", "bool": "true or false",
-            "optional_str": "a string or null"}.get(kind, kind)
 
 
 @dataclass(frozen=True)
 class Param:
-    """One searched knob.
+    """One searched knob: a range (float, int) or choices (categorical), sampled where ``when`` holds."""
 
-    Attributes:
-        name: the knob (a TrainConfig.to_flat() key, a DataConfig field, or ``eta_min_ratio``).
-        type: float, int or categorical.
-        low, high, log, step: the range of a float or int parameter.
-        choices: the values of a categorical parameter.
-        when: knob -> allowed values; the parameter is sampled only where all hold.
-    """
-
-    name: str
-    type: str
+    name: str  # a TrainConfig.to_flat() key, a DataConfig field, or eta_min_ratio
+    type: str  # float, int or categorical
     low: float | int | None = None
     high: float | int | None = None
     log: bool = False
     step: float | int | None = None
     choices: tuple[Any, ...] = ()
-    when: dict[str, tuple[Any, ...]] = field(default_factory=dict)
+    when: dict[str, tuple[Any, ...]] = field(default_factory=dict)  # knob -> allowed values, all must hold
 
     def candidates(self) -> list[tuple[str, Any]]:
         """(key path suffix, value) pairs that span the parameter: its bounds or its choices."""
@@ -149,48 +115,29 @@ class PrunerSpec:
 
 @dataclass(frozen=True)
 class Space:
-    """A validated study description. Build with ``load_space(path)``.
+    """A validated study description. Build with ``load_space(path)``."""
 
-    Attributes:
-        path: the YAML file it came from.
-        study_name: the Optuna study name.
-        seed: the study seed (trial seeds derive from it and the trial number).
-        data: fixed DataConfig fields (CSV paths made absolute).
-        train: fixed flat training knobs (may include ``eta_min_ratio``).
-        params: the searched parameters, in the order they are suggested (conditions first).
-        metric, direction: what a trial reports each epoch and whether lower or higher is better.
-        sampler, pruner: the Optuna algorithms.
-        n_trials, timeout: the budget (either may be None).
-        experiment: the MLflow experiment name (None: the study name).
-        register_model: register the best trial's model in MLflow's registry under this name.
-        ensemble_top_k: score the mean prediction of the best k completed trials on the test rows too
-            (1: the best trial alone).
-        enqueue: parameter values of trials to run first.
-    """
-
-    path: Path
+    path: Path  # the YAML file
     study_name: str
-    seed: int
-    data: dict[str, Any]
-    train: dict[str, Any]
-    params: dict[str, Param]
+    seed: int  # trial seeds derive from it and the trial number
+    data: dict[str, Any]  # fixed DataConfig fields, CSV paths made absolute
+    train: dict[str, Any]  # fixed flat training knobs, eta_min_ratio included
+    params: dict[str, Param]  # in the order they are suggested (conditions first)
     metric: str = "val_loss"
     direction: str = "minimize"
     sampler: SamplerSpec = field(default_factory=SamplerSpec)
     pruner: PrunerSpec = field(default_factory=PrunerSpec)
     n_trials: int | None = None
     timeout: float | None = None
-    experiment: str | None = None
-    register_model: str | None = None
-    ensemble_top_k: int = 1
-    enqueue: tuple[dict[str, Any], ...] = ()
+    experiment: str | None = None  # MLflow's; None: the study name
+    register_model: str | None = None  # the registry name of the best trial's model
+    ensemble_top_k: int = 1  # also score the mean prediction of the best k trials on the test rows
+    enqueue: tuple[dict[str, Any], ...] = ()  # parameter values of trials to run first
 
-    # ---------------------------------------------------------------------------------------------
     def suggest(self, trial: Any) -> tuple[DataConfig, TrainConfig]:
         """Sample this trial's parameters (respecting ``when``) and build its configs.
 
-        Raises:
-            ValueError: only if a sampled combination is invalid in a way validation cannot see.
+        A ValueError means a sampled combination is invalid in a way validation cannot see.
         """
         values: dict[str, Any] = {}
         for p in self.params.values():
@@ -199,18 +146,15 @@ class Space:
         return self.build(values)
 
     def build(self, sampled: Mapping[str, Any]) -> tuple[DataConfig, TrainConfig]:
-        """The configs for the fixed knobs plus ``sampled`` (eta_min resolved, see the module doc)."""
+        """The configs for the fixed knobs plus ``sampled`` (eta_min resolved, see ``sweep.space``)."""
         return _build_configs({**self.data, **self.train, **sampled})
 
     def _condition_holds(self, p: Param, values: Mapping[str, Any]) -> bool:
+        fixed = {**self.data, **self.train}
         for knob, allowed in p.when.items():
-            if knob in self.params:
-                if knob not in values:  # the parameter it depends on was not sampled either
-                    return False
-                value = values[knob]
-            else:
-                value = {**self.data, **self.train}[knob]
-            if value not in allowed:
+            if knob in self.params and knob not in values:  # what it depends on was not sampled either
+                return False
+            if (values[knob] if knob in self.params else fixed[knob]) not in allowed:
                 return False
         return True
 
@@ -222,7 +166,6 @@ class Space:
                 seen[p.name] = values.get(p.name)
         return list(seen)
 
-    # ---------------------------------------------------------------------------------------------
     def build_sampler(self, *, seed: int | None = None) -> Any:
         """The Optuna sampler, seeded with ``seed`` (default: the spec's seed, else the study seed)."""
         grid = {name: p.grid_values() or [] for name, p in self.params.items()}
@@ -258,10 +201,6 @@ def _build_configs(flat: Mapping[str, Any]) -> tuple[DataConfig, TrainConfig]:
     return split_flat(flat)
 
 
-# --------------------------------------------------------------------------------------------------
-# Samplers and pruners
-
-
 def _sampler_class(name: str) -> Any:
     import optuna
 
@@ -280,8 +219,6 @@ def _pruner_class(name: str) -> Any:
 
 
 def _make_sampler(spec: SamplerSpec, grid: dict[str, list[Any]], seed: int | None) -> Any:
-    import warnings
-
     cls = _sampler_class(spec.name)
     kwargs = dict(spec.options)
     if spec.name == "grid":
@@ -292,8 +229,6 @@ def _make_sampler(spec: SamplerSpec, grid: dict[str, list[Any]], seed: int | Non
 
 
 def _make_pruner(spec: PrunerSpec) -> Any:
-    import warnings
-
     cls = _pruner_class(spec.name)
     if spec.name == "none":
         return cls()

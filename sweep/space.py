@@ -1,19 +1,13 @@
 """Search spaces: one YAML file says everything about a study, checked before anything runs.
 
 The keys are listed in README.md ("Search spaces"); ``search_spaces/default.yaml`` is an example.
-Any knob of ``TrainConfig.to_flat()`` or of ``DataConfig`` may be fixed (``train:``, ``data:``) or
-searched (``params:``), but not both. ``n_features`` is not a knob: the data sets it. CSV paths in
-``data`` are found by ``mixer.config.resolve_csv``: relative to the YAML file's folder, or by file
-name in ``$MIXER_DATA_DIR`` when it is set.
-
-``eta_min`` must not exceed ``lr``: a searched or fixed ``eta_min`` trains with ``min(eta_min, lr)``
-(the Optuna parameter keeps the sampled value, the trial's ``config`` attribute the one trained
-with), or the virtual knob ``eta_min_ratio`` in [0, 1] gives ``eta_min = eta_min_ratio * lr``.
-
-A parameter with ``when: {knob: value}`` (or ``{knob: [v1, v2]}``) is sampled only in trials where
-every listed knob holds one of the values; otherwise the knob keeps its fixed value or default.
-
-Every error raised here is a ``SpaceError`` whose message starts with the file and the key path,
+Any knob of ``TrainConfig.to_flat()`` or ``DataConfig`` (not ``n_features``: the data sets it) is
+fixed (``train:``, ``data:``) or searched (``params:``), not both. CSV paths: ``resolve_csv``.
+A searched or fixed ``eta_min`` trains with ``min(eta_min, lr)`` (the Optuna parameter keeps the
+sampled value, the trial's ``config`` attribute the one trained with); the virtual knob
+``eta_min_ratio`` in [0, 1] gives ``eta_min = eta_min_ratio * lr``. A parameter with ``when: {knob:
+value or [values]}`` is sampled only where every listed knob holds one of them, else keeps its
+fixed value or default. Every error is a ``SpaceError`` starting with the file and the key path,
 e.g. ``search_spaces/x.yaml: params.patch_size.choices[2]: 5 does not divide n_features=42 ...``.
 """
 
@@ -39,11 +33,9 @@ from sweep.sampling import (
     SamplerSpec,
     Space,
     _build_configs,
-    _kind_name,
     _num,
     _pruner_class,
     _sampler_class,
-    _type_ok,
     flat_config,
     split_flat,
 )
@@ -91,12 +83,8 @@ class SpaceError(ValueError):
     """A search-space file is wrong; the message names the file and the key path."""
 
 
-# --------------------------------------------------------------------------------------------------
-# YAML reading: mixer.yaml_io's loader ("1e-4" is a float, duplicate keys fail), errors as SpaceError.
-
-
 def load_yaml(path: str | Path) -> Any:
-    """Read a YAML file with the project's one loader (``mixer.yaml_io``); errors as SpaceError."""
+    """Read a YAML file with ``mixer.yaml_io`` ("1e-4" is a float, duplicate keys fail), as SpaceError."""
     try:
         return _load_yaml(path)
     except YamlError as exc:
@@ -104,17 +92,9 @@ def load_yaml(path: str | Path) -> Any:
 
 
 def load_space(path: str | Path, *, train_csv: str | Path | None = None) -> Space:
-    """Read and validate a search-space file; ``train_csv`` as in ``parse_space``.
-
-    Raises:
-        SpaceError: naming the file and the key path of the first problem found.
-    """
+    """Read and validate a search-space file (``train_csv`` as in ``parse_space``); SpaceError if bad."""
     path = Path(path)
     return parse_space(load_yaml(path), path=path, train_csv=train_csv)
-
-
-# --------------------------------------------------------------------------------------------------
-# Validation
 
 
 class _Checker:
@@ -150,6 +130,21 @@ class _Checker:
         if value not in allowed:
             raise self.fail(key, f"expected one of {', '.join(allowed)}, got {shorten(value)}")
         return value
+
+
+_KIND_TYPES = {"int": int, "float": int | float, "str": str, "optional_str": str | None}
+
+
+def _type_ok(kind: str, value: Any) -> bool:
+    """Whether a YAML value fits a knob of ``kind`` (``sweep.sampling.KNOBS``): booleans only for bool."""
+    if isinstance(value, bool) or kind == "bool":
+        return isinstance(value, bool) and kind == "bool"
+    return isinstance(value, _KIND_TYPES.get(kind, object))
+
+
+def _kind_name(kind: str) -> str:
+    return {"int": "an integer", "float": "a number", "str": "a string", "bool": "true or false",
+            "optional_str": "a string or null"}.get(kind, kind)
 
 
 def _join(key: str, sub: str | int) -> str:
@@ -210,12 +205,9 @@ def parse_space(doc: Any, *, path: str | Path = "<space>", train_csv: str | Path
     if timeout is not None and (not _num(timeout) or not 0 < timeout <= MAX_TIMEOUT):
         raise c.fail("budget.timeout", f"expected seconds in (0, {MAX_TIMEOUT:,}], got {shorten(timeout)}")
 
-    experiment = doc.get("experiment")
-    if experiment is not None and (not isinstance(experiment, str) or not experiment.strip()):
-        raise c.fail("experiment", f"expected a non-empty name, got {shorten(experiment)}")
-    register_model = doc.get("register_model")
-    if register_model is not None and (not isinstance(register_model, str) or not register_model.strip()):
-        raise c.fail("register_model", f"expected a non-empty model name, got {shorten(register_model)}")
+    for key, what in (("experiment", "name"), ("register_model", "model name")):
+        if doc.get(key) is not None and (not isinstance(doc[key], str) or not doc[key].strip()):
+            raise c.fail(key, f"expected a non-empty {what}, got {shorten(doc[key])}")
 
     publish = c.mapping(doc.get("publish"), "publish", ("ensemble_top_k",))
     top_k = c.integer(publish.get("ensemble_top_k", 1), "publish.ensemble_top_k", minimum=1,
@@ -224,9 +216,9 @@ def parse_space(doc: Any, *, path: str | Path = "<space>", train_csv: str | Path
     space = Space(path=path, study_name=name, seed=seed, data=data, train=train, params=params,
                   metric=metric, direction=direction, sampler=sampler, pruner=pruner,
                   n_trials=n_trials, timeout=None if timeout is None else float(timeout),
-                  experiment=experiment, register_model=register_model, ensemble_top_k=top_k)
-    enqueue = _check_enqueue(c, doc.get("enqueue"), space)
-    space = dataclasses.replace(space, enqueue=enqueue)
+                  experiment=doc.get("experiment"), register_model=doc.get("register_model"),
+                  ensemble_top_k=top_k)
+    space = dataclasses.replace(space, enqueue=_check_enqueue(c, doc.get("enqueue"), space))
     # Build the sampler and pruner once now, so that a bad option value fails before the study.
     try:
         space.build_sampler(seed=seed)
@@ -305,22 +297,16 @@ def _order_conditions(c: _Checker, raw: dict[str, Param], data: dict[str, Any],
             k = _join(_join(_join("params", name), "when"), knob)
             if knob == name:
                 raise c.fail(k, "a parameter cannot depend on itself")
-            if knob in raw:
-                target = raw[knob]
-                for i, v in enumerate(allowed):
-                    if not target.contains(v):
-                        kk = _join(k, i) if len(allowed) > 1 else k
-                        raise c.fail(kk, f"{shorten(v)} is not a value params.{knob} can take "
-                                         f"({_describe(target)})")
-            elif knob in fixed:
-                kind = KNOBS[knob][1]
-                for i, v in enumerate(allowed):
-                    if not _type_ok(kind, v):
-                        kk = _join(k, i) if len(allowed) > 1 else k
-                        raise c.fail(kk, f"expected {_kind_name(kind)} for {knob}, got {shorten(v)}")
-            else:
+            if knob not in raw and knob not in fixed:
                 raise c.fail(k, f"unknown parameter {shorten(knob)}: a condition must name a searched "
                                 f"parameter or a fixed setting")
+            for i, v in enumerate(allowed):
+                kk = _join(k, i) if len(allowed) > 1 else k
+                if knob in raw and not raw[knob].contains(v):
+                    raise c.fail(kk, f"{shorten(v)} is not a value params.{knob} can take "
+                                     f"({_describe(raw[knob])})")
+                if knob in fixed and not _type_ok(KNOBS[knob][1], v):
+                    raise c.fail(kk, f"expected {_kind_name(KNOBS[knob][1])} for {knob}, got {shorten(v)}")
     ordered: dict[str, Param] = {}
     visiting: set[str] = set()
 

@@ -1,20 +1,9 @@
-"""Optuna RDB storage that rides out a database restart.
+"""Optuna RDB storage that rides out a database restart (why: docs/architecture.md).
 
-Optuna's ``RDBStorage`` turns any SQLAlchemy error into ``StorageInternalError`` and gives up. With
-``pool_pre_ping`` a *new* session finds a restarted PostgreSQL again, but an operation that runs
-while the server is down (or on a connection the restart cut) still fails, and in a sweep that is
-fatal: ``trial.report`` raises inside the objective, ``study.tell`` fails after a trial's work is
-done, and Optuna's heartbeat thread dies on its first failed beat, so the trial later looks dead to
-the other workers. ``ResilientRDBStorage`` retries every storage operation that fails because the
-connection was lost, with backoff, for up to ``retry_seconds``; errors that are not about the
-connection (a constraint, a bad value) are raised at once, as before. A failed heartbeat is logged
-and skipped: the next one, ``heartbeat_interval`` seconds later, tries again, and the grace period
-(three intervals here) covers a restart of a few seconds.
-
-One limit is inherent: when the connection drops after the server committed a write but before it
-answered, the retry repeats the write. For idempotent writes (attributes, intermediate values,
-heartbeats) that is harmless; ``create_new_trial`` can then leave one extra trial, which is why the
-sweep's budget counts trials by state, and a finished trial's repeated ``tell`` is ignored.
+``ResilientRDBStorage`` retries, with backoff for up to ``retry_seconds``, every storage operation
+that fails because the connection was lost; other errors are raised at once. A failed heartbeat is
+logged and skipped. A retried write the server had committed is repeated, which is harmless for the
+idempotent ones; a repeated ``create_new_trial`` can leave an extra trial (the budget counts by state).
 """
 
 from __future__ import annotations
@@ -109,12 +98,7 @@ def _cause(exc: BaseException) -> str:
 
 
 class ResilientRDBStorage(RDBStorage):
-    """``RDBStorage`` whose operations survive a lost database connection (see the module doc).
-
-    Args:
-        retry_seconds: how long one operation retries a lost connection before raising.
-        All other arguments are ``RDBStorage``'s.
-    """
+    """``RDBStorage`` whose operations retry a lost connection for up to ``retry_seconds``, then raise."""
 
     def __init__(self, *args: Any, retry_seconds: float = RETRY_SECONDS, **kwargs: Any):
         if retry_seconds < 0:
@@ -156,10 +140,10 @@ class ResilientRDBStorage(RDBStorage):
         return super().set_trial_state_values(trial_id, state, values)
 
 
-# Every other operation a sweep makes while trials run, at the level where each opens its database
-# session: Optuna's cache (``_CachedStorage``, which wraps every RDB storage) calls the private ones,
-# and create_new_trial, set_trial_param, get_all_trials and get_best_trial only delegate to them.
-# (The tables and the study are created once, at start, under run.open_storage / open_study.)
+# Every other operation a sweep makes while trials run, at the level where each opens its session:
+# Optuna's cache (``_CachedStorage``, around every RDB storage) calls the private ones, which
+# create_new_trial, set_trial_param, get_all_trials and get_best_trial only delegate to. (The tables
+# and the study are created once, at start, under sweep.study.open_storage / open_study.)
 for _name in (
     "create_new_study", "set_study_user_attr", "set_study_system_attr", "get_study_id_from_name",
     "get_study_name_from_id", "get_study_directions", "get_study_user_attrs", "get_study_system_attrs",

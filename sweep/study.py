@@ -1,15 +1,7 @@
 """A study in its storage: open the storage, create or join the study, spend its budget, retry lost trials.
 
-``open_storage`` is the one storage opener of the sweep (``sweep.run`` and ``sweep.report`` use it):
-a journal file path gives Optuna's journal storage, an RDB URL (``postgresql://...``) gives
-``sweep.storage.ResilientRDBStorage`` with heartbeats, so that a trial whose worker died is failed
-and retried elsewhere with the same parameters.
-
-The budget is the study's, not the process's: ``n_trials`` counts every trial of the study with a
-result (completed, pruned, or failed because it diverged or raised) and the trials now running.
-Trials cut short by Ctrl-C or by a dead worker do not count: their parameters are queued again and
-re-run, with the same seed, by the next worker. ``run_trials`` holds the study's budget lock
-(``sweep.locks``) around "count, then start a trial", so that several workers spend it exactly.
+The storages and the study budget are described in docs/architecture.md ("Journal file storage by
+default", "PostgreSQL for teams", "The study budget").
 """
 
 from __future__ import annotations
@@ -17,8 +9,10 @@ from __future__ import annotations
 import contextlib
 import datetime
 import importlib.util
+import json
 import logging
 import os
+import shutil
 import socket
 import sys
 import time
@@ -64,16 +58,11 @@ def sqlalchemy_url(url: str) -> str:
 
 def open_storage(location: str, *, rdb: bool | None = None, heartbeat_interval: int | None = None,
                  grace_period: int | None = None, attempts: int = 6) -> Any:
-    """An Optuna storage: a journal file at ``location``, or an RDB URL with heartbeats and retries.
+    """An Optuna storage: a journal file at ``location`` (its folder created), or an RDB URL.
 
-    Args:
-        location: a journal file path (its folder is created), or an RDB URL.
-        rdb: whether ``location`` is an RDB URL (default: it is if it contains ``://``).
-        heartbeat_interval, grace_period: of an RDB storage (default ``HEARTBEAT_INTERVAL`` and
-            ``GRACE_PERIOD``, read when called).
-
-    Raises:
-        UsageError: the storage cannot be opened (naming it, its password hidden).
+    ``rdb`` defaults to whether ``location`` contains ``://``; an RDB storage gets heartbeats
+    (``heartbeat_interval`` and ``grace_period`` default to ``HEARTBEAT_INTERVAL`` and ``GRACE_PERIOD``,
+    read when called) and retries. A UsageError names a storage that cannot be opened, password hidden.
     """
     import optuna
 
@@ -124,9 +113,6 @@ def _repair_torn_journal(path: Path) -> None:
     A failed append (a full disk) leaves half a JSON line at the end; Optuna would append after
     it and never read the journal again.
     """
-    import json
-    import shutil
-
     if not path.is_file() or not (size := path.stat().st_size):
         return
     start = max(0, size - (1 << 20))  # a record is far shorter than 1 MiB
@@ -189,7 +175,7 @@ def sampler_seed(base: int, n_existing: int, worker_index: int, *, shared: bool 
 
 
 def budget_used(trials: list[Any]) -> int:
-    """Trials that count against n_trials: with a result, or running now (see the module doc)."""
+    """Trials that count against n_trials: with a result, or running now (docs/architecture.md)."""
     from optuna.trial import TrialState
 
     from sweep.objective import STATUS_COUNTS
@@ -208,9 +194,7 @@ def run_trials(study: Any, objective: Any, *, n_trials: int | None, timeout: flo
     ``lock`` is held around "count, then start a trial" (default: the study's budget lock);
     ``after_trial()`` runs after each trial here; ``keep_going()`` is asked before each (False
     stops); ``on_stale`` gets the trials this worker found dead (stale heartbeat) and failed.
-
-    Raises:
-        KeyboardInterrupt: on Ctrl-C, after the running trial is marked failed and queued again.
+    Ctrl-C raises KeyboardInterrupt after the running trial is marked failed and queued again.
     """
     from sweep.locks import study_lock
 

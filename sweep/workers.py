@@ -1,10 +1,9 @@
 """K worker processes on this machine sharing one study, each with its share of the cores.
 
-The parent (``sweep.run --workers K``) starts K fresh ``python -m sweep.run ... --worker-of PID:I``
-processes with ``cores / K`` BLAS threads each (set in their environment, before NumPy is first
-imported there), shows the study's progress from the storage until they end, and forwards Ctrl-C to
-them exactly once. Each worker runs trials until the study's budget is spent or its parent is gone,
-and leaves ``workers/<host>/worker-I.json`` (its tracking errors) and ``workers/<host>/worker-I.log``.
+The parent (``sweep.run --workers K``) starts K ``python -m sweep.run ... --worker-of PID:I`` with
+``cores / K`` BLAS threads each, shows the study's progress until they end and forwards Ctrl-C once.
+A worker runs trials until the budget is spent or its parent is gone, and leaves
+``workers/<host>/worker-I.json`` (its tracking errors) and ``workers/<host>/worker-I.log``.
 """
 
 from __future__ import annotations
@@ -42,9 +41,8 @@ def cores() -> int:
 def run_workers(settings: Any, study: Any, progress: Progress) -> tuple[bool, list[str], int]:
     """Start ``settings.workers`` workers, show progress until they end.
 
-    Returns:
-        (interrupted, failures, tracking errors): whether Ctrl-C stopped them, a line per worker
-        that crashed, and the MLflow calls and metric points the workers failed to deliver.
+    Returns whether Ctrl-C stopped them, a line per worker that crashed, and the MLflow calls and
+    metric points the workers failed to deliver.
     """
     k = settings.workers
     threads = max(1, cores() // k)
@@ -57,14 +55,12 @@ def run_workers(settings: Any, study: Any, progress: Progress) -> tuple[bool, li
     workdir.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     base = [sys.executable, "-m", "sweep.run", str(settings.space_path), "--workers", "1",
-            "--study-name", settings.study_name,
-            "--out", str(settings.out_dir.parent)]
-    if settings.seed_given is not None:  # else the workers read the file's seeds, as this process did
-        base += ["--seed", str(settings.seed_given)]
-    if settings.n_trials is not None:
-        base += ["--n-trials", str(settings.n_trials)]
-    if settings.timeout is not None:
-        base += ["--timeout", str(settings.timeout)]
+            "--study-name", settings.study_name, "--out", str(settings.out_dir.parent)]
+    # Without --seed the workers read the file's seeds, as this process did.
+    for flag, value in (("--seed", settings.seed_given), ("--n-trials", settings.n_trials),
+                        ("--timeout", settings.timeout)):
+        if value is not None:
+            base += [flag, str(value)]
     if not settings.tracking:
         base.append("--no-tracking")
     if settings.train_csv:
