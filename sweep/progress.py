@@ -1,11 +1,6 @@
-"""What a person watching a study sees: one progress line on stderr, and where the log records go.
-
-``Progress`` counts trials finished, pruned and failed, the best value and the elapsed time. On a
-terminal it rewrites one line in place (failures and new bests printed above it); otherwise it
-prints one line per finished trial, so that logs and CI output stay readable. ``log_to`` sends the
-process's log records (ours, Optuna's, MLflow's, warnings) to one file or stream, so that nothing
-else writes under the progress line.
-"""
+"""What a person watching a study sees: one progress line on stderr (rewritten in place on a terminal,
+a line per finished trial otherwise, so that logs stay readable), and where the log records go, so that
+nothing else writes under that line."""
 
 from __future__ import annotations
 
@@ -20,11 +15,9 @@ __all__ = ["Progress", "log_to", "strip_foreign_handlers"]
 
 
 def log_to(target: TextIO | Path | None) -> None:
-    """Send the process's log records (ours, Optuna's, MLflow's, warnings) to one place.
-
-    ``None`` holds them in memory until a later call names the file (the output folder must not be
-    created before the space is validated and tracking is reachable).
-    """
+    """Send the process's log records (ours, Optuna's, MLflow's, warnings) to one place. ``None`` holds
+    them in memory until a later call names the file (the output folder must not be created before the
+    space is validated and tracking is reachable)."""
     import logging.handlers
 
     root = logging.getLogger()
@@ -67,8 +60,7 @@ def strip_foreign_handlers() -> None:
 
 
 def _fmt_time(seconds: float) -> str:
-    seconds = int(seconds)
-    h, rest = divmod(seconds, 3600)
+    h, rest = divmod(int(seconds), 3600)
     m, s = divmod(rest, 60)
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
 
@@ -79,23 +71,20 @@ def format_value(v: float | None) -> str:
 
 
 class Progress:
-    """The progress of one study on ``stream`` (see the module doc); ``tty``: ``stream.isatty()``."""
+    """The progress of one study on ``stream``: trials finished, pruned and failed, the best value and the
+    elapsed time; on a terminal (``tty``, default ``stream.isatty()``) failures and new bests print above
+    the line."""
 
     def __init__(self, stream: TextIO, *, study: str, total: int | None, metric: str, direction: str,
                  tty: bool | None = None):
-        self.stream = stream
-        self.study = study
-        self.total = total
-        self.metric = metric
-        self.direction = direction
+        self.stream, self.study, self.total = stream, study, total
+        self.metric, self.direction = metric, direction
         self.tty = stream.isatty() if tty is None else tty
         self.started = time.monotonic()
         self.seen: set[int] = set()
         self.best: tuple[float, int] | None = None
         self.counts = {"completed": 0, "pruned": 0, "failed": 0}
-        self.done = 0
-        self.running = ""
-        self._line_shown = False
+        self.done, self.running, self._line_shown = 0, "", False
 
     def prime(self, trials: list[Any]) -> None:
         """Count the trials a resumed study already has, without a line for each."""
@@ -134,7 +123,6 @@ class Progress:
             print(file=self.stream, flush=True)
             self._line_shown = False
 
-    # ---------------------------------------------------------------------------------------------
     def _absorb(self, trials: list[Any], *, announce: bool) -> None:
         from optuna.trial import TrialState
 
@@ -146,8 +134,7 @@ class Progress:
             self.seen.add(t.number)
             key = {TrialState.COMPLETE: "completed", TrialState.PRUNED: "pruned"}.get(t.state, "failed")
             self.counts[key] += 1
-            status = t.user_attrs.get("status")
-            if t.state != TrialState.FAIL or STATUS_COUNTS.get(status, False):
+            if t.state != TrialState.FAIL or STATUS_COUNTS.get(t.user_attrs.get("status"), False):
                 self.done += 1
             new_best = False
             if t.state == TrialState.COMPLETE and t.value is not None:
@@ -176,8 +163,7 @@ class Progress:
 
     def _status(self) -> str:
         total = "?" if self.total is None else str(self.total)
-        best = ("-" if self.best is None
-                else f"{format_value(self.best[0])} (trial {self.best[1]})")
+        best = "-" if self.best is None else f"{format_value(self.best[0])} (trial {self.best[1]})"
         c = self.counts
         return (f"{self.study}: {self.done}/{total} trials · {c['completed']} completed · "
                 f"{c['pruned']} pruned · {c['failed']} failed · best {self.metric} {best} · "

@@ -1,22 +1,9 @@
 """``python -m sweep.run SPACE.yaml``: run (or resume) a whole study from one search-space file.
 
-What it does, in order (nothing is created until the file is valid and tracking is reachable):
-
-1. validate the space (``sweep.space``); a bad file exits 2 naming the file and the key path;
-2. with tracking on, check that the MLflow tracking URI answers (exit 2 naming it if not);
-3. open the study in its storage (``sweep.study``) — by default an Optuna journal file
-   ``<out>/<study>/optuna.journal``; ``--storage postgresql://...`` shares it across machines. The
-   first process creates the study, the others join it. Re-running the same command resumes it;
-4. run trials in this process (``--workers 1``) or in K fresh worker processes sharing the storage
-   (``sweep.workers``) until the study's budget is spent (``sweep.study.run_trials``: trials cut
-   short by Ctrl-C or a dead worker do not count and are re-run with the same seed);
-5. write ``<out>/<study>/trials.csv`` and ``plots/`` (``sweep.report.write_study_files``; with
-   tracking on, also logged on the study's parent run), print the best trial, write
-   ``<out>/<study>/best_config.yaml`` (a ``python -m mixer.train`` config) and publish the best
-   model (``sweep.publish``).
-
-Exit codes: 0 done, 1 a failed run (no trial completed, a worker crashed, tracking lost metrics),
-2 bad usage, a bad space file, an unreachable tracking server or storage, 130 interrupted (Ctrl-C).
+Nothing is created until the space file is valid, its data loads and tracking is reachable. Then the
+study is opened (``sweep.study``), its trials run here or in ``--workers`` processes (``sweep.workers``)
+until its budget is spent, and one process summarises it (``sweep.report``) and publishes its best
+model (``sweep.publish``). Exit codes: see the parser's epilog.
 """
 
 from __future__ import annotations
@@ -33,11 +20,13 @@ import shlex
 import shutil
 import signal
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from sweep.messages import UsageError, redact
+from sweep.locks import study_lock
+from sweep.messages import UsageError, one_line, redact
 from sweep.progress import Progress, format_value, log_to, strip_foreign_handlers
 from sweep.study import (
     budget_used,
@@ -194,8 +183,7 @@ class _Settings:
                              + ("..." if len(self.study_name) > 80 else ""))
         self.seed = s.seed if args.seed is None else args.seed
         # The sampler's base seed: the file's sampler.seed, else the study seed; --seed overrides both.
-        self.sampler_seed = (s.sampler.seed if s.sampler.seed is not None and args.seed is None
-                             else self.seed)
+        self.sampler_seed = s.sampler.seed if s.sampler.seed is not None and args.seed is None else self.seed
         self.n_trials = args.n_trials if args.n_trials is not None else s.n_trials
         self.timeout = args.timeout if args.timeout is not None else s.timeout
         if self.n_trials is None and self.timeout is None:
@@ -208,8 +196,7 @@ class _Settings:
         self.tracking = not args.no_tracking
         self.tracking_uri = args.tracking_uri
         self.experiment = s.experiment or self.study_name
-        self.storage = (args.storage or os.environ.get("MIXER_STORAGE")
-                        or str(self.out_dir / "optuna.journal"))
+        self.storage = args.storage or os.environ.get("MIXER_STORAGE") or str(self.out_dir / "optuna.journal")
         self.rdb = "://" in self.storage
         if not self.rdb:
             self.storage = str(Path(self.storage).resolve())
@@ -234,14 +221,11 @@ def _check_data(settings: _Settings) -> None:
 def _check_writable(folder: Path) -> None:
     """A UsageError unless files can be created under ``folder`` (tried in its nearest existing
     ancestor, so that nothing is created yet)."""
-    import tempfile
-
     base = folder
     while not base.exists() and base != base.parent:
         base = base.parent
     try:
-        with tempfile.TemporaryFile(dir=base):
-            pass
+        tempfile.TemporaryFile(dir=base).close()
     except OSError as exc:
         raise UsageError(f"--out: cannot write under {base}: {exc.strerror or exc}") from None
 
@@ -275,9 +259,7 @@ def _main(args: argparse.Namespace, argv: list[str]) -> int:
     _check_data(settings)  # a bad row fails here, before a study or a run exists, not in every trial
     _check_writable(settings.out_dir)
     tracker = _make_tracker(settings)  # before anything is created: an unreachable server exits 2
-
     quiet_optuna()
-
     from sweep.objective import Interrupts, Objective
 
     storage = open_storage(settings.storage, rdb=settings.rdb)
@@ -318,9 +300,7 @@ def _main(args: argparse.Namespace, argv: list[str]) -> int:
         progress.message(f"trials {reaped} were left running by a dead worker: "
                          f"marked failed and queued again")
 
-    interrupted = False
-    failures: list[str] = []
-    tracking_errors = 0
+    interrupted, failures, tracking_errors = False, [], 0
     try:
         if args.workers == 1:
             interrupts = Interrupts()
@@ -335,14 +315,13 @@ def _main(args: argparse.Namespace, argv: list[str]) -> int:
             finally:
                 signal.signal(signal.SIGINT, signal.default_int_handler)
                 signal.signal(signal.SIGTERM, signal.SIG_DFL)
-            tracking_errors += objective.tracking_errors
+            tracking_errors = objective.tracking_errors
         else:
             # The parent only reads the storage: a plain KeyboardInterrupt is safe anywhere. Install it
             # explicitly, since a shell starts background jobs with SIGINT ignored.
             signal.signal(signal.SIGINT, signal.default_int_handler)
             signal.signal(signal.SIGTERM, signal.default_int_handler)
-            interrupted, failures, errors = run_workers(settings, study, progress)
-            tracking_errors += errors
+            interrupted, failures, tracking_errors = run_workers(settings, study, progress)
     except KeyboardInterrupt:
         interrupted = True
     progress.update(study.get_trials(deepcopy=False))
@@ -358,15 +337,14 @@ def _main(args: argparse.Namespace, argv: list[str]) -> int:
         return 130
 
     code = _summarise(study, settings, tracker, republish=args.republish)
-    undelivered = tracker.close() if tracker is not None else 0
-    if undelivered:
-        print(f"error: {undelivered} metric points could not be delivered to MLflow", file=sys.stderr)
-        code = 1
     if tracker is not None:
         from sweep.tracking import ui_hint
 
-        if hint := ui_hint(tracker.uri, tracker.experiment_id, metric=settings.space.metric,
-                           direction=settings.space.direction):
+        if undelivered := tracker.close():
+            print(f"error: {undelivered} metric points could not be delivered to MLflow", file=sys.stderr)
+            code = 1
+        if hint := ui_hint(tracker.uri, tracker.experiment_id, metric=space.metric,
+                           direction=space.direction):
             print(hint)
     if tracking_errors:
         print(f"error: {tracking_errors} MLflow calls failed (see {settings.out_dir / 'sweep.log'})",
@@ -384,16 +362,9 @@ def _finished(trials: list[Any]) -> int:
 
 
 def _summarise(study: Any, settings: _Settings, tracker: Any, *, republish: bool) -> int:
-    """The study's files, its MLflow summary and its published model, made by one process only.
-
-    Workers (here or on other machines) share the study. One that finishes while others still run
-    trials writes its local files only; of those that finish together, the first to take the
-    study's ``publish`` lock summarises and publishes, and records how many finished trials it
-    covered (``SUMMARISED_ATTR``), so the others, and a later re-run, find nothing to do.
-    """
+    """The study's files, its MLflow summary and its published model, made by one process only: the
+    first to take the ``publish`` lock once no trial runs (docs/architecture.md, "One publisher")."""
     from optuna.trial import TrialState
-
-    from sweep.locks import study_lock
 
     trials = study.get_trials(deepcopy=False)
     if any(t.state in (TrialState.RUNNING, TrialState.WAITING) for t in trials):
@@ -416,7 +387,6 @@ def _summarise(study: Any, settings: _Settings, tracker: Any, *, republish: bool
 def _study_files(study: Any, settings: _Settings, tracker: Any) -> int:
     """Write trials.csv and the Optuna plots; with ``tracker``, also summarise the study on its
     parent run (which logs them there) and close that run. Returns the exit code."""
-    from sweep.messages import one_line
     from sweep.report import ReportWriteError, write_study_files
 
     if tracker is None:
@@ -452,9 +422,7 @@ def _publish(study: Any, settings: _Settings, *, tracked: bool) -> int:
     k = settings.space.ensemble_top_k
     more = f" (and up to {k - 1} more for the ensemble, if the data has a test set)" if k > 1 else ""
     print(f"retraining the best trial to ship it as a model{more} ...", file=sys.stderr, flush=True)
-    started, tty = time.monotonic(), sys.stderr.isatty()
-
-    retrained = 0
+    started, tty, retrained = time.monotonic(), sys.stderr.isatty(), 0
 
     def shown(m: Any, epochs: int) -> None:
         nonlocal retrained
@@ -468,9 +436,8 @@ def _publish(study: Any, settings: _Settings, *, tracked: bool) -> int:
                   f"({time.monotonic() - started:.0f} s)", file=sys.stderr, flush=True)
 
     try:
-        result = publish_best(study, tracking_uri=settings.tracking_uri,
-                              out_dir=settings.out_dir, register_name=settings.space.register_model,
-                              ensemble_top_k=settings.space.ensemble_top_k,
+        result = publish_best(study, tracking_uri=settings.tracking_uri, out_dir=settings.out_dir,
+                              register_name=settings.space.register_model, ensemble_top_k=k,
                               log_model=tracked, on_epoch=shown)
     except PublishError as exc:
         print(f"error: the best model was not published: {exc}", file=sys.stderr)
@@ -490,9 +457,8 @@ def _check_or_record_study(study: Any, created: bool, settings: _Settings) -> No
     mine = {"study_seed": settings.seed, "metric": space.metric, "direction": space.direction}
     if created:
         study.set_metric_names([space.metric])  # optuna-dashboard shows it instead of "Objective 0"
-        for key, value in mine.items():
+        for key, value in {**mine, "space_file": str(settings.space_path)}.items():
             study.set_user_attr(key, value)
-        study.set_user_attr("space_file", str(settings.space_path))
         return
     attrs = study.user_attrs
     if study.direction.name.lower() != space.direction:
@@ -516,8 +482,7 @@ def _report(study: Any, settings: _Settings) -> int:
 
     out = settings.out_dir
     trials = study.get_trials(deepcopy=False)
-    completed = [t for t in trials if t.state == TrialState.COMPLETE]
-    if not completed:
+    if not any(t.state == TrialState.COMPLETE for t in trials):
         print(f"no trial completed ({len(trials)} trials); see {out / 'trials.csv'}", file=sys.stderr)
         return 1
     best = study.best_trial

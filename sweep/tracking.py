@@ -1,14 +1,6 @@
-"""MLflow tracking of a study: one parent run per study (its id in the study's user attributes,
-created under the study's ``"parent"`` lock), one child run per trial.
-
-Every write goes into one queue, drained in order by one background thread: ``log_epoch`` never
-waits for the network, and a run's status is set only after all its metrics are stored. A run's
-epochs go in one ``log_batch`` call once 5 are waiting or ``batch_seconds`` after the first,
-whichever comes first (each call costs a local server CPU that training would otherwise have), and
-at once when anything is queued behind them. A failed write stays at the head of the queue and is
-retried with exponential backoff; one MLflow refuses for good is dropped, its points counted. A
-retried run creation first looks for the run's unique ``tracking_key`` tag: no duplicate runs.
-"""
+"""MLflow tracking of a study: one parent run per study (its id in the study's user attributes), one
+child run per trial; every write is queued and sent in order by one retrying background thread (the
+guarantees: docs/architecture.md, "What tracking guarantees")."""
 
 from __future__ import annotations
 
@@ -337,17 +329,11 @@ class TrialRun:
 
     def end(self, state: str, *, history: Sequence[Any] | None = None, reason: str | None = None,
             pruned_epoch: int | None = None, diagnosis: Diagnosis | None = None, wait: bool = False) -> None:
-        """Close the run; its status, set after all its metrics are stored, tells the outcome.
-
-        Args:
-            state: "completed" (-> FINISHED), "pruned" (-> KILLED), "failed" or "diverged" (-> FAILED).
-            history: the trial's epochs (``EpochMetrics`` or mappings); those not logged are sent now.
-            reason: why the trial failed or diverged (tag ``failure_reason``).
-            pruned_epoch: where a pruned trial stopped (tag ``pruned_epoch``).
-            diagnosis: tag ``diagnosis`` (its label), its tags, its metrics (``diagnosis_<name>``
-                where an epoch metric has the name).
-            wait: wait (up to ``end_timeout``, not while the server is down) until the run is stored.
-        """
+        """Close the run; its status, set after all its metrics are stored, tells the outcome: ``state``
+        "completed" -> FINISHED, "pruned" -> KILLED, "failed" or "diverged" -> FAILED. The epochs of
+        ``history`` not logged yet are sent now. Tags: ``failure_reason`` (``reason``), ``pruned_epoch``,
+        ``diagnosis`` (its label) and its tags; its metrics are ``diagnosis_<name>`` where an epoch
+        metric has the name. ``wait``: wait (up to ``end_timeout``, not while the server is down)."""
         if state not in _OUTCOMES:
             raise ValueError(f"state must be one of {STATES}, got state={state!r}")
         if self._ended:
@@ -509,16 +495,12 @@ class Tracker:
         return self._sender.wait(barrier.done, self.close_timeout if timeout is None else timeout)
 
     def finish_study(self, study: optuna.Study, out_dir: str | Path) -> dict[str, Any]:
-        """Summarise the study on its parent run and mark it FINISHED: metrics ``best_value``,
-        ``n_complete``, ``n_pruned``, ``n_failed``, ``n_trials``; tags ``best_trial_number``,
-        ``best_param.<name>``, ``optuna_direction``, ``study_name``; params ``best.<name>`` and
-        ``best.trial_number`` (for *Compare* across studies); as artifacts the files
-        ``sweep.report.write_study_files`` writes into ``out_dir``. Returns the counts,
-        ``best_value`` (None without a completed trial) and ``files``.
-
-        MLflow params cannot change, so the params are those of the first summary's best trial, all
-        of them: a resumed study whose best changed keeps them (``best.trial_number`` says which trial
-        they describe), while the tags follow the current best."""
+        """Summarise the study on its parent run and mark it FINISHED: metrics ``best_value``, ``n_complete``,
+        ``n_pruned``, ``n_failed``, ``n_trials``; tags ``best_trial_number``, ``best_param.<name>``,
+        ``optuna_direction``, ``study_name``; params ``best.<name>``, ``best.trial_number`` (for *Compare*
+        across studies; MLflow params cannot change, so they keep the first summary's best trial, while the
+        tags follow the current best); as artifacts the files ``sweep.report.write_study_files`` writes into
+        ``out_dir``. Returns the counts, ``best_value`` (None without a completed trial) and ``files``."""
         from sweep.report import write_study_files  # sweep.report imports this module
 
         if self.parent_run_id is None or self._study_name != study.study_name:
