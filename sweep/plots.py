@@ -1,9 +1,8 @@
-"""The figures of a study: the report's curves (``plot_curves``), the study's plots
-(``study_figures``) and among them the loss landscape from the curvature probes
-(``curvature_figures``), drawn here and written by ``sweep.report`` (the one writer of a study's files).
+"""The figures of a study, drawn here and written by ``sweep.report`` (the one writer of a study's files):
+the report's curves, the study's plots and among them the loss landscape from the curvature probes.
 
-The best trial is the first colour (red) and drawn last in every figure; grey is every trial not
-in the legend; metric values are labelled with ``.6g``.
+The best trial is the first colour (red) and drawn last; grey is every trial not in the legend; metric
+values are labelled with ``.6g``.
 """
 
 from __future__ import annotations
@@ -41,14 +40,12 @@ def metric_name(study) -> str:
     return (study.metric_names or ["value"])[0]
 
 
-# ---------------------------------------------------------------------------------------------
-# The report's figure of curves
+# --- The report's figure of curves
 
 
 def _sort_key(value: Any) -> tuple[int, Any]:
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return 0, value
-    return 1, str(value)
+    """Numbers first, in order, then everything else by its text."""
+    return (0, value) if isinstance(value, (int, float)) and not isinstance(value, bool) else (1, str(value))
 
 
 def _minor_log_label(value: float, _pos: int) -> str:
@@ -83,7 +80,6 @@ def plot_curves(records: Sequence[TrialRecord], *, group_by: str = DEFAULT_GROUP
     searched = any(group_by in r.params for r in records)
     plateaus = {r.number: r.plateau for r in best
                 if r.plateau and r.plateau[1] - r.plateau[0] + 1 >= Thresholds().min_plateau_epochs}
-
     # Trials without curves (failed before an epoch) would only add empty panels.
     drawn = [r for r in records if r.history]
     groups = sorted({r.knob(group_by, searched=searched) for r in drawn}, key=_sort_key) or [None]
@@ -113,8 +109,7 @@ def plot_curves(records: Sequence[TrialRecord], *, group_by: str = DEFAULT_GROUP
             ep_t, tr = r.curve("train_loss")
             axes[0, col].plot(ep_t, tr, "--", **{**style, "lw": style["lw"] * 0.8})
             if top_trial:
-                # The diagnosis' plateau (a flat stretch long enough to count): the curve from the
-                # epoch before its first to its last.
+                # The diagnosis' plateau, shaded from the epoch before its first to its last.
                 if r.number in plateaus:
                     first, last = plateaus[r.number]
                     axes[0, col].axvspan(first - 1, last, color=c, alpha=0.13, lw=0, zorder=0)
@@ -125,13 +120,11 @@ def plot_curves(records: Sequence[TrialRecord], *, group_by: str = DEFAULT_GROUP
             if r.state == "PRUNED" and ep:
                 axes[0, col].plot(ep[-1], val[-1], "x", color=c, ms=6, mew=1.5, zorder=style["zorder"])
             for row_name, key in (("lr", "lr"), ("grad", "grad_norm_mean")):
-                ep_k, vals = r.curve(key)
-                axes[rows.index(row_name), col].plot(ep_k, vals, "-", **style)
+                axes[rows.index(row_name), col].plot(*r.curve(key), "-", **style)
             if has_curvature:
                 ax = axes[rows.index("curvature"), col]
                 probe_style = {k: v for k, v in style.items() if k not in ("marker", "ms")}
-                ep_k, vals = r.curve("hessian_max_eig")
-                ax.plot(ep_k, vals, "-o", ms=3, **probe_style)
+                ax.plot(*r.curve("hessian_max_eig"), "-o", ms=3, **probe_style)
                 ep_k, vals = r.curve("hessian_min_eig")
                 ax.plot(ep_k, vals, ":", **probe_style)
                 # A negative λ_min is a descent direction of the curvature: drawn filled and larger.
@@ -156,9 +149,8 @@ def plot_curves(records: Sequence[TrialRecord], *, group_by: str = DEFAULT_GROUP
             handles.append(Patch(color="k", alpha=0.13, label="plateau (diagnosis)"))
         if has_curvature:
             handles.append(Line2D([], [], color="k", ls="", marker="D", ms=4, label="curvature probe"))
-        axes[0, col].legend(handles=handles, fontsize=7.5, loc="upper right", framealpha=0.85)
-        if has_curvature:
             axes[rows.index("curvature"), col].axhline(0.0, color="k", lw=0.6, zorder=0)
+        axes[0, col].legend(handles=handles, fontsize=7.5, loc="upper right", framealpha=0.85)
 
     # Log y where the values span a decade or so (losses falling from 0.7 to 0.05, learning rates);
     # linear where they do not (a loss stuck between 0.47 and 0.55 is unreadable on a log axis).
@@ -168,8 +160,7 @@ def plot_curves(records: Sequence[TrialRecord], *, group_by: str = DEFAULT_GROUP
                 "grad": _spans_decades(v for r in drawn for v in r.curve("grad_norm_mean")[1])}
     lrs = [v for r in drawn for v in r.curve("lr")[1] if math.isfinite(v)]
     positive = [v for v in lrs if v > 0]
-    lr_floor = (10 ** math.floor(math.log10(min(positive)))
-                if positive and any(v == 0 for v in lrs) else None)
+    lr_floor = 10 ** math.floor(math.log10(min(positive))) if positive and any(v == 0 for v in lrs) else None
     ylabels = {"loss": "loss" + (" (log)" if log_rows["loss"] else ""), "lr": "learning rate",
                "grad": "grad norm\n(epoch mean)", "curvature": "Hessian λ_max (—o)\nλ_min (⋯, ▼ < 0)"}
     for i, row_name in enumerate(rows):
@@ -206,8 +197,7 @@ def plot_curves(records: Sequence[TrialRecord], *, group_by: str = DEFAULT_GROUP
     return fig
 
 
-# ---------------------------------------------------------------------------------------------
-# The study's plots
+# --- The study's plots
 
 
 def study_figures(study, *, top: int = DEFAULT_TOP) -> dict[str, Any]:
@@ -257,9 +247,8 @@ def study_figures(study, *, top: int = DEFAULT_TOP) -> dict[str, Any]:
                 continue
             if not any(ax.has_data() for ax in fig.axes):
                 plt.close(fig)
-                figures[name] = "nothing to plot yet"
-            else:
-                figures[name] = fig
+                fig = "nothing to plot yet"
+            figures[name] = fig
     try:  # in the report's own style, as curves.png
         figures.update(curvature_figures(collect(study), top=top,
                                          minimize=study.direction == StudyDirection.MINIMIZE))
@@ -367,8 +356,7 @@ def plot_intermediate_values(study, *, top: int = DEFAULT_TOP):
         handles.append(Line2D([], [], color=_GREY, lw=0.9, label=f"other trials ({len(others)})"
                               + (f", × pruned ({n_pruned})" if n_pruned else "")))
     if handles:
-        ax.legend(handles=handles, loc="upper right", fontsize=8, title=f"trial  {metric}",
-                  title_fontsize=8)
+        ax.legend(handles=handles, loc="upper right", fontsize=8, title=f"trial  {metric}", title_fontsize=8)
     ax.set_title(f"{metric} per epoch of {len(trials)} trials ({len(complete)} best in colour)")
     ax.set_xlabel("epoch")
     ax.set_ylabel(metric)
@@ -378,8 +366,7 @@ def plot_intermediate_values(study, *, top: int = DEFAULT_TOP):
     return fig
 
 
-# ---------------------------------------------------------------------------------------------
-# The loss landscape, from the curvature probes
+# --- The loss landscape, from the curvature probes
 
 
 def _last_probe(r: TrialRecord) -> dict[str, float] | None:
@@ -406,11 +393,9 @@ def curvature_figures(records: Sequence[TrialRecord], *, group_by: str = DEFAULT
 
 def plot_landscape(records: Sequence[TrialRecord], *, group_by: str = DEFAULT_GROUP_BY,
                    minimize: bool = True):
-    """Every probed trial on the loss-landscape spectrum: sharpness λ_max (x) against the share of
-    the spectral density below -ε (y) at its last probe, coloured by its value, marker by
-    ``group_by``. The axis the notebook drew by hand runs from "steep, few saddle points" (ResNet,
-    lower right) to "flat, many saddle points" (MLP-Mixer, upper left), after Park & Kim (2022).
-    Trials without a probe are named in a note; with none at all, the note is returned instead."""
+    """Every probed trial by sharpness λ_max (x) and negative-curvature share (y) at its last probe,
+    coloured by value, marker by ``group_by`` (the notebook's axis, after Park & Kim 2022). Trials
+    without a probe are named in the title; with none at all, a note is returned instead."""
     from matplotlib.figure import Figure
     from matplotlib.lines import Line2D
 
@@ -468,9 +453,8 @@ def _ritz(probe: dict[str, Any]):
 
 
 def plot_spectral_density(records: Sequence[TrialRecord], *, top: int = DEFAULT_TOP, minimize: bool = True):
-    """The Hessian's eigenvalue density (stochastic Lanczos quadrature, ``mixer.curvature.spectral_density``)
-    at the first and the last probe of each of the ``top`` best completed trials that have probes,
-    one panel each; each Ritz value is a Gaussian of 2 % of the spectral radius."""
+    """The Hessian's eigenvalue density (SLQ, ``mixer.curvature.spectral_density``) at the first and last
+    probe of the ``top`` best completed probed trials; a Ritz value is a Gaussian of 2 % of the radius."""
     from matplotlib.figure import Figure
 
     from mixer.curvature import spectral_density
@@ -487,11 +471,9 @@ def plot_spectral_density(records: Sequence[TrialRecord], *, top: int = DEFAULT_
         ax.set_visible(False)
     for ax, r in zip(axes, best, strict=False):
         shown = [r.probes[0], r.probes[-1]] if len(r.probes) > 1 else r.probes
-        radius = max(max(abs(v) for v in p["values"]) for p in shown) or 1.0
-        sigma = 0.02 * radius
-        lo = min(min(p["values"]) for p in shown) - 4 * sigma
-        hi = max(max(p["values"]) for p in shown) + 4 * sigma
-        grid = np.linspace(lo, hi, 400)
+        values = [v for p in shown for v in p["values"]]
+        sigma = 0.02 * (max(abs(v) for v in values) or 1.0)
+        grid = np.linspace(min(values) - 4 * sigma, max(values) + 4 * sigma, 400)
         shares = {int(h["epoch"]): h.get("neg_curvature_share") for h in r.history}
         densities = [spectral_density(_ritz(p), grid, sigma=sigma) for p in shown]
         # The extreme Ritz values carry tiny quadrature weights (the start vector barely meets their
@@ -518,10 +500,9 @@ def plot_spectral_density(records: Sequence[TrialRecord], *, top: int = DEFAULT_
 
 
 def plot_loss_slices(records: Sequence[TrialRecord], *, minimize: bool = True):
-    """The training loss on the probe batch along v_min (the most negative curvature's direction) and
-    downhill along the gradient, at the last probe of the best trial and of the most plateau-like one
-    (longest plateau), among the trials with slices; the dotted line is the second-order model along
-    v_min (slope from the two innermost points, curvature λ_min), whose downward bend is a saddle."""
+    """The training loss on the probe batch along v_min (the most negative curvature) and downhill along the
+    gradient at the last probe of the best and the most plateau-like trial with slices; dotted: the second
+    order model along v_min (slope from the two innermost points, curvature λ_min), bent down at a saddle."""
     from matplotlib.figure import Figure
 
     from sweep.report import ranked

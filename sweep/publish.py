@@ -1,29 +1,11 @@
 """Ship the winner of a study: retrain its best trial, save the bundle, log it as an MLflow model.
 
-``publish_best(study, tracking_uri=uri, out_dir=study_dir)`` (``sweep.run`` calls it at the end of a
-study) rebuilds the best trial's configs and seed from its user attrs ``config`` and ``seed``,
-retrains it with ``mixer.train.fit`` up to its best epoch by the study's metric (user attr
-``metric``, default ``val_loss``) — same seed, same config, so a bit-identical history, checked
-against the trial's ``history`` (``PublishResult.reproduced``) — and saves that epoch as a
-``mixer.bundle.ModelBundle`` at ``<out_dir>/best_model.npz``. If the data has labelled test rows
-(``test_fraction`` or ``test_csv``; the objective never sees them) it scores the bundle there and,
-with ``ensemble_top_k`` k > 1, the mean probability of the k best completed trials, each retrained
-the same way; the scores are reported only, never used to select, and the probabilities are saved
-as ``<out_dir>/test_predictions.csv``. On the study's parent MLflow run
-(user attr ``mlflow_parent_run_id``) it logs an MLflow ``pyfunc`` model ``model`` (the bundle as
-its artifact, ``mixer`` in its ``code_paths``), the ``test_*`` and ``ensemble_test_*`` metrics, the
-predictions file and the tags ``best_trial_number``, ``best_model_uri``, ``best_model_seed``,
-``best_model_epoch`` (and ``ensemble_trials``); optionally it
-registers the model as ``register_name``.
-
-The pyfunc model takes a DataFrame of raw UNSW-NB15 rows (the 42 feature columns, typed as the
-training data holds them: ``double``, ``long``, ``string`` for the categoricals; ``id``, ``label``
-and ``attack_cat`` are dropped by the signature) and returns ``probability`` (P(label = 1)) and
-``prediction`` (0/1 at ``params={"threshold": 0.5}``), one row per input row. A bad value is an
-``MlflowException`` naming the column (a 400 from ``mlflow models serve``)::
-
-    model = mlflow.pyfunc.load_model(result.model_uri)      # runs:/<parent run id>/model
-    model.predict(raw_rows)                                 # DataFrame[probability, prediction]
+``publish_best`` (``sweep.run`` calls it at the end of a study) retrains the best trial to its best
+epoch with the same seed and config (checking the history is bit-identical), saves
+``best_model.npz``, scores it, and the mean of the ``ensemble_top_k`` best, on the labelled test rows
+if any (reported only, never used to select), and logs a ``pyfunc`` model (raw UNSW-NB15 rows in,
+``probability`` and ``prediction`` out), the ``test_*`` metrics and the ``best_*`` tags on the
+study's parent MLflow run.
 """
 
 from __future__ import annotations
@@ -61,11 +43,8 @@ class PublishError(RuntimeError):
 
 
 class MixerPyfunc(mlflow.pyfunc.PythonModel):
-    """MLflow pyfunc around a Mixer model bundle: raw rows in, probabilities out.
-
-    ``predict`` returns a DataFrame with ``probability`` (float64) and ``prediction`` (int64, 1 iff
-    probability >= the ``threshold`` param, default 0.5), aligned with the input rows.
-    """
+    """MLflow pyfunc around a Mixer model bundle: raw rows in, a DataFrame of ``probability`` (float64)
+    and ``prediction`` (int64, 1 iff probability >= the ``threshold`` param, default 0.5) out."""
 
     def load_context(self, context):
         from mixer.bundle import ModelBundle
@@ -105,9 +84,8 @@ mlflow.models.set_model(MixerPyfunc())
 
 @dataclass
 class PublishResult:
-    """What ``publish_best`` produced: the trial, seed and epoch shipped with the study's metric there;
-    whether the retrained history matched the recorded one bit for bit; the bundle's path; and, when
-    logged, the run, ``runs:/<run_id>/model``, the registry version and the ``test_*`` metrics."""
+    """What ``publish_best`` produced: the trial, seed, epoch and metric shipped, whether the retrained
+    history matched the recorded one bit for bit, the bundle and, when logged, the MLflow run and model."""
 
     study_name: str
     trial_number: int
@@ -202,10 +180,9 @@ def retrain_best(study: Any, *, on_epoch: Callable[[Any, int], None] | None = No
 def retrain_trial(study: Any, trial: Any, *, on_epoch: Callable[[Any, int], None] | None = None) -> Retrained:
     """Retrain a finished ``trial`` up to the epoch the study scored it by, and bundle that epoch.
 
-    The epoch is the best one of the trial's recorded ``history`` by the study's ``metric`` user attr
-    (``val_loss`` if absent) and direction, the epoch whose value made the trial best. The run stops
-    there; same seed, same config, so its parameters are the trial's at that epoch. Without a
-    recorded history the whole run is retrained and ``fit``'s lowest-val_loss epoch is shipped.
+    That is the best epoch of its recorded ``history`` by the study's ``metric`` user attr (default
+    ``val_loss``) and direction; same seed and config, so the trial's parameters there. Without a
+    history the whole run is retrained and ``fit``'s lowest-val_loss epoch is shipped.
     ``on_epoch(metrics, epochs)`` is told of each retrained epoch (progress).
     """
     from mixer.bundle import ModelBundle
@@ -228,14 +205,13 @@ def retrain_trial(study: Any, trial: Any, *, on_epoch: Callable[[Any, int], None
             on_epoch(m, epochs)
         return bool(target) and m.epoch >= target
 
+    result = fit(config, data, seed=seed, on_epoch=told)
     if target:
-        result = fit(config, data, seed=seed, on_epoch=told)
         if result.status == "diverged" or len(result.history) < target:
             raise PublishError(f"trial {trial.number}: retraining stopped before epoch {target}: "
                                f"{result.reason}")
         params = result.params
     else:
-        result = fit(config, data, seed=seed, on_epoch=told)
         if result.best_epoch == 0:
             raise PublishError(f"trial {trial.number}: retraining did not produce a model: {result.reason}")
         target, metric, params = result.best_epoch, "val_loss", result.best_params
@@ -262,10 +238,9 @@ def top_trials(study: Any, k: int) -> list[Any]:
 def score_on_test(members: list[Retrained]) -> tuple[dict[str, float], pd.DataFrame]:
     """Score the first member, and with two or more the mean of their probabilities, on the test rows.
 
-    Each member predicts through its own pipeline (a study may search the scaling); every member's
-    data holds the same test rows and labels. Returns the ``test_*`` metrics (``ensemble_test_*`` for
-    the mean) and a frame of ``row``, ``label``, each member's probability (``trial_<n>``) and the
-    ``ensemble`` mean.
+    Each member predicts through its own pipeline (a study may search the scaling) on the same test
+    rows. Returns the ``test_*`` metrics (``ensemble_test_*`` for the mean) and a frame of ``row``,
+    ``label``, each member's probability (``trial_<n>``) and the ``ensemble`` mean.
     """
     from mixer.metrics import binary_metrics
 
@@ -301,26 +276,14 @@ def publish_best(study: Any, *, tracking_uri: str | None = None, out_dir: str | 
                  on_epoch: Callable[[Any, int], None] | None = None) -> PublishResult:
     """Retrain the study's best trial, save it as a bundle and log it as an MLflow pyfunc model.
 
-    Args:
-        study: an ``optuna.Study`` whose trials carry the user attrs ``config``, ``seed`` and
-            ``history`` (set by ``sweep.objective``), and whose user attr ``mlflow_parent_run_id``
-            names the parent run (set by ``sweep.tracking``).
-        tracking_uri: the MLflow tracking URI the study logged to (None: resolved as
-            ``sweep.tracking.Tracker`` does: ``MLFLOW_TRACKING_URI``, else the local store
-            ``mlflow ui`` opens in the working folder).
-        out_dir: where ``best_model.npz`` is written (created if missing).
-        register_name: if given, also register the model in the MLflow model registry under this name.
-        log_model: False skips MLflow entirely (bundle and test metrics only).
-        ensemble_top_k: with a labelled test set (``test_fraction`` or ``test_csv``), also retrain
-            the next best completed trials up to k in all and score their mean probability there.
-        on_epoch: told of each retrained epoch, as in ``retrain_best``.
-
-    Returns:
-        PublishResult (``.summary()`` gives the lines to print).
+    The trials carry the user attrs ``config``, ``seed`` and ``history`` (``sweep.objective``).
+    ``tracking_uri`` None is resolved as ``sweep.tracking.Tracker`` does; ``out_dir`` is created if
+    missing; ``register_name`` also registers the model; ``log_model=False`` skips MLflow. With a
+    labelled test set, ``ensemble_top_k`` k > 1 also scores the mean probability of the k best.
 
     Raises:
         PublishError: no completed trial, a trial without ``config``/``seed``, data that will not
-            load, or a retraining that diverges.
+            load, a retraining that diverges, or MLflow refusing the model (the bundle is saved).
     """
     from mixer.bundle import atomic_write
 
@@ -332,11 +295,9 @@ def publish_best(study: Any, *, tracking_uri: str | None = None, out_dir: str | 
                       "its recorded val_loss history; publishing the retrained model anyway",
                       RuntimeWarning, stacklevel=2)
     bundle_path = bundle.save(Path(out_dir) / BUNDLE_NAME)
-    publish = PublishResult(
-        study_name=study.study_name, trial_number=trial.number, seed=bundle.info["seed"],
-        epoch=retrained.epoch, metric=retrained.metric, value=bundle.info["value"],
-        reproduced=reproduced, bundle_path=bundle_path,
-    )
+    publish = PublishResult(study_name=study.study_name, trial_number=trial.number, seed=bundle.info["seed"],
+                            epoch=retrained.epoch, metric=retrained.metric, value=bundle.info["value"],
+                            reproduced=reproduced, bundle_path=bundle_path)
     if retrained.data.y_test is not None:
         members = [retrained]
         for t in top_trials(study, ensemble_top_k)[1:]:
@@ -361,19 +322,16 @@ def publish_best(study: Any, *, tracking_uri: str | None = None, out_dir: str | 
 
 @contextlib.contextmanager
 def _tracking_uri(uri: str | None) -> Iterator[None]:
-    """Use ``uri`` (None: as ``sweep.tracking.Tracker`` resolves it) for MLflow's fluent API inside the
-    block, then restore exactly what was set before.
-
-    ``mlflow.set_tracking_uri(None)`` also unsets the environment variable, so both are restored by hand.
-    """
+    """Use ``uri`` (None: as ``sweep.tracking.Tracker`` resolves it, to find the study's parent run) for
+    MLflow's fluent API inside the block, then restore the URI and ``MLFLOW_TRACKING_URI`` by hand
+    (``mlflow.set_tracking_uri(None)`` would unset the variable)."""
     from mlflow.tracking._tracking_service import utils as tracking_utils
 
     from sweep.tracking import resolve_uri
 
-    uri = resolve_uri(uri)  # as the Tracker resolves it, so that None finds the study's parent run
     saved_uri = tracking_utils._tracking_uri
     saved_env = os.environ.get("MLFLOW_TRACKING_URI")
-    mlflow.set_tracking_uri(uri)
+    mlflow.set_tracking_uri(resolve_uri(uri))
     try:
         yield
     finally:
@@ -386,11 +344,8 @@ def _tracking_uri(uri: str | None) -> Iterator[None]:
 
 @contextlib.contextmanager
 def _on_run(run_id: str | None, *, study_name: str) -> Iterator[str]:
-    """Make ``run_id`` the active run and afterwards give it back the status it had.
-
-    Resuming a run and ending it would mark a FAILED or still RUNNING parent FINISHED; the parent's
-    status belongs to the tracker, so it is restored.
-    """
+    """Make ``run_id`` the active run and afterwards give it back the status it had: ending a resumed
+    run would mark a FAILED or RUNNING parent FINISHED, and the parent's status belongs to the tracker."""
     client = mlflow.MlflowClient()
     active = mlflow.active_run()
     if run_id is not None and active is not None and active.info.run_id == run_id:
@@ -427,14 +382,9 @@ def _example_frame(data_config: Any) -> pd.DataFrame:
 
 
 def model_signature(example: pd.DataFrame, output: pd.DataFrame) -> Any:
-    """``infer_signature`` of the example rows: each feature typed as the training data holds it.
-
-    ``_example_frame`` keeps the dtypes of the whole training frame, so a float column is ``double``
-    (even if the example rows hold whole numbers) and an integer one ``long``; categoricals are
-    ``string`` whatever they look like. Typed columns let MLflow's own schema enforcement refuse a
-    bad value naming the column, and let ``text/csv`` requests be parsed. Every feature column stays
-    required, and columns outside the signature (``id``, ``label``) are dropped.
-    """
+    """``infer_signature`` of the example rows: each feature typed as the training frame holds it
+    (``double``, ``long``; categoricals ``string``), so that MLflow's schema enforcement refuses a bad
+    value naming the column and ``text/csv`` requests parse; columns outside it are dropped."""
     from mlflow.types.schema import ColSpec, DataType, Schema
 
     from mixer.data import CATEGORICAL
@@ -456,16 +406,12 @@ def log_bundle_model(bundle_path: Path, example: pd.DataFrame, *, name: str = MO
     bundle = ModelBundle.load(bundle_path)
     proba = bundle.predict_proba(example, source="input example")
     output = pd.DataFrame({"probability": proba, "prediction": (proba >= 0.5).astype(np.int64)})
-    signature = model_signature(example, output)
     with tempfile.TemporaryDirectory(prefix="mixer-pyfunc-") as tmp:
         code = Path(tmp) / "mixer_pyfunc.py"
         code.write_text(_MODEL_CODE.format(source=inspect.getsource(MixerPyfunc)))
         return mlflow.pyfunc.log_model(
-            name=name,
-            python_model=str(code),
-            artifacts={"bundle": str(bundle_path)},
-            code_paths=[str(Path(mixer.__file__).parent)],
-            signature=signature,
+            name=name, python_model=str(code), artifacts={"bundle": str(bundle_path)},
+            code_paths=[str(Path(mixer.__file__).parent)], signature=model_signature(example, output),
             input_example=example,
             # Pinned, explicit: MLflow's inference would load the model in a subprocess (slow).
             # mixer travels in code_paths and needs only numpy and pandas at predict time.

@@ -3,32 +3,12 @@
     python -m sweep.report STUDY [--storage URL] [--tracking-uri URI] [--group-by PARAM] [--top K]
                                  [--out DIR]
 
-Reads every trial of the Optuna study ``STUDY`` (default storage: the sweep's journal file
-``runs/<STUDY>/optuna.journal``) and writes to ``--out`` (default ``runs/<STUDY>/report/``):
-
-* ``curves.png`` — one column per value of ``--group-by`` (default ``scheduler``); top row: train
-  (dashed) and validation (solid) loss per epoch on one shared log axis; below: learning rate,
-  mean gradient norm and, where a curvature probe ran, λ_max (solid) and λ_min (dotted, a filled
-  ▼ where negative). The ``--top`` best completed trials are in colour (the legend names trial,
-  value and diagnosis), their plateau shaded and their probes marked ◆; every other trial is grey,
-  a pruned one ends in an ×.
-* ``landscape_spectrum.png``, ``spectral_density.png``, ``loss_slices.png`` — the loss landscape
-  from the curvature probes (``sweep.plots.curvature_figures``), or a ``.txt`` saying why not.
-* ``trials.md`` and ``trials.csv`` — the trials ranked (completed by objective value, then pruned
-  by their best reported value, then the rest) with state, value, best validation loss, epochs
-  run, pruned epoch, diagnosis and parameters.
-
-Per-epoch curves come from each trial's ``history`` user attribute; a trial without one is read
-from its MLflow run (``mlflow_run_id``) when MLflow is reachable. When the study has a parent
-MLflow run (user attribute ``mlflow_parent_run_id``) and the tracking store is reachable
-(``--tracking-uri``, else ``MLFLOW_TRACKING_URI``, else the local store ``sweep.run`` uses), the
-files are logged to it under ``report/``; otherwise the report says why and still succeeds.
-
-Metric values are printed with ``.6g`` (one precision everywhere). Every file is written whole or
-not at all (``mixer.bundle.atomic_write``): a disk that fills keeps the previous version.
-
-Exit status: 0 written, 1 a file could not be written (disk full, unwritable folder), 2 bad usage
-(unknown study, missing storage, bad option).
+Reads every trial of the Optuna study (default storage ``runs/<STUDY>/optuna.journal``) and writes
+``curves.png`` (a column per ``--group-by`` value, the ``--top`` best trials in colour), the loss
+landscape's figures, ``trials.md`` and ``trials.csv`` (ranked) to ``--out`` (default
+``runs/<STUDY>/report/``), each file whole or not at all, and logs them to the study's parent MLflow
+run under ``report/`` if it is reachable (else it says why and still succeeds). Curves missing from
+Optuna are read from MLflow. Exit status: 0 written, 1 a file could not be written, 2 bad usage.
 """
 
 from __future__ import annotations
@@ -96,9 +76,8 @@ class TrialRecord:
     slices: dict[str, Any] | None = None
 
     def knob(self, name: str, *, searched: bool) -> Any:
-        """A parameter's value. A ``searched`` one (some trial sampled it) comes from ``params`` only:
-        a trial that did not sample it (a conditional parameter) has none, not the config's unused
-        default. Any other knob is fixed by the space and read from ``config``."""
+        """A parameter's value: a ``searched`` one from ``params`` only (a trial that did not sample a
+        conditional parameter has none, not the config's unused default), any other from ``config``."""
         return self.params.get(name) if searched else self.config.get(name)
 
     def curve(self, key: str) -> tuple[list[int], list[float]]:
@@ -112,8 +91,7 @@ class TrialRecord:
         return min(values) if values else None
 
 
-# ---------------------------------------------------------------------------------------------
-# Reading the study
+# --- Reading the study
 
 
 def _studies_under(root: Path) -> list[str]:
@@ -129,14 +107,12 @@ def _studies_under(root: Path) -> list[str]:
 
 
 def find_study(storage: str | None, study_name: str):
-    """The Optuna storage holding ``study_name``.
-
-    ``storage`` is a database URL (``postgresql://…``, ``sqlite:///…``), a journal file path
+    """The Optuna storage holding ``study_name``: ``storage`` is a database URL, a journal file path
     (optionally ``journal:`` or ``file:`` prefixed) or None for ``runs/<study>/optuna.journal``.
 
     Raises:
-        UsageError: the storage does not open or the journal file does not exist, or the study is
-            not in the storage (the message lists the studies that are).
+        UsageError: the storage does not open, the journal file does not exist or the study is not in
+            the storage (the message lists the studies that are).
     """
     import optuna
 
@@ -148,7 +124,7 @@ def find_study(storage: str | None, study_name: str):
                              f"(studies under runs/: {listing}); pass --storage for another storage")
     elif "://" not in storage or storage.startswith(("file:", "journal:")):
         for prefix in ("journal://", "file://", "journal:", "file:"):
-            storage = storage.removeprefix(prefix) if storage.startswith(prefix) else storage
+            storage = storage.removeprefix(prefix)
         if not Path(storage).is_file():
             raise UsageError(f"journal file {storage} does not exist")
     opened = open_storage(storage, rdb="://" in storage)
@@ -193,8 +169,7 @@ def collect(study, *, mlflow_client=None) -> list[TrialRecord]:
             config=dict(attrs.get("config") or {}), history=history, diagnosis=diagnosis,
             pruned_epoch=int(pruned) if pruned is not None else None, mlflow_run_id=run_id,
             history_source=source, plateau=attrs.get("plateau"), probes=list(attrs.get("probes") or []),
-            slices=attrs.get("slices"),
-        ))
+            slices=attrs.get("slices")))
     return records
 
 
@@ -213,8 +188,7 @@ def ranked(records: Sequence[TrialRecord], *, minimize: bool = True) -> list[Tri
     return sorted(records, key=key)
 
 
-# ---------------------------------------------------------------------------------------------
-# The table
+# --- The table
 
 
 def trials_table(records: Sequence[TrialRecord], *, group_by: str = DEFAULT_GROUP_BY,
@@ -224,19 +198,12 @@ def trials_table(records: Sequence[TrialRecord], *, group_by: str = DEFAULT_GROU
     order = ranked(records, minimize=minimize)
     r_params = {name for r in order for name in r.params}
     param_names = sorted(r_params) if group_by in r_params else [group_by, *sorted(r_params)]
-    rows = []
     fixed = ["rank", "trial", "state", "value", "best_val_loss", "epochs", "pruned_epoch", "diagnosis"]
     # A searched knob named like a fixed column (``epochs``: scheduled, not run) gets its own column.
     headers = [f"param_{name}" if name in fixed else name for name in param_names]
-    for rank, r in enumerate(order, start=1):
-        row: dict[str, Any] = {
-            "rank": rank, "trial": r.number, "state": r.state.lower(),
-            "value": r.value, "best_val_loss": r.best_val_loss,
-            "epochs": len(r.history), "pruned_epoch": r.pruned_epoch, "diagnosis": r.diagnosis,
-        }
-        for name, header in zip(param_names, headers, strict=True):
-            row[header] = r.knob(name, searched=name in r_params)
-        rows.append(row)
+    rows = [[rank, r.number, r.state.lower(), r.value, r.best_val_loss, len(r.history), r.pruned_epoch,
+             r.diagnosis, *(r.knob(name, searched=name in r_params) for name in param_names)]
+            for rank, r in enumerate(order, start=1)]
     table = pd.DataFrame(rows, columns=fixed + headers)
     table["pruned_epoch"] = table["pruned_epoch"].astype("Int64")
     # An integer parameter some trials lack stays integer (t_0 = 4, not 4.0) with empty cells.
@@ -262,23 +229,15 @@ def to_markdown(table: pd.DataFrame) -> str:
     return "\n".join([header, rule, *body]) + "\n"
 
 
-# ---------------------------------------------------------------------------------------------
-# The study's own files: the full table and its plots
+# --- The study's own files: the full table and its plots
 
 def write_study_files(study, out_dir: str | Path) -> list[tuple[Path, str | None]]:
-    """Write ``trials.csv`` and the study's plots (``plots/<name>.png``) of ``study`` into ``out_dir``.
+    """Write ``trials.csv`` (``study.trials_dataframe()`` less the history and config: too wide, they stay
+    in the storage) and the study's plots (``plots/<name>.png``, or ``.txt`` saying why not, e.g. too few
+    trials for importances) into ``out_dir``, each file whole or not at all.
 
-    ``trials.csv`` is ``study.trials_dataframe()`` without the per-epoch history and the full
-    config (too wide for a table; they stay in the storage). A plot the study cannot support yet
-    (importances below ``IMPORTANCE_MIN_COMPLETE`` completed trials) is replaced by
-    ``plots/<name>.txt`` saying why. Each file is replaced whole or not at all.
-
-    Returns:
-        Each file written with the artifact folder it belongs in: None for ``trials.csv``,
-        ``"plots"`` for the PNGs and notes.
-
-    Raises:
-        ReportWriteError: a file could not be written (disk full, unwritable folder).
+    Returns each file with its artifact folder (None for ``trials.csv``, ``"plots"`` for the plots);
+    raises ReportWriteError if a file could not be written (disk full, unwritable folder).
     """
     import matplotlib.pyplot as plt
 
@@ -318,7 +277,7 @@ def _write_text(text: str, fh) -> None:
     fh.write(text)
 
 
-# MLflow
+# --- MLflow
 
 
 def _no_local_store(uri: str) -> str | None:
@@ -359,8 +318,7 @@ def log_report(client, parent_run_id: str, paths: Sequence[Path]) -> None:
         client.log_artifact(parent_run_id, str(path), artifact_path="report")
 
 
-# ---------------------------------------------------------------------------------------------
-# CLI
+# --- CLI
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -390,12 +348,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(exc.code or 0)
     try:
         return _report(args)
-    except UsageError as exc:
+    except (UsageError, ReportWriteError) as exc:
         print(f"sweep.report: error: {exc}", file=sys.stderr)
-        return 2
-    except ReportWriteError as exc:
-        print(f"sweep.report: error: {exc}", file=sys.stderr)
-        return 1
+        return 2 if isinstance(exc, UsageError) else 1
 
 
 def _report(args: argparse.Namespace) -> int:
@@ -433,8 +388,7 @@ def _report(args: argparse.Namespace) -> int:
     landscape = curvature_figures(records, group_by=args.group_by, top=args.top, minimize=minimize)
     try:
         atomic_write(csv_path, partial(table.to_csv, index=False), mode="w")
-        markdown = f"# Study {args.study}\n\n" + to_markdown(table)
-        atomic_write(md_path, partial(_write_text, markdown), mode="w")
+        atomic_write(md_path, partial(_write_text, f"# Study {args.study}\n\n{to_markdown(table)}"), mode="w")
         atomic_write(png_path, partial(fig.savefig, format="png", dpi=110))
         extra = write_figures(landscape, out)
     except OSError as exc:
