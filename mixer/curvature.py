@@ -1,9 +1,8 @@
 """Curvature of the training loss: Hessian-vector products, Lanczos, the spectrum, the escape test.
 
-Is the loss surface at a point θ of training bowl-like, flat, or a saddle? The Hessian is never
-formed: Lanczos runs on products ``H v``, each a central difference of two eval-mode gradients, and
-gives the extreme eigenvalues and (by stochastic Lanczos quadrature) the spectral density; an escape
-test then checks a saddle. The design argument is in docs/architecture.md.
+Is the loss surface at a point θ of training bowl-like, flat, or a saddle? Without forming the Hessian,
+Lanczos on products ``H v`` (central differences of two eval-mode gradients) gives the extreme
+eigenvalues and the spectral density; an escape test checks a saddle (docs/architecture.md).
 """
 
 from __future__ import annotations
@@ -25,9 +24,7 @@ __all__ = ["Curvature", "Escape", "Ritz", "central_difference_hvp", "default_ste
            "extreme_eigenvalues", "flatten", "hvp", "lanczos", "loss_fn", "loss_gradient_fn", "loss_slices",
            "neg_ratio", "negative_share", "spectral_density", "unflatten"]
 
-# Weight of each previous Ritz vector in a warm start, against a unit random vector. It lifts the
-# start vector's component along the extremes from ~1/sqrt(n) to ~0.1, and adds at most
-# WARM_WEIGHT² (1 %) of spurious mass at each end of the quadrature's spectral measure.
+# Weight of each previous Ritz vector in a warm start, against a unit random vector (docs/architecture.md).
 WARM_WEIGHT = 0.1
 # Steps a Lanczos run takes before it may stop early, so that a warm start still explores.
 MIN_STEPS = 4
@@ -48,13 +45,11 @@ class Ritz:
 
 @dataclass(frozen=True)
 class Curvature:
-    """Hessian eigenvalues of the loss at one point, as the Lanczos probe saw them.
-
-    ``neg_ratio`` is ``|lambda_min| / lambda_max`` (see ``neg_ratio``): above ~0.01 the negative
-    curvature is more than round-off. ``neg_share`` is the spectral density's mass below ``-eps``
-    times the spectral radius; ``seconds`` is wall time; ``iters`` the Lanczos steps taken (fewer
-    when converged); ``residual_max``/``residual_min`` are ``||H y - λ y||`` of the extremes.
-    """
+    """Hessian eigenvalues of the loss at one point, as the Lanczos probe saw them. ``neg_ratio`` is
+    ``|lambda_min| / lambda_max``: above ~0.01 the negative curvature is more than round-off.
+    ``neg_share`` is the spectral density's mass below ``-eps`` times the spectral radius; ``seconds``
+    is wall time; ``iters`` the Lanczos steps taken (fewer when converged); ``residual_max`` and
+    ``residual_min`` are ``||H y - λ y||`` of the extremes."""
 
     lambda_max: float
     lambda_min: float
@@ -75,24 +70,18 @@ def flatten(params: Params, *, dtype: np.dtype | type | None = None) -> np.ndarr
 
 def unflatten(vector: np.ndarray, like: Params) -> Params:
     """Split ``vector`` back into arrays with the keys and shapes of ``like`` (dtype of ``vector``)."""
-    n = sum(int(np.size(a)) for a in like.values())
+    keys = sorted(like)
+    ends = np.cumsum([int(np.size(like[key])) for key in keys])
+    n = int(ends[-1])
     if vector.shape != (n,):
         raise ValueError(f"vector must have shape ({n},) to match the parameters, got {vector.shape}")
-    out: Params = {}
-    offset = 0
-    for key in sorted(like):
-        size = int(np.size(like[key]))
-        out[key] = vector[offset:offset + size].reshape(np.shape(like[key]))
-        offset += size
-    return out
+    return {key: part.reshape(np.shape(like[key]))
+            for key, part in zip(keys, np.split(vector, ends[:-1]), strict=True)}
 
 
 def default_step(theta: np.ndarray, v: np.ndarray) -> float:
-    """The central-difference step ``ε = c · sqrt(u) · (1 + ||θ||) / ||v||``, ``u`` the dtype's round-off.
-
-    ``c = 0.03`` in float32, where truncation error dominates (benchmarks/README.md, "Curvature
-    probes", has the scan).
-    """
+    """The central-difference step ``ε = c · sqrt(u) · (1 + ||θ||) / ||v||``, ``u`` the dtype's round-off,
+    ``c`` 1, or 0.03 in float32, where truncation error dominates (benchmarks/README.md has the scan)."""
     v_norm = float(np.linalg.norm(v))
     if v_norm == 0.0:
         raise ValueError("the direction v must be non-zero, got ||v||=0")
@@ -116,10 +105,8 @@ def central_difference_hvp(grad: GradFn, theta: np.ndarray, v: np.ndarray, *,
 
 def loss_gradient_fn(params: Params, x: np.ndarray, y: np.ndarray, config: MixerConfig, *,
                      dtype: np.dtype | type | None = np.float64) -> tuple[np.ndarray, GradFn]:
-    """``(theta, grad)``: the flat parameters and the flat eval-mode gradient of the loss on ``(x, y)``.
-
-    Params and inputs are cast to ``dtype`` (None keeps the params' own); float64 makes the finite
-    differences accurate to ~1e-10."""
+    """``(theta, grad)``: the flat parameters and the flat eval-mode loss gradient on ``(x, y)``, cast to
+    ``dtype`` (None: the params' own; float64 makes the finite differences accurate to ~1e-10)."""
     from mixer.model import loss_and_grads  # imported here: the model imports nothing of ours
 
     theta = flatten(params, dtype=dtype)
@@ -134,10 +121,8 @@ def loss_gradient_fn(params: Params, x: np.ndarray, y: np.ndarray, config: Mixer
 
 def hvp(params: Params, x: np.ndarray, y: np.ndarray, config: MixerConfig, v: np.ndarray, *,
         eps: float | None = None, dtype: np.dtype | type | None = np.float64) -> np.ndarray:
-    """Hessian of the (eval-mode) training loss on ``(x, y)`` times ``v``, flat in sorted-key order.
-
-    ``v`` is flat in the order of ``flatten(params)``. For many products at one point use
-    ``loss_gradient_fn`` + ``central_difference_hvp`` (casts once)."""
+    """Hessian of the eval-mode training loss on ``(x, y)`` times ``v``, both flat as ``flatten(params)``;
+    for many products at one point, ``loss_gradient_fn`` + ``central_difference_hvp`` cast only once."""
     theta, grad = loss_gradient_fn(params, x, y, config, dtype=dtype)
     return central_difference_hvp(grad, theta, np.asarray(v, dtype=theta.dtype), eps=eps)
 
@@ -173,12 +158,9 @@ def lanczos(matvec: MatVec, n: int, *, iters: int, seed: int, tol: float = 0.0,
     (``tol`` 0: all steps). ``warm`` vectors (the previous probe's extremes) are added with weight
     ``WARM_WEIGHT`` to the start vector, which ``seed`` draws.
     """
-    if n < 1:
-        raise ValueError(f"n must be >= 1, got n={n}")
-    if iters < 1:
-        raise ValueError(f"iters must be >= 1, got iters={iters}")
-    if not tol >= 0:
-        raise ValueError(f"tol must be >= 0, got tol={tol}")
+    for name, value, low in (("n", n, 1), ("iters", iters, 1), ("tol", tol, 0)):
+        if not value >= low:
+            raise ValueError(f"{name} must be >= {low}, got {name}={value}")
     k = min(iters, n)
     rng = np.random.default_rng(seed)
     basis = np.zeros((k, n))
@@ -263,8 +245,7 @@ def extreme_eigenvalues(params: Params, x: np.ndarray, y: np.ndarray, config: Mi
     Keep the probe batch fixed across a run, so probes are comparable. ``iters``, ``seed`` and
     ``tol`` go to ``lanczos``; ``warm`` is the run's previous probe, whose Ritz vectors start this
     one. ``neg_share`` counts the density below ``-share_eps`` times the spectral radius, broadened
-    by a quarter of that, so the near-zero bulk does not leak in.
-    """
+    by a quarter of that, so the near-zero bulk does not leak in."""
     start = time.perf_counter()
     theta, grad = loss_gradient_fn(params, x, y, config, dtype=dtype)
 
@@ -283,12 +264,10 @@ def extreme_eigenvalues(params: Params, x: np.ndarray, y: np.ndarray, config: Mi
 
 @dataclass(frozen=True)
 class Escape:
-    """The loss at θ and at ``θ ± α v`` (unit ``v``), against the second-order model.
-
-    ``predicted`` is ``-½ α² λ``; ``gain`` the measured decrease ``loss - (loss_plus + loss_minus) / 2``
-    over it: 1 when the loss falls as predicted, <= 0 when it does not. Averaging the two sides
-    cancels the gradient's first-order term, which would otherwise pass for curvature.
-    """
+    """The loss at θ and at ``θ ± α v`` (unit ``v``), against the second-order model: ``predicted`` is
+    ``-½ α² λ``, ``gain`` the measured decrease ``loss - (loss_plus + loss_minus) / 2`` over it (1 when
+    the loss falls as predicted, <= 0 when it does not). Averaging the two sides cancels the
+    gradient's first-order term, which would otherwise pass for curvature."""
 
     alpha: float
     loss: float
@@ -300,11 +279,9 @@ class Escape:
 
 def escape_test(params: Params, x: np.ndarray, y: np.ndarray, config: MixerConfig, direction: np.ndarray,
                 curvature: float, *, fraction: float = 0.003, dtype: np.dtype | type | None = None) -> Escape:
-    """Step along ``±direction`` (e.g. ``Ritz.vector_min``) whose curvature is ``curvature < 0``.
-
-    The step makes the second-order model predict a fall of ``fraction`` of the loss: far above
-    float32's round-off, yet small enough for the quadratic model to hold (docs/architecture.md).
-    """
+    """Step along ``±direction`` (e.g. ``Ritz.vector_min``), whose curvature is ``curvature < 0``, as far
+    as makes the second-order model predict a fall of ``fraction`` of the loss: far above float32's
+    round-off, yet small enough for the quadratic model to hold (docs/architecture.md)."""
     if not curvature < 0:
         raise ValueError(f"the escape test needs negative curvature, got curvature={curvature}")
     if not 0 < fraction < 1:

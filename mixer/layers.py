@@ -1,13 +1,9 @@
 """Pure forward/backward pairs for the Mixer: linear, layernorm, GELU with fused dropout, BCE.
 
-Every differentiable op is a pair ``op_forward(...) -> (out, cache)`` and
-``op_backward(dout, cache) -> (dx, ...)`` (CS231n ``layers.py``), stateless; randomness comes from
-the caller's ``np.random.Generator``. The model applies residual-branch dropout and drop-path
-itself (with ``dropout_mask``), so that it can skip dropped work.
-
-Every pass over memory counts, so results are computed in place in our own temporaries (never in
-a caller's array). Python float constants are "weak" scalars (NEP 50), so the dtype follows the
-input: float32 for training, float64 for gradient checks.
+Each op is a stateless pair ``op_forward(...) -> (out, cache)``, ``op_backward(dout, cache) ->
+(dx, ...)`` (CS231n ``layers.py``); randomness comes from the caller's ``np.random.Generator``.
+Results are computed in place in our own temporaries, never in a caller's array. Python float
+constants are "weak" scalars (NEP 50), so the dtype follows the input's.
 """
 
 from __future__ import annotations
@@ -28,11 +24,8 @@ __all__ = ["GELU_TANH_COEF", "TOKEN_BLOCK_COLUMNS", "bce_with_logits_backward", 
 _K = math.sqrt(2.0 / math.pi)
 GELU_TANH_COEF = 0.044715
 _INV_SQRT2 = 1.0 / math.sqrt(2.0)
-_INV_SQRT2PI = 1.0 / math.sqrt(2.0 * math.pi)
 # Dropout masks compare 16-bit random integers with a threshold: resolution 2^-16.
 _MASK_LEVELS = 1 << 16
-
-
 # Token-mixing matmuls have one long axis (batch*dim columns) and two short ones: OpenBLAS runs
 # them faster on column blocks of this size than in one call, as a block's operands stay in L2.
 TOKEN_BLOCK_COLUMNS = 1024
@@ -88,11 +81,8 @@ def layernorm_forward(x: np.ndarray, w: np.ndarray, b: np.ndarray, *,
                       eps: float = 1e-5) -> tuple[np.ndarray, tuple]:
     """LayerNorm of x (n, dim) over the last axis (torch ``nn.LayerNorm(dim)``, biased variance).
 
-    The cache is ``(xhat, w, rstd)``. Unlike llm.c we keep xhat, not x: the Mixer updates its
-    residual stream in place, so x does not survive until the backward pass (and it saves two passes).
-    """
+    Caches ``(xhat, w, rstd)``, not x: the residual stream it reads is updated in place."""
     dim = x.shape[-1]
-    # Row means as matrix-vector products: BLAS gemv beats a NumPy reduction over short rows.
     ones = _ones(dim, x.dtype)
     mean = x @ ones
     mean *= 1.0 / dim
@@ -169,11 +159,8 @@ _ERF32_Q = (-1.45660718464996e-05, -2.13374055278905e-04, -1.68282697438203e-03,
 
 
 def erf(x: np.ndarray) -> np.ndarray:
-    """The error function, elementwise, in x's dtype, with NumPy only (scipy is no runtime dependency).
-
-    float32: Eigen's approximation, error ~1e-7. Any other dtype: Cephes, a rational function for
-    |x| <= 1 and 1 - erfc(|x|) with erfc = exp(-x^2) P(x)/Q(x) beyond, error ~1e-16.
-    """
+    """The error function, elementwise, in x's dtype, with NumPy only (scipy is no runtime dependency):
+    Eigen's approximation in float32 (error ~1e-7), else Cephes' (1 - erfc beyond |x| = 1, ~1e-16)."""
     x = np.asarray(x)
     if x.dtype == np.float32:
         xc = np.clip(x, -4.0, 4.0)
@@ -203,12 +190,10 @@ def gelu_forward(x: np.ndarray, *, form: str = "tanh", p: float = 0.0, rng: np.r
                  need_grad: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
     """GELU, optionally followed by dropout, fused: one pass over the hidden activation.
 
-    ``form="tanh"``: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))) (the default: one tanh).
-    ``form="erf"``: 0.5 x (1 + erf(x / sqrt(2))), exact (see ``erf``), slower.
-    With ``p > 0`` and an ``rng`` the result is multiplied by a dropout mask (0, or 1/(1-p)).
-
-    The cache is the derivative d(out)/dx itself, mask included, so the backward pass is one
-    multiply; ``need_grad=False`` (eval) returns None for it."""
+    ``form="tanh"``: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))) (the default: one tanh);
+    ``form="erf"``: 0.5 x (1 + erf(x / sqrt(2))), exact (see ``erf``), slower. With ``p > 0`` and an
+    ``rng`` the result is multiplied by a dropout mask (0, or 1/(1-p)). The cache is d(out)/dx itself,
+    mask included, so the backward is one multiply; ``need_grad=False`` (eval) returns None for it."""
     s = None
     if form == "tanh":
         x2 = x * x
@@ -230,7 +215,7 @@ def gelu_forward(x: np.ndarray, *, form: str = "tanh", p: float = 0.0, rng: np.r
             s *= -0.5
             np.exp(s, out=s)
             s *= x
-            s *= 2.0 * _INV_SQRT2PI
+            s *= _K
     else:
         raise ValueError(f"form must be 'tanh' or 'erf', got form={form!r}")
     # half = 0.5 (1 + t) * mask: the GELU's gate, with the dropout mask (and the 0.5) folded in.
@@ -267,12 +252,8 @@ def gelu_backward(dout: np.ndarray, cache: np.ndarray) -> np.ndarray:
 
 def dropout_mask(shape: tuple[int, ...], p: float, rng: np.random.Generator, *, dtype=np.float32,
                  scale: float = 1.0) -> np.ndarray:
-    """A dropout mask: 0 with probability p, else scale / (1 - p).
-
-    Drawn as 16-bit integers compared with round(p * 65536), so p is used to a resolution of
-    2^-16 (p = 0.3 drops with probability 0.299998...); the kept value uses that same rounded
-    probability, so the mask's expectation is exactly ``scale``.
-    """
+    """A dropout mask: 0 with probability p, else scale / (1 - p). Both use p rounded to a multiple of
+    2^-16 (16-bit integers against round(p * 65536)), so the mask's expectation is exactly ``scale``."""
     if not 0.0 <= p < 1.0:
         raise ValueError(f"dropout probability must be in [0, 1), got p={p}")
     n = math.prod(shape)
@@ -286,13 +267,9 @@ def dropout_mask(shape: tuple[int, ...], p: float, rng: np.random.Generator, *, 
 
 def bce_with_logits_forward(logits: np.ndarray, y: np.ndarray, *, pos_weight: float = 1.0,
                             reduction: str = "mean") -> tuple[float, tuple]:
-    """Binary cross-entropy on logits (n,), as torch ``BCEWithLogitsLoss(pos_weight=...)``.
-
-    loss_i = (1 - y) z + (1 + (pos_weight - 1) y) * softplus(-z), with softplus(-z) =
-    logaddexp(0, -z): finite for any finite z (z = +-1000 gives 0 or 1000, not inf/nan).
-    ``y`` (n,) holds targets in [0, 1], used in the logits' dtype; ``reduction`` is "mean" or "sum".
-    Returns the loss (a Python float) and the cache.
-    """
+    """Binary cross-entropy on logits z (n,) against targets y (n,) in [0, 1], as torch
+    ``BCEWithLogitsLoss(pos_weight=...)``: (1 - y) z + (1 + (pos_weight - 1) y) logaddexp(0, -z), finite
+    for any finite z. ``reduction`` is "mean" or "sum"; returns the loss (a Python float) and the cache."""
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction must be 'mean' or 'sum', got reduction={reduction!r}")
     if pos_weight <= 0:
@@ -300,11 +277,9 @@ def bce_with_logits_forward(logits: np.ndarray, y: np.ndarray, *, pos_weight: fl
     z = logits
     y = np.asarray(y).astype(z.dtype, copy=False)
     lw = 1.0 + (pos_weight - 1.0) * y
-    softplus_neg = np.logaddexp(0.0, -z)
-    per_row = (1.0 - y) * z + lw * softplus_neg
-    total = float(per_row.sum(dtype=np.float64))
+    per_row = (1.0 - y) * z + lw * np.logaddexp(0.0, -z)
     denom = len(z) if reduction == "mean" else 1
-    return total / denom, (z, y, lw, denom)
+    return float(per_row.sum(dtype=np.float64)) / denom, (z, y, lw, denom)
 
 
 def bce_with_logits_backward(cache: tuple, dloss: float = 1.0) -> np.ndarray:

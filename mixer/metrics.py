@@ -20,10 +20,8 @@ __all__ = ["BinaryMetrics", "bce_with_logits", "binary_metrics", "classification
 
 
 def normal_quantiles(n: int, *, tail: float) -> np.ndarray:
-    """The standard normal's quantiles at ``n`` evenly spaced levels from 0 to 1, float64.
-
-    The levels are kept in ``[tail, 1 - tail]``, so the outer two are finite; the standard
-    library's inverse CDF, so no scipy at run time."""
+    """The standard normal's quantiles (float64) at ``n`` evenly spaced levels from 0 to 1, kept in
+    ``[tail, 1 - tail]`` so that all are finite; by the standard library (no scipy at run time)."""
     normal = statistics.NormalDist()
     return np.array([normal.inv_cdf(float(p)) for p in np.clip(np.linspace(0.0, 1.0, n), tail, 1.0 - tail)])
 
@@ -34,11 +32,9 @@ def bce_with_logits(logits: np.ndarray, y: np.ndarray, *, pos_weight: float = 1.
 
 
 def _counts(pred: np.ndarray, truth: np.ndarray) -> tuple[int, int, int, int]:
-    """(tn, fp, fn, tp) of boolean predictions against boolean truth."""
-    tp = int(np.count_nonzero(pred & truth))
-    fp = int(np.count_nonzero(pred & ~truth))
-    fn = int(np.count_nonzero(~pred & truth))
-    return len(truth) - tp - fp - fn, fp, fn, tp
+    """(tn, fp, fn, tp) of boolean predictions against boolean truth: the counts of 2 * truth + pred."""
+    tn, fp, fn, tp = (int(c) for c in np.bincount(2 * truth + pred, minlength=4))
+    return tn, fp, fn, tp
 
 
 def precision_recall_f1(tp: int, fp: int, fn: int) -> tuple[float, float, float]:

@@ -7,11 +7,8 @@ channel-mixing MLP (pre-norm, residual, dropout, stochastic depth rising linearl
 ``stochastic_depth`` at the last block); a final LayerNorm, a mean over tokens and a linear head
 give one logit, scored by binary cross-entropy with ``pos_weight``.
 
-Parameters are one flat dict with dotted names (``blocks.3.token.fc1.w``), weights shaped (out, in)
-like torch ``nn.Linear``, float32 for training or float64 (gradient checks); gradients come back
-with the same keys. Activations are token-major (tokens*batch, dim). A batch runs as fixed-size
-shards on ``mixer._parallel``'s thread pool, each with its own mask generator, so results do not
-depend on the number of threads.
+Parameters are one flat dict with dotted names, weights (out, in) like torch ``nn.Linear``, float32
+or float64; activations are token-major (tokens*batch, dim) (docs/architecture.md).
 """
 
 from __future__ import annotations
@@ -57,13 +54,10 @@ def param_shapes(config: MixerConfig) -> dict[str, tuple[int, ...]]:
 
 
 def init_params(config: MixerConfig, seed: int, *, dtype: Any = np.float32) -> dict[str, np.ndarray]:
-    """Fresh parameters, initialised as torch does by default.
-
-    Linear layers: weight and bias ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in)) (torch's
-    kaiming_uniform_(a=sqrt(5)) and its bias rule), drawn in that order, layer by layer, from
-    ``default_rng(seed)``; LayerNorm: weight 1, bias 0. Drawn in float64 and rounded to ``dtype``,
-    so float32 and float64 parameters of one seed agree.
-    """
+    """Fresh parameters, as torch initialises them: a linear layer's weight, then its bias, ~
+    U(-1/sqrt(fan_in), 1/sqrt(fan_in)) (kaiming_uniform_(a=sqrt(5))) from ``default_rng(seed)``;
+    LayerNorm weight 1, bias 0. Drawn in float64 and rounded to ``dtype`` (float32 or float64), so
+    float32 and float64 parameters of one seed agree."""
     dtype = np.dtype(dtype)
     if dtype not in (np.float32, np.float64):
         raise ValueError(f"dtype must be float32 or float64, got dtype={dtype}")
@@ -87,11 +81,9 @@ def param_count(config: MixerConfig) -> int:
 
 
 def flops_per_example(config: MixerConfig, *, backward: bool = True) -> int:
-    """Matmul FLOPs (2*m*n*k each) of one example, forward + backward (``backward=False``: forward only).
-
-    Backward costs two matmuls per forward one, except the patch embedding's (its input needs no
-    gradient). Elementwise work is not counted.
-    """
+    """Matmul FLOPs (2*m*n*k each) of one example, forward + backward (``backward=False``: forward
+    only). Backward costs two matmuls per forward one, but one for the patch embedding (its input needs
+    no gradient). Elementwise work is not counted."""
     T, P, D = config.n_tokens, config.patch_width, config.dim
     embed = 2 * T * P * D
     block = 2 * (2 * T * D * config.token_hidden) + 2 * (2 * T * D * config.channel_hidden)
@@ -106,13 +98,11 @@ def _edges(bins: int) -> np.ndarray:
 
 
 def piecewise_linear(x: np.ndarray, bins: int) -> np.ndarray:
-    """(..., P) -> (..., P * bins): each value spread over ``bins`` pieces, feature by feature.
+    """(..., P) -> (..., P * bins): each value spread over ``bins`` pieces (Gorishniy et al., 2022).
 
     Piece i lies between the standard normal's quantiles at i/bins and (i+1)/bins (the outer edges
-    at ``EDGE_TAIL`` and 1 - ``EDGE_TAIL``) and reads -1 below its piece, +1 above it and linearly
-    in between: the encoding of Gorishniy et al. (2022), with the edges of N(0, 1) because every
-    scaling but ``global`` standardises each feature (docs/architecture.md).
-    """
+    at ``EDGE_TAIL`` and 1 - ``EDGE_TAIL``: the scalings standardise each feature) and reads -1 below
+    its piece, +1 above it and linearly in between."""
     e = _edges(bins).astype(x.dtype)
     z = (x[..., None] - e[:-1]) * (1.0 / (e[1:] - e[:-1])).astype(x.dtype)
     np.clip(z, 0.0, 1.0, out=z)
@@ -123,9 +113,7 @@ def piecewise_linear(x: np.ndarray, bins: int) -> np.ndarray:
 
 def drop_path_rates(config: MixerConfig) -> list[float]:
     """Drop-path probability of each block: linear from 0 (first) to stochastic_depth (last)."""
-    if config.depth == 1:
-        return [0.0]
-    return [config.stochastic_depth * i / (config.depth - 1) for i in range(config.depth)]
+    return [config.stochastic_depth * i / max(1, config.depth - 1) for i in range(config.depth)]
 
 
 _MLP_KEYS = ("norm.w", "norm.b", "fc1.w", "fc1.b", "fc2.w", "fc2.b")  # the order of a branch's Weights
@@ -177,11 +165,7 @@ GATHER_MIN_DROPPED = 2
 
 def _residual_forward(h: np.ndarray, tokens: bool, w: Weights, shape3: Shape3, config: MixerConfig,
                       rate: float, rng: np.random.Generator | None, need_grad: bool) -> tuple | None:
-    """h (T*b, D) += drop_path(dropout(mlp(h))), in place. Returns the cache (None: branch skipped).
-
-    Once ``GATHER_MIN_DROPPED`` samples are dropped, the branch runs on the kept samples only and
-    its output is added back into their rows: the same function as zeroing the dropped ones.
-    """
+    """h (T*b, D) += drop_path(dropout(mlp(h))), in place. Returns the cache (None: branch skipped)."""
     T, b, D = shape3
     drop = config.dropout if rng is not None else 0.0
     idx = None
@@ -283,9 +267,7 @@ def _backward(p: dict[str, np.ndarray], blocks: list[tuple[Weights, Weights]], c
     xt, lnf, pooled = head_cache
     b = pooled.shape[0]
     shape3 = (T, b, D)
-    g: dict[str, np.ndarray] = {}
-    g["head.w"] = (dlogits @ pooled)[None, :]
-    g["head.b"] = dlogits.sum(keepdims=True)
+    g: dict[str, np.ndarray] = {"head.w": (dlogits @ pooled)[None, :], "head.b": dlogits.sum(keepdims=True)}
     # d(mean over tokens): every token gets dpooled / T.
     dpooled = np.multiply.outer(dlogits, p["head.w"][0] * (1.0 / T))
     dnf = np.broadcast_to(dpooled, shape3).reshape(T * b, D)
@@ -294,10 +276,8 @@ def _backward(p: dict[str, np.ndarray], blocks: list[tuple[Weights, Weights]], c
     for i in reversed(range(config.depth)):
         wt, wc = blocks[i]
         ct, cc = caches.pop()
-        grads_c = _residual_backward(dh, cc, False, wc, shape3)
-        g.update(zip(keys[i][1], grads_c, strict=True))
-        grads_t = _residual_backward(dh, ct, True, wt, shape3)
-        g.update(zip(keys[i][0], grads_t, strict=True))
+        g.update(zip(keys[i][1], _residual_backward(dh, cc, False, wc, shape3), strict=True))
+        g.update(zip(keys[i][0], _residual_backward(dh, ct, True, wt, shape3), strict=True))
     # The patch embedding's input is data: only its weight and bias need gradients.
     g["embed.w"] = dh.T @ xt
     g["embed.b"] = np.ones(dh.shape[0], dh.dtype) @ dh
@@ -351,13 +331,11 @@ def loss_and_grads(params: dict[str, np.ndarray], x: np.ndarray, y: np.ndarray, 
     n = x.shape[0]
     shards = bounds(n, SHARD_ROWS)
     random = train and (config.dropout > 0 or config.stochastic_depth > 0)
+    shard_rngs: list[np.random.Generator | None] = [None] * len(shards)
     if random:
-        seeds = rng.integers(0, 2**63, size=len(shards))
         # SFC64: the fastest of NumPy's bit generators (drawing dropout masks is a visible part of a step).
-        shard_rngs: list[np.random.Generator | None] = [
-            np.random.Generator(np.random.SFC64(int(s))) for s in seeds]
-    else:
-        shard_rngs = [None] * len(shards)
+        seeds = rng.integers(0, 2**63, size=len(shards))
+        shard_rngs = [np.random.Generator(np.random.SFC64(int(s))) for s in seeds]
 
     blocks = _block_weights(params, config.depth)
 

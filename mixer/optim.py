@@ -14,9 +14,6 @@ One step, in the order torch applies them (``clip_grad_norm_`` then ``optim.Adam
 with ``s`` the 1-based step number and ``t = s - 1`` the number of steps taken before this one, so
 the first step's noise has std ``grad_noise`` (the schedule of Neelakantan et al., 2015, whose
 decay 0.55 is the default; the noise goes on the gradient, i.e. into every update).
-
-A step runs hundreds of times per epoch over ~60 mostly small arrays, so the moments live in one
-flat buffer per statistic and the arithmetic is a handful of in-place ufunc calls over all of them.
 """
 
 from __future__ import annotations
@@ -45,12 +42,10 @@ class StepStats:
 
 
 class Adam:
-    """Adam (torch ``optim.Adam`` semantics) or, with ``decoupled=True``, AdamW.
-
-    The keys, shapes and dtype of ``params`` fix the state; ``step`` updates the arrays in place.
-    ``lr`` is the default rate (``step`` may pass the scheduled one). ``clip_norm`` and
-    ``grad_noise`` (the noise's std at step 1) are off at 0; ``rng`` is required for the noise.
-    """
+    """Adam (torch ``optim.Adam`` semantics) or, with ``decoupled=True``, AdamW. The keys, shapes and
+    dtype of ``params`` fix the state; ``step`` updates the arrays in place at ``lr`` or a scheduled
+    rate. ``clip_norm`` and ``grad_noise`` (the noise's std at step 1) are off at 0; ``rng`` is
+    required for the noise."""
 
     def __init__(self, params: dict[str, np.ndarray], *, lr: float, beta1: float = 0.9,
                  beta2: float = 0.999, eps: float = 1e-8, weight_decay: float = 0.0,
@@ -111,15 +106,6 @@ class Adam:
                    clip_norm=config.clip_norm, grad_noise=config.grad_noise,
                    grad_noise_decay=config.grad_noise_decay, rng=rng)
 
-    def _check_keys(self, params: dict[str, np.ndarray], grads: dict[str, np.ndarray]) -> None:
-        """KeyError naming the first missing or unexpected key of ``params`` or ``grads``."""
-        for name, d in (("params", params), ("grads", grads)):
-            missing = [k for k in self.keys if k not in d]
-            extra = [k for k in d if k not in self.shapes]
-            if missing or extra:
-                what = f"missing key {missing[0]!r}" if missing else f"unexpected key {extra[0]!r}"
-                raise KeyError(f"{name}: {what}")
-
     def step(self, params: dict[str, np.ndarray], grads: dict[str, np.ndarray], *,
              lr: float | None = None) -> StepStats:
         """Update ``params`` in place from ``grads`` (same keys and shapes; not modified) at this step's
@@ -127,8 +113,12 @@ class Adam:
         lr = self.lr if lr is None else float(lr)
         if not lr >= 0:
             raise ValueError(f"lr must be >= 0, got lr={lr}")
-        if params.keys() != self.shapes.keys() or grads.keys() != self.shapes.keys():
-            self._check_keys(params, grads)
+        for name, d in (("params", params), ("grads", grads)):
+            if d.keys() != self.shapes.keys():
+                missing = [k for k in self.keys if k not in d]
+                extra = [k for k in d if k not in self.shapes]
+                what = f"missing key {missing[0]!r}" if missing else f"unexpected key {extra[0]!r}"
+                raise KeyError(f"{name}: {what}")
         g, tmp, m, v = self._g, self._tmp, self._m, self._v
         for k in self.keys:
             # Assigning into the view checks the shape and casts float64 grads to the state dtype.
@@ -159,8 +149,7 @@ class Adam:
             if pflat is not None:
                 pflat[self._slices[k]] = p.reshape(-1)
             else:
-                pk = p.reshape(-1)
-                p_sq += float(np.dot(pk, pk))
+                p_sq += float(np.vdot(p, p))
         if pflat is not None:
             p_sq = float(np.dot(pflat, pflat))
             if not self.decoupled:
@@ -206,12 +195,11 @@ class Adam:
         """Restore ``state_dict()`` output; ValueError naming the first missing, unexpected or
         misshapen key, and the state is left untouched."""
         expected = ["step"] + [f"{s}.{k}" for s in ("m", "v") for k in self.keys]
-        for key in expected:
-            if key not in state:
-                raise ValueError(f"optimizer state: missing key {key!r}")
+        missing = [key for key in expected if key not in state]
         extra = [key for key in state if key not in set(expected)]
-        if extra:
-            raise ValueError(f"optimizer state: unexpected key {extra[0]!r}")
+        if missing or extra:
+            what = f"missing key {missing[0]!r}" if missing else f"unexpected key {extra[0]!r}"
+            raise ValueError(f"optimizer state: {what}")
         step = np.asarray(state["step"])
         if step.shape != () or not np.issubdtype(step.dtype, np.integer) or int(step) < 0:
             raise ValueError(f"optimizer state: 'step' must be a non-negative integer, got {state['step']!r}")
@@ -231,8 +219,7 @@ def sam_gradients(params: dict[str, np.ndarray], grads: dict[str, np.ndarray], r
     """SAM's gradient (Foret et al., 2021): ``gradient()`` at ``w + rho * g / ||g||``, the steepest ascent.
 
     ``params`` (``w``) are moved in place for the call and then restored bit for bit; ``grads``
-    (``g``) is the gradient at ``w`` on the same batch. A zero gradient is returned as it is.
-    """
+    (``g``) is the gradient at ``w`` on the same batch. A zero gradient is returned as it is."""
     if not rho > 0:
         raise ValueError(f"rho must be > 0, got rho={rho}")
     norm = math.sqrt(sum(float(np.vdot(g, g)) for g in grads.values()))
@@ -251,13 +238,9 @@ def sam_gradients(params: dict[str, np.ndarray], grads: dict[str, np.ndarray], r
 
 def ema_update(average: dict[str, np.ndarray], params: dict[str, np.ndarray], decay: float,
                step: int) -> None:
-    """``average <- d * average + (1 - d) * params`` in place, ``d = min(decay, (1 + step) / (10 + step))``.
-
-    Polyak averaging: the average sits nearer the middle of the basin the steps wander in than any
-    one step. The ramp is TensorFlow's ``ExponentialMovingAverage(num_updates=step)``: early on the
-    average follows the weights closely, so their random start does not linger in it. ``step`` is
-    the number of optimiser steps taken, this one included.
-    """
+    """``average <- d * average + (1 - d) * params`` in place, ``d = min(decay, (1 + step) / (10 + step))``:
+    Polyak averaging, with the ramp of TensorFlow's ``ExponentialMovingAverage(num_updates=step)`` so that
+    the weights' random start does not linger. ``step`` counts the optimiser steps, this one included."""
     if not 0.0 < decay < 1.0:
         raise ValueError(f"decay must be in (0, 1), got decay={decay}")
     d = min(decay, (1 + step) / (10 + step))

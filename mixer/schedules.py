@@ -1,17 +1,13 @@
-"""Learning-rate schedules, stepped once per epoch.
+"""Learning-rate schedules, stepped once per epoch: pure functions of ``epoch``, the 0-based index of
+the epoch about to run; ``learning_rate(config, epoch)`` picks the one ``config.scheduler`` names.
 
-Every schedule is a pure function of ``epoch``, the 0-based index of the epoch about to run, and
-``learning_rate(config, epoch)`` picks the one ``config.scheduler`` names.
-
-Warmup (every schedule but ``constant``): for ``epoch < warmup_epochs`` the rate rises linearly
-as ``lr * (epoch + 1) / warmup_epochs``, so the first epoch already trains (at ``lr / warmup``;
-a zero-lr epoch would be wasted) and the last warmup epoch runs at ``lr``. The schedule proper
+Warmup (every schedule but ``constant``) rises as ``lr * (epoch + 1) / warmup_epochs``, so the first
+epoch already trains (a zero-lr epoch would be wasted) and the last runs at ``lr``; the schedule proper
 then starts at ``lr`` with ``e = epoch - warmup_epochs`` (so the peak is held for two epochs).
-
-``cosine`` is torch's ``CosineAnnealingLR(T_max=T)`` on ``e`` up to ``T``, then holds ``eta_min``
-(torch rises again). ``cosine_warm_restarts`` is torch's ``CosineAnnealingWarmRestarts(T_0=t_0,
-T_mult=t_mult, eta_min)`` (SGDR) on ``e``. ``sharp_cosine`` (the seed notebook's last experiment)
-is ``cosine`` reaching ``eta_min`` after ``sharp_fraction`` of the run's epochs.
+``cosine`` is torch's ``CosineAnnealingLR(T_max=T)`` on ``e`` up to ``T``, then holds ``eta_min`` (torch
+rises again); ``cosine_warm_restarts`` is torch's ``CosineAnnealingWarmRestarts(T_0=t_0,
+T_mult=t_mult, eta_min)`` (SGDR) on ``e``; ``sharp_cosine`` (the seed notebook's last experiment) is
+``cosine`` reaching ``eta_min`` after ``sharp_fraction`` of the run's epochs.
 """
 
 from __future__ import annotations
@@ -43,17 +39,13 @@ def constant(epoch: int, *, lr: float) -> float:
 def warmup(epoch: int, *, lr: float, warmup_epochs: int) -> float | None:
     """The warmup rate ``lr * (epoch + 1) / warmup_epochs``, or None once warmup is over."""
     _check_epoch(epoch)
-    if epoch < warmup_epochs:
-        return lr * (epoch + 1) / warmup_epochs
-    return None
+    return lr * (epoch + 1) / warmup_epochs if epoch < warmup_epochs else None
 
 
 def cosine(epoch: int, *, lr: float, epochs: int, eta_min: float = 0.0, warmup_epochs: int = 0,
            t_max: int = 0) -> float:
-    """Warmup, then a half cosine from ``lr`` to ``eta_min`` over ``t_max`` epochs, then ``eta_min``.
-
-    ``t_max=0`` means ``epochs - warmup_epochs`` (at least 1), ``epochs`` being the run's length.
-    """
+    """Warmup, then a half cosine from ``lr`` to ``eta_min`` over ``t_max`` epochs, then ``eta_min``;
+    ``t_max=0`` means ``epochs - warmup_epochs`` (at least 1), ``epochs`` being the run's length."""
     warm = warmup(epoch, lr=lr, warmup_epochs=warmup_epochs)
     if warm is not None:
         return warm
