@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import itertools
 import math
 import os
@@ -27,7 +28,6 @@ _R = TypeVar("_R")
 _lock = threading.Lock()
 _num_threads: int | None = None
 _pool: ThreadPoolExecutor | None = None  # get_num_threads() - 1 workers: the caller is one more
-_tuned = False
 _adaptive = True
 # Where the kernel shows this process's CPU quota (in a container, its own cgroup: `cpus:` in compose).
 CGROUP_ROOT = "/sys/fs/cgroup"
@@ -126,8 +126,7 @@ def _threads_for(key: tuple | None, ceiling: int) -> tuple[int, bool]:
         if timings is None:  # the first call warms caches and the pool: not timed
             _timings[key] = {1: [], ceiling: []}
             return ceiling, False
-    ones, alls = len(timings[1]), len(timings[ceiling])
-    return (1 if ones <= alls else ceiling), True
+    return (1 if len(timings[1]) <= len(timings[ceiling]) else ceiling), True
 
 
 def _record(key: tuple, threads: int, seconds: float) -> None:
@@ -151,13 +150,10 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
+@functools.cache
 def tune_process() -> None:
     """Once per process: single-threaded BLAS (via threadpoolctl if installed), and glibc thresholds
     that keep freed activation buffers in the heap instead of fresh, page-faulting mmap()s."""
-    global _tuned
-    if _tuned:
-        return
-    _tuned = True
     with contextlib.suppress(ImportError):
         from threadpoolctl import threadpool_limits
 
@@ -166,9 +162,8 @@ def tune_process() -> None:
         mallopt = ctypes.CDLL(None).mallopt
     except (OSError, AttributeError):  # not glibc
         return
-    m_trim_threshold, m_mmap_threshold = -1, -3
-    mallopt(m_mmap_threshold, 32 << 20)  # glibc's maximum on 64-bit
-    mallopt(m_trim_threshold, 512 << 20)
+    mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD, at glibc's maximum on 64-bit
+    mallopt(-1, 512 << 20)  # M_TRIM_THRESHOLD
 
 
 def parallel_map(fn: Callable[[_T], _R], items: Sequence[_T], key: tuple | None = None) -> list[_R]:
@@ -204,9 +199,7 @@ def _run(fn: Callable[[_T], _R], items: Sequence[_T], threads: int) -> list[_R]:
     counter = itertools.count()  # next() on it is atomic under the GIL
 
     def work() -> None:
-        for k in iter(counter.__next__, None):
-            if k >= n:
-                return
+        for k in itertools.takewhile(lambda i: i < n, counter):
             results[k] = fn(items[k])
 
     helpers = [pool.submit(work) for _ in range(threads - 1)]

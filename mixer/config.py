@@ -11,6 +11,7 @@ import math
 import numbers
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,8 +44,10 @@ def divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
-# A field's annotation -> what it must hold: YAML reads `1e11` and `.inf` as floats, `yes` as a bool.
-_KINDS = {"int": ("an integer", lambda v: isinstance(v, numbers.Integral)),
+# A field's annotation -> what it must hold: YAML reads `1e11` and `.inf` as floats, `yes` as a bool
+# (a bool passes for an integer in Python: only a bool field takes one).
+_KINDS = {"bool": ("true or false", lambda v: isinstance(v, bool)),
+          "int": ("an integer", lambda v: isinstance(v, numbers.Integral)),
           "float": ("a finite number", lambda v: isinstance(v, numbers.Real) and math.isfinite(v)),
           "str": ("text", lambda v: isinstance(v, str)),
           "str | None": ("text or null", lambda v: v is None or isinstance(v, str))}
@@ -54,10 +57,7 @@ def _check_types(record: Any) -> None:
     for f in dataclasses.fields(record):
         v = getattr(record, f.name)
         what, ok = _KINDS.get(f.type, ("", None))
-        if f.type == "bool":
-            if not isinstance(v, bool):
-                raise ValueError(f"{f.name} must be true or false, got {f.name}={shorten(v)}")
-        elif ok is not None and (isinstance(v, bool) or not ok(v)):
+        if ok is not None and ((isinstance(v, bool) and f.type != "bool") or not ok(v)):
             raise ValueError(f"{f.name} must be {what}, got {f.name}={shorten(v)}")
 
 
@@ -70,6 +70,12 @@ def _check_max(record: Any, limit: float, *names: str) -> None:
     for name in names:
         if getattr(record, name) > limit:
             raise ValueError(f"{name} must be <= {limit:,}, got {name}={shorten(getattr(record, name))}")
+
+
+def _check_range(record: Any, rule: str, ok: Callable[[Any], bool], *names: str) -> None:
+    for name in names:
+        if not ok(getattr(record, name)):
+            raise ValueError(f"{name} must be {rule}, got {name}={getattr(record, name)}")
 
 
 @dataclass(frozen=True)
@@ -96,23 +102,16 @@ class MixerConfig:
         _check_max(self, MAX_DEPTH, "depth")
         _check_max(self, MAX_EXPANSION, "token_expansion", "channel_expansion")
         _check_max(self, MAX_BINS, "bins")
-        if self.bins < 0 or self.bins == 1:
-            raise ValueError(f"bins must be 0 (off) or >= 2, got bins={self.bins}")
-        if self.n_features < 1:
-            raise ValueError(f"n_features must be >= 1, got n_features={self.n_features}")
+        _check_range(self, "0 (off) or >= 2", lambda v: v == 0 or v >= 2, "bins")
+        _check_range(self, ">= 1", lambda v: v >= 1, "n_features")
         if self.patch_size < 1 or self.n_features % self.patch_size:
             raise ValueError(f"patch_size must divide n_features={self.n_features} "
                              f"(valid: {', '.join(map(str, divisors(self.n_features)))}), "
                              f"got patch_size={self.patch_size}")
-        for name in ("dim", "depth"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {name}={getattr(self, name)}")
-        for name in ("dropout", "stochastic_depth"):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                raise ValueError(f"{name} must be in [0, 1), got {name}={getattr(self, name)}")
+        _check_range(self, ">= 1", lambda v: v >= 1, "dim", "depth")
+        _check_range(self, "in [0, 1)", lambda v: 0 <= v < 1, "dropout", "stochastic_depth")
         _check_choice(self, "gelu", GELU_FORMS)
-        if self.pos_weight <= 0:
-            raise ValueError(f"pos_weight must be > 0, got pos_weight={self.pos_weight}")
+        _check_range(self, "> 0", lambda v: v > 0, "pos_weight")
         if self.token_hidden < 1 or self.channel_hidden < 1:
             raise ValueError("token_expansion and channel_expansion must leave hidden sizes >= 1, got "
                              f"token_hidden={self.token_hidden}, channel_hidden={self.channel_hidden}")
@@ -159,16 +158,14 @@ class DataConfig:
         _check_choice(self, "source", DATA_SOURCES)
         if self.source == "csv" and not self.train_csv:
             raise ValueError("source='csv' needs train_csv")
-        if not 0.0 < self.val_fraction < 1.0:
-            raise ValueError(f"val_fraction must be in (0, 1), got val_fraction={self.val_fraction}")
+        _check_range(self, "in (0, 1)", lambda v: 0 < v < 1, "val_fraction")
         if not 0.0 <= self.test_fraction < 1.0 or self.test_fraction + self.val_fraction >= 1.0:
             raise ValueError(f"test_fraction must be in [0, 1 - val_fraction), "
                              f"got test_fraction={self.test_fraction}, val_fraction={self.val_fraction}")
         if self.test_fraction and self.test_csv:
             raise ValueError("test_fraction and test_csv both name a test set; give one of them")
         _check_choice(self, "scaling", SCALINGS)
-        if self.n_rows < 10:
-            raise ValueError(f"n_rows must be >= 10, got n_rows={self.n_rows}")
+        _check_range(self, ">= 10", lambda v: v >= 10, "n_rows")
 
 
 @dataclass(frozen=True)
@@ -221,38 +218,28 @@ class TrainConfig:
         _check_types(self)
         _check_max(self, MAX_EPOCHS, "epochs", "warmup_epochs", "t_max", "t_0", "curvature_every")
         _check_max(self, MAX_BATCH_SIZE, "batch_size", "curvature_batch")
-        for name in ("epochs", "batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {name}={getattr(self, name)}")
+        _check_range(self, ">= 1", lambda v: v >= 1, "epochs", "batch_size")
         _check_choice(self, "dtype", DTYPES)
         _check_choice(self, "optimizer", OPTIMIZERS)
         _check_choice(self, "scheduler", SCHEDULERS)
-        if self.lr <= 0:
-            raise ValueError(f"lr must be > 0, got lr={self.lr}")
+        _check_range(self, "> 0", lambda v: v > 0, "lr")
         if not 0 <= self.eta_min <= self.lr:
             raise ValueError(f"eta_min must be in [0, lr={self.lr}], got eta_min={self.eta_min}")
-        for name in ("weight_decay", "clip_norm", "grad_noise", "warmup_epochs", "t_max",
-                     "curvature_every", "sam_rho"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {name}={getattr(self, name)}")
+        _check_range(self, ">= 0", lambda v: v >= 0, "weight_decay", "clip_norm", "grad_noise",
+                     "warmup_epochs", "t_max", "curvature_every", "sam_rho")
         if self.curvature_tol < 0 or not 0 < self.curvature_share_eps < 1 or self.curvature_escape_ratio <= 0:
             raise ValueError(f"need curvature_tol >= 0, 0 < curvature_share_eps < 1 and "
                              f"curvature_escape_ratio > 0, got {self.curvature_tol}, "
                              f"{self.curvature_share_eps}, {self.curvature_escape_ratio}")
-        for name in ("ema_decay", "label_smoothing"):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                raise ValueError(f"{name} must be in [0, 1), got {name}={getattr(self, name)}")
+        _check_range(self, "in [0, 1)", lambda v: 0 <= v < 1, "ema_decay", "label_smoothing")
         if self.t_0 < 1 or self.t_mult < 1:
             raise ValueError(f"t_0 and t_mult must be >= 1, got t_0={self.t_0}, t_mult={self.t_mult}")
-        if not 0 < self.sharp_fraction <= 1:
-            raise ValueError(f"sharp_fraction must be in (0, 1], got sharp_fraction={self.sharp_fraction}")
+        _check_range(self, "in (0, 1]", lambda v: 0 < v <= 1, "sharp_fraction")
 
     # The sweep and the YAML files see one flat namespace of knobs.
     def to_flat(self) -> dict[str, Any]:
         """Model and training fields in one flat dict (for YAML, MLflow params)."""
-        flat = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "model"}
-        flat.update(dataclasses.asdict(self.model))
-        return flat
+        return {name: getattr(self, name) for name in TRAIN_FIELDS} | dataclasses.asdict(self.model)
 
     @classmethod
     def from_flat(cls, values: dict[str, Any]) -> TrainConfig:

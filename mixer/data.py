@@ -9,7 +9,7 @@ rows only, so in a CSV it sits on line N + 1 (both are given); in a frame it is 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -62,11 +62,8 @@ def _plain(value: Any) -> Any:
 
 
 def _check_columns(frame: pd.DataFrame, source: str, *, strict: bool) -> list[str]:
-    """The feature columns of ``frame`` in its own order; DataError naming the missing ones.
-
-    ``strict`` also rejects unknown columns (a CSV with an unexpected column is the wrong file; an
-    in-memory frame handed to ``transform`` may carry extra columns of the caller's, ignored).
-    """
+    """The feature columns of ``frame`` in its own order; DataError on a duplicate or missing one, and
+    with ``strict`` on an unknown one (a CSV's is the wrong file; a frame's may be the caller's own)."""
     columns = [str(c) for c in frame.columns]
     dup = sorted({c for c in columns if columns.count(c) > 1})
     if dup:
@@ -83,15 +80,12 @@ def _check_columns(frame: pd.DataFrame, source: str, *, strict: bool) -> list[st
 
 def _numeric(series: pd.Series, column: str, source: str, *, csv: bool) -> np.ndarray:
     """One numeric column as float64; DataError at the first non-numeric, missing or infinite value."""
-    if pd.api.types.is_numeric_dtype(series.dtype) and not pd.api.types.is_bool_dtype(series.dtype):
-        values = series.to_numpy(dtype=np.float64, na_value=np.nan)
-    else:
-        values = pd.to_numeric(series, errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
-        bad = np.isnan(values) & series.notna().to_numpy()
-        if bad.any():
-            row = int(np.argmax(bad))
-            raise DataError(f"{source}: column {column!r}, {_where(row, csv=csv)}: "
-                            f"non-numeric value {_plain(series.iloc[row])!r}")
+    values = pd.to_numeric(series, errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
+    bad = np.isnan(values) & series.notna().to_numpy()
+    if bad.any():
+        row = int(np.argmax(bad))
+        raise DataError(f"{source}: column {column!r}, {_where(row, csv=csv)}: "
+                        f"non-numeric value {_plain(series.iloc[row])!r}")
     if not np.isfinite(values).all():
         row = int(np.argmax(~np.isfinite(values)))
         what = "missing value" if np.isnan(values[row]) else f"non-finite value {values[row]!r}"
@@ -108,7 +102,9 @@ def _categorical(series: pd.Series, column: str, source: str, *, csv: bool) -> p
     return series.astype(str)
 
 
-def _labels(frame: pd.DataFrame, source: str, *, csv: bool) -> np.ndarray:
+def labels(frame: pd.DataFrame, *, source: str, csv: bool = False) -> np.ndarray:
+    """The 0/1 target of a raw frame as int64 (rows,); DataError if there is none or a value is not 0/1
+    (with ``csv``, the frame was read from the file ``source`` and messages give the line too)."""
     if LABEL not in frame.columns:
         raise DataError(f"{source}: no {LABEL!r} column (the 0/1 target)")
     values = _numeric(frame[LABEL], LABEL, source, csv=csv)
@@ -118,25 +114,6 @@ def _labels(frame: pd.DataFrame, source: str, *, csv: bool) -> np.ndarray:
         raise DataError(f"{source}: column {LABEL!r}, {_where(row, csv=csv)}: "
                         f"label must be 0 or 1, got {_plain(frame[LABEL].iloc[row])!r}")
     return values.astype(np.int64)
-
-
-def labels(frame: pd.DataFrame, *, source: str) -> np.ndarray:
-    """The 0/1 target of a raw frame as int64 (rows,); DataError if there is none or a value is not 0/1."""
-    return _labels(frame, source, csv=False)
-
-
-def _validate(frame: pd.DataFrame, source: str, *, csv: bool) -> None:
-    """Check a whole raw frame: known columns, numeric features, categoricals, labels if present."""
-    if len(frame) == 0:
-        raise DataError(f"{source}: no data rows")
-    _check_columns(frame, source, strict=True)
-    for name in FEATURE_NAMES:
-        if name in CATEGORICAL:
-            _categorical(frame[name], name, source, csv=csv)
-        else:
-            _numeric(frame[name], name, source, csv=csv)
-    if LABEL in frame.columns:
-        _labels(frame, source, csv=csv)
 
 
 def read_csv(path: str | Path) -> pd.DataFrame:
@@ -159,7 +136,14 @@ def read_csv(path: str | Path) -> pd.DataFrame:
         raise DataError(f"{source}: not a readable CSV: {str(exc).strip()}") from None
     except OSError as exc:
         raise DataError(f"{source}: cannot read: {exc.strerror or exc}") from None
-    _validate(frame, source, csv=True)
+    if len(frame) == 0:
+        raise DataError(f"{source}: no data rows")
+    _check_columns(frame, source, strict=True)
+    for name in FEATURE_NAMES:
+        check = _categorical if name in CATEGORICAL else _numeric
+        check(frame[name], name, source, csv=True)
+    if LABEL in frame.columns:
+        labels(frame, source=source, csv=True)
     return frame
 
 
@@ -232,8 +216,7 @@ class Pipeline:
             if name in CATEGORICAL:
                 counts = _categorical(frame[name], name, source, csv=False).value_counts(sort=False)
                 # Frequency order is deterministic once ties are broken by name.
-                pairs = zip(counts.index.astype(str), counts.to_numpy(), strict=True)
-                categories[name] = [c for c, _ in sorted(pairs, key=lambda t: (-t[1], t[0]))]
+                categories[name] = sorted(counts.index, key=lambda c: (-counts[c], c))
         # Encode with identity scaling, then measure the statistics on the encoded table.
         ones = np.ones(len(names))
         raw = cls(names, categories, "standard", np.zeros(len(names)), ones)._encode(frame, source)
@@ -246,12 +229,9 @@ class Pipeline:
             return cls(names, categories, scaling, np.zeros(len(names)), ones, quantiles)
         if scaling == "log_standard":
             _log_signed(raw)
-        if scaling == "global":
-            mean = np.full(len(names), raw.mean())
-            std = np.full(len(names), raw.std())
-        else:
-            mean = raw.mean(axis=0)
-            std = raw.std(axis=0)
+        axis = None if scaling == "global" else 0  # global: every entry is the table-wide value
+        mean = np.full(len(names), raw.mean(axis=axis))
+        std = np.full(len(names), raw.std(axis=axis))
         # A constant column would divide by zero (or by rounding noise): leave it centred, unscaled.
         std = np.where(std > 1e-12 * np.maximum(1.0, np.abs(mean)), std, 1.0)
         return cls(names, categories, scaling, mean, std)
@@ -266,10 +246,9 @@ class Pipeline:
         for j, name in enumerate(self.feature_names):
             if name in self.categories:
                 cats = self.categories[name]
-                codes = _categorical(frame[name], name, source, csv=False).map(
-                    {c: i for i, c in enumerate(cats)}).to_numpy(dtype=np.float64, na_value=np.nan)
-                # A category unseen in training gets the unknown code rather than failing the row.
-                out[:, j] = np.where(np.isnan(codes), len(cats), codes)
+                codes = pd.Index(cats).get_indexer(_categorical(frame[name], name, source, csv=False))
+                # A category unseen in training (code -1) gets the unknown code rather than failing the row.
+                out[:, j] = np.where(codes < 0, len(cats), codes)
             else:
                 out[:, j] = _numeric(frame[name], name, source, csv=False)
         return out
@@ -289,19 +268,13 @@ class Pipeline:
         return x.astype(np.float32)
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-serialisable description that ``from_dict`` turns back into the same pipeline."""
-        d = {
-            "format": _PIPELINE_FORMAT,
-            "feature_names": list(self.feature_names),
-            "categories": {k: list(v) for k, v in self.categories.items()},
-            "scaling": self.scaling,
-            # Python floats survive JSON exactly (repr round-trips), so transform is bit-identical.
-            "mean": [float(v) for v in self.mean],
-            "std": [float(v) for v in self.std],
-        }
-        if self.quantiles is not None:
-            d["quantiles"] = self.quantiles.tolist()  # Python floats, exact as mean and std
-        return d
+        """A JSON-serialisable description that ``from_dict`` turns back into the same pipeline.
+
+        Arrays become lists of Python floats, which survive JSON exactly, so transform is bit-identical.
+        """
+        fields = asdict(self).items()  # deep copies; quantiles is None unless "quantile"
+        return {"format": _PIPELINE_FORMAT,
+                **{k: v.tolist() if isinstance(v, np.ndarray) else v for k, v in fields if v is not None}}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Pipeline:
@@ -310,12 +283,9 @@ class Pipeline:
         if not isinstance(d, dict):
             raise DataError(f"{where}: expected a mapping, got {type(d).__name__}")
         expected = {"format", "feature_names", "categories", "scaling", "mean", "std"}
-        for key in sorted(expected):
-            if key not in d:
-                raise DataError(f"{where}: missing key {key!r}")
-        unknown = sorted(set(d) - expected - {"quantiles"})
-        if unknown:
-            raise DataError(f"{where}: unknown key {unknown[0]!r}")
+        for problem, keys in (("missing", expected - set(d)), ("unknown", set(d) - expected - {"quantiles"})):
+            if keys:
+                raise DataError(f"{where}: {problem} key {min(keys)!r}")
         if d["format"] != _PIPELINE_FORMAT:
             raise DataError(f"{where}: format must be {_PIPELINE_FORMAT!r}, got {d['format']!r}")
         names = d["feature_names"]
@@ -424,7 +394,7 @@ def stratified_split(y: np.ndarray, *, val_fraction: float, seed: int,
     for cls in np.unique(y):
         rows = np.flatnonzero(y == cls)
         rows = rows[rng.permutation(len(rows))]
-        n_val = int(math.floor(len(rows) * val_fraction + 0.5))
+        n_val = math.floor(len(rows) * val_fraction + 0.5)
         n_val = min(max(n_val, 1), len(rows) - 1) if len(rows) >= 2 else 0
         val.append(rows[:n_val])
         train.append(rows[n_val:])
@@ -461,31 +431,20 @@ def load(config: DataConfig) -> Dataset:
     it too (``y_test`` only if it has a ``label`` column). DataError names the file, column and row,
     or the fractions when a label has too few rows for every split.
     """
-    if config.source == "synthetic":
-        source = f"synthetic(n_rows={config.n_rows}, seed={config.seed})"
-        frame = synthetic_frame(config.n_rows, config.seed)
-        csv = False
-    else:
-        source = str(config.train_csv)
-        frame = read_csv(config.train_csv)
-        csv = True
-    _validate(frame, source, csv=csv)
-    y = _labels(frame, source, csv=csv)
+    csv = config.source == "csv"  # read_csv validates the file; synthetic rows are valid as made
+    source = str(config.train_csv) if csv else f"synthetic(n_rows={config.n_rows}, seed={config.seed})"
+    frame = read_csv(config.train_csv) if csv else synthetic_frame(config.n_rows, config.seed)
+    y = labels(frame, source=source, csv=csv)
     if len(np.unique(y)) < 2:
         raise DataError(f"{source}: every label is {int(y[0])}; training needs both classes")
     rows = _split(y, config, source)
-    train_frame = frame.iloc[rows["train"]]
-    pipeline = Pipeline.fit(train_frame, scaling=config.scaling, source=source)
-    x_train = pipeline.transform(train_frame, source=source)
-    x_val = pipeline.transform(frame.iloc[rows["val"]], source=source)
-    x_test = y_test = None
-    if "test" in rows:
-        x_test = pipeline.transform(frame.iloc[rows["test"]], source=source)
-        y_test = y[rows["test"]]
-    elif config.test_csv:
+    pipeline = Pipeline.fit(frame.iloc[rows["train"]], scaling=config.scaling, source=source)
+    xs = {side: pipeline.transform(frame.iloc[r], source=source) for side, r in rows.items()}
+    ys = {side: y[r] for side, r in rows.items()}
+    if config.test_csv:  # DataConfig refuses it beside test_fraction
         test = read_csv(config.test_csv)
-        x_test = pipeline.transform(test, source=str(config.test_csv))
+        xs["test"] = pipeline.transform(test, source=str(config.test_csv))
         if LABEL in test.columns:
-            y_test = _labels(test, str(config.test_csv), csv=True)
-    return Dataset(x_train, y[rows["train"]], x_val, y[rows["val"]], list(pipeline.feature_names),
-                   pipeline, x_test, y_test, rows)
+            ys["test"] = labels(test, source=str(config.test_csv), csv=True)
+    return Dataset(xs["train"], ys["train"], xs["val"], ys["val"], list(pipeline.feature_names),
+                   pipeline, xs.get("test"), ys.get("test"), rows)

@@ -27,27 +27,6 @@ def _pick(rng: np.random.Generator, choices: tuple, p: tuple[float, ...] | np.nd
     return np.asarray(choices)[rng.choice(len(choices), size=n, p=p / p.sum())]
 
 
-# The synthetic label is 1 where score + Logistic(0, _NOISE_SCALE) > _THRESHOLD.
-_NOISE_SCALE = 0.2
-_THRESHOLD = 0.11
-
-
-def _synthetic_score(*, sttl: np.ndarray, smean: np.ndarray, ct_srv_src: np.ndarray, is_int: np.ndarray,
-                     ct_dst_src_ltm: np.ndarray, service: np.ndarray, dbytes: np.ndarray,
-                     proto: np.ndarray, dur: np.ndarray) -> np.ndarray:
-    """The noise-free attack score of synthetic rows (kept apart so tests can measure the ceiling)."""
-    sessions = np.isin(service, ("http", "ftp", "ftp-data", "smtp"))
-    return (
-        1.9 * (sttl == 254) + 1.1 * (sttl == 62)
-        + 1.4 * np.exp(-(((np.log(smean) - np.log(100.0)) / 0.35) ** 2))
-        + 1.2 * np.tanh((ct_srv_src - 10.0) / 4.0)
-        + 1.2 * (is_int & (ct_dst_src_ltm > 6))
-        - 1.6 * (sessions & (dbytes > 3000))
-        + 1.0 * np.isin(proto, _RARE_PROTOS)
-        - 0.8 * (dur > 2.0)
-    )
-
-
 def synthetic_frame(n_rows: int, seed: int) -> pd.DataFrame:
     """``n_rows`` (>= 1) synthetic flows: ``id``, the 42 features, ``label``; the same seed, the same frame.
 
@@ -89,14 +68,11 @@ def synthetic_frame(n_rows: int, seed: int) -> pd.DataFrame:
     dur = np.where(is_int, rng.uniform(1e-6, 1e-5, n), np.minimum(rng.lognormal(-1.0, 1.6, n), 60.0))
     dur = np.round(dur, 6)
     with np.errstate(divide="ignore", invalid="ignore"):
-        rate = np.where(dur > 0, (spkts + dpkts - 1) / dur, 0.0)
-        sload = np.where(dur > 0, sbytes * 8.0 / dur, 0.0)
-        dload = np.where(dur > 0, dbytes * 8.0 / dur, 0.0)
+        rate = np.minimum(np.where(dur > 0, (spkts + dpkts - 1) / dur, 0.0), 1e6)
+        sload = np.minimum(np.where(dur > 0, sbytes * 8.0 / dur, 0.0), 5.3e9)
+        dload = np.minimum(np.where(dur > 0, dbytes * 8.0 / dur, 0.0), 2.1e7)
         sinpkt = np.where(spkts > 1, dur * 1000.0 / np.maximum(spkts - 1, 1), 0.0)
         dinpkt = np.where(dpkts > 1, dur * 1000.0 / np.maximum(dpkts - 1, 1), 0.0)
-    rate = np.minimum(rate, 1e6)
-    sload = np.minimum(sload, 5.3e9)
-    dload = np.minimum(dload, 2.1e7)
     sjit = np.where(spkts > 2, sinpkt * rng.lognormal(0.0, 1.2, n), 0.0)
     djit = np.where(dpkts > 2, dinpkt * rng.lognormal(-0.5, 1.2, n), 0.0)
     sloss = rng.binomial(np.maximum(spkts // 3, 0), 0.08)
@@ -143,10 +119,17 @@ def synthetic_frame(n_rows: int, seed: int) -> pd.DataFrame:
                              [2, 3, 1, 6], 0).astype(np.int64)
 
     # The label: a noisy threshold on a non-linear score of mostly small-scale features.
-    score = _synthetic_score(sttl=sttl, smean=smean, ct_srv_src=ct_srv_src, is_int=is_int,
-                             ct_dst_src_ltm=ct_dst_src_ltm, service=service, dbytes=dbytes,
-                             proto=proto, dur=dur)
-    label = (score + rng.logistic(0.0, _NOISE_SCALE, n) > _THRESHOLD).astype(np.int64)
+    sessions = np.isin(service, ("http", "ftp", "ftp-data", "smtp"))
+    score = (
+        1.9 * (sttl == 254) + 1.1 * (sttl == 62)
+        + 1.4 * np.exp(-(((np.log(smean) - np.log(100.0)) / 0.35) ** 2))
+        + 1.2 * np.tanh((ct_srv_src - 10.0) / 4.0)
+        + 1.2 * (is_int & (ct_dst_src_ltm > 6))
+        - 1.6 * (sessions & (dbytes > 3000))
+        + 1.0 * np.isin(proto, _RARE_PROTOS)
+        - 0.8 * (dur > 2.0)
+    )
+    label = (score + rng.logistic(0.0, 0.2, n) > 0.11).astype(np.int64)
 
     columns: dict[str, Any] = {
         "id": np.arange(1, n + 1, dtype=np.int64),
@@ -166,10 +149,9 @@ def synthetic_frame(n_rows: int, seed: int) -> pd.DataFrame:
     from mixer.data import CATEGORICAL, FEATURE_NAMES, FLOAT_FEATURES
 
     for name in FEATURE_NAMES:
-        if name in FLOAT_FEATURES:
-            columns[name] = np.asarray(columns[name], dtype=np.float64)
-        elif name not in CATEGORICAL:
-            columns[name] = np.asarray(columns[name], dtype=np.int64)
-    for name in CATEGORICAL:
-        columns[name] = pd.array(columns[name].astype(str), dtype="str")
+        if name in CATEGORICAL:
+            columns[name] = pd.array(columns[name].astype(str), dtype="str")
+        else:
+            dtype = np.float64 if name in FLOAT_FEATURES else np.int64
+            columns[name] = np.asarray(columns[name], dtype=dtype)
     return pd.DataFrame(columns)
