@@ -37,12 +37,10 @@ class BundleError(ValueError):
 
 
 def atomic_write(path: str | Path, write: Callable[[IO], Any], *, mode: str = "wb") -> Path:
-    """Call ``write`` on a temporary file in ``path``'s folder, then rename it to ``path``.
-
-    A failed write leaves no half-written ``path`` (an existing one is kept). Text modes
-    (``mode="w"``) open with ``newline=""``, as the csv module and pandas expect. The file gets
-    the mode ``open()`` would give it (0o666 less the umask), not ``mkstemp``'s 0o600.
-    """
+    """Call ``write`` on a temporary file in ``path``'s folder, then rename it to ``path``: a failed write
+    leaves no half-written ``path`` (an existing one is kept). Text modes (``mode="w"``) open with
+    ``newline=""``, as csv and pandas expect. The file mode is ``open()``'s (0o666 less the umask), not
+    ``mkstemp``'s 0o600."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
@@ -137,8 +135,8 @@ class ModelBundle:
             meta = json.loads(blob)
         except ValueError as exc:
             raise BundleError(f"{path}: {_META} is not valid JSON: {exc}") from None
-        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-            found = meta.get("format") if isinstance(meta, dict) else None
+        found = meta.get("format") if isinstance(meta, dict) else None
+        if found != FORMAT:
             raise BundleError(f"{path}: format {found!r}, expected {FORMAT!r}")
         try:
             config = MixerConfig(**meta["config"])
@@ -149,8 +147,7 @@ class ModelBundle:
         except (KeyError, TypeError, ValueError) as exc:
             raise BundleError(f"{path}: bad pipeline: {exc}") from None
         # Keep the writer's order: iteration then matches a freshly initialised dict.
-        order = [k for k in meta.get("params", []) if k in params]
-        params = {k: params[k] for k in order + [k for k in params if k not in order]}
+        params = {k: params[k] for k in [*meta.get("params", []), *params] if k in params}
         bundle = cls(params=params, config=config, pipeline=pipeline, info=meta.get("info") or {})
         bundle.check(source=str(path))
         return bundle

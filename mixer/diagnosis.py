@@ -1,22 +1,9 @@
 """What a trial's curves say: healthy, plateau, saddle, oscillating, diverged or too short — with the numbers.
 
-``diagnose(history)`` labels one run from its per-epoch metrics (``mixer.train.EpochMetrics``, or
-dicts as stored in a trial's ``history`` user attribute). A plateau is the longest run of epochs
-that neither beat the best train loss so far by ``plateau_tol`` nor rose ``plateau_band`` above it
-(``plateau_run``); ``val_wiggle`` is the validation loss's travel beyond its net change, relative to
-its mean. The first matching rule wins:
-
-1. ``diverged`` — fit reported divergence or a train/val loss is NaN/inf.
-2. ``too_short`` — at most ``min_plateau_epochs`` epochs: too few for the plateau rule.
-3. ``saddle`` — a plateau of ``min_plateau_epochs`` or more with a small gradient (``plateau_grad_ratio
-   <= small_grad_ratio``) and clearly negative curvature at a probe near it (``plateau_neg_ratio >=
-   saddle_neg_ratio``); the tag ``saddle_confirmed`` says whether the probe's escape step worked.
-4. ``plateau`` — such a plateau otherwise (flat spectrum, large gradient or no probe near it).
-5. ``oscillating`` — ``val_wiggle >= oscillation_wiggle``.
-6. ``healthy`` — none of the above.
-
-``stalled`` applies the plateau rule to a growing history, so that ``fit`` can probe at a stall.
-The thresholds are the fields of ``Thresholds`` (frozen; defaults there).
+``diagnose(history)`` labels one run from its per-epoch metrics by the rules of README.md's "Plateau or
+saddle?", first match wins; docs/architecture.md says what is measured and why. ``stalled`` applies
+the plateau rule to a growing history, so that ``fit`` can probe at a stall. The thresholds are the
+fields of ``Thresholds`` (frozen; defaults there).
 """
 
 from __future__ import annotations
@@ -35,7 +22,7 @@ LABELS = ("healthy", "plateau", "saddle", "oscillating", "diverged", "too_short"
 
 @dataclass(frozen=True)
 class Thresholds:
-    """The settings behind the rules (see the module docstring)."""
+    """The settings behind ``diagnose``'s rules."""
 
     plateau_tol: float = 0.005  # flat: an epoch beat the best train loss so far by less than this share
     plateau_band: float = 0.05  # ... and did not rise this share or more above it
@@ -51,21 +38,16 @@ class Thresholds:
                      "oscillation_wiggle", "escape_gain"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {name}={getattr(self, name)}")
-        if self.min_plateau_epochs < 1:
-            raise ValueError(
-                f"min_plateau_epochs must be >= 1, got min_plateau_epochs={self.min_plateau_epochs}")
-        if self.probe_slack < 0:
-            raise ValueError(f"probe_slack must be >= 0, got probe_slack={self.probe_slack}")
+        for name, low in (("min_plateau_epochs", 1), ("probe_slack", 0)):
+            if getattr(self, name) < low:
+                raise ValueError(f"{name} must be >= {low}, got {name}={getattr(self, name)}")
 
 
 @dataclass(frozen=True)
 class Diagnosis:
-    """A label (one of ``LABELS``) and the numbers behind it.
-
-    ``metrics`` holds the numbers known for this run, for MLflow metrics; ``tags`` the MLflow tags
-    ``diagnosis``, ``plateau_start_epoch``, ``plateau_length`` (``"none"``/``"0"`` without a plateau),
-    ``saddle_confirmed`` (``yes``/``no``/``untested``) and ``diagnosis_reason`` (one readable line).
-    """
+    """A label (one of ``LABELS``) and the numbers behind it: ``metrics`` those known for this run (for
+    MLflow), ``tags`` the MLflow tags ``diagnosis``, ``plateau_start_epoch``, ``plateau_length`` (``"none"``,
+    ``"0"`` without a plateau), ``saddle_confirmed`` (yes/no/untested), ``diagnosis_reason`` (one line)."""
 
     label: str
     metrics: dict[str, float] = field(default_factory=dict)
@@ -114,26 +96,18 @@ def stalled(losses: Sequence[float], *, thresholds: Thresholds = Thresholds()) -
 
 def val_wiggle(values: Sequence[float]) -> float:
     """Total variation minus |net change|, relative to the mean (0 for fewer than 3 points)."""
-    if len(values) < 3:
+    mean = sum(values) / len(values) if values else 0.0
+    if len(values) < 3 or mean == 0:
         return 0.0
     travel = sum(abs(b - a) for a, b in zip(values, values[1:], strict=False))
-    mean = sum(values) / len(values)
-    if mean == 0:
-        return 0.0
     return (travel - abs(values[-1] - values[0])) / abs(mean)
-
-
-def _fmt(value: float) -> str:
-    return f"{value:.3g}"
 
 
 def diagnose(history: Sequence[Any], *, diverged: bool = False,
              thresholds: Thresholds = Thresholds()) -> Diagnosis:
-    """Label one run from its per-epoch metrics (see the module docstring for the rules).
-
-    ``history`` holds ``EpochMetrics`` (or dicts with the same names and ``epoch``) in epoch order;
-    curvature fields may be None/absent on epochs without a probe. ``diverged``: fit said so.
-    """
+    """Label one run: ``history`` holds ``EpochMetrics`` (or dicts with the same names and ``epoch``, as in
+    a trial's ``history`` attribute) in epoch order, the curvature fields None or absent on epochs
+    without a probe. ``diverged``: fit said so. The returns below are the rules, first match wins."""
     th = thresholds
     epochs = [int(_get(e, "epoch") or i + 1) for i, e in enumerate(history)]
     train_f = [_get(e, "train_loss", math.nan) for e in history]
@@ -142,8 +116,7 @@ def diagnose(history: Sequence[Any], *, diverged: bool = False,
     tags = {"plateau_start_epoch": "none", "plateau_length": "0", "saddle_confirmed": "untested"}
 
     def done(label: str, reason: str) -> Diagnosis:
-        tags["diagnosis"] = label
-        tags["diagnosis_reason"] = reason
+        tags.update(diagnosis=label, diagnosis_reason=reason)
         return Diagnosis(label=label, metrics=metrics, tags=tags)
 
     bad = [ep for ep, t, v in zip(epochs, train_f, val_f, strict=True)
@@ -159,50 +132,46 @@ def diagnose(history: Sequence[Any], *, diverged: bool = False,
                                  f"min_plateau_epochs={th.min_plateau_epochs}")
 
     wiggle = val_wiggle(val_f)
-    metrics["val_wiggle"] = wiggle
     start_idx, length = plateau_run(train_f, tol=th.plateau_tol, band=th.plateau_band)
-    metrics["plateau_length"] = float(length)
+    metrics.update(val_wiggle=wiggle, plateau_length=float(length))
     plateau_note = ""
     if length:
         idx = range(start_idx, start_idx + length)
         first, last = epochs[start_idx], epochs[start_idx + length - 1]
         tags.update(plateau_start_epoch=str(first), plateau_length=str(length))
-        metrics["plateau_start_epoch"] = float(first)
-        metrics["plateau_loss"] = sum(train_f[i] for i in idx) / length
+        metrics.update(plateau_start_epoch=float(first), plateau_loss=sum(train_f[i] for i in idx) / length)
         plateau_note = (f"train loss improved < {th.plateau_tol:.2%}/epoch for {length} epochs from "
-                        f"epoch {first} at {_fmt(metrics['plateau_loss'])}")
+                        f"epoch {first} at {metrics['plateau_loss']:.3g}")
         lrs = [_get(history[i], "lr") for i in idx]
         if all(v is not None for v in lrs):
             metrics["plateau_lr"] = sum(lrs) / length
-            plateau_note += f", lr {_fmt(metrics['plateau_lr'])}"
+            plateau_note += f", lr {metrics['plateau_lr']:.3g}"
         grads = [_get(history[i], "grad_norm_mean") for i in idx]
         if all(g is not None for g in grads):
             metrics["plateau_grad_norm"] = sum(grads) / length
             peak = max(g for g in (_get(e, "grad_norm_mean") for e in history) if g is not None)
             if peak > 0:
                 metrics["plateau_grad_ratio"] = metrics["plateau_grad_norm"] / peak
-                plateau_note += (f", grad norm {_fmt(metrics['plateau_grad_norm'])} "
-                                 f"({_fmt(metrics['plateau_grad_ratio'])} of peak)")
+                plateau_note += (f", grad norm {metrics['plateau_grad_norm']:.3g} "
+                                 f"({metrics['plateau_grad_ratio']:.3g} of peak)")
         # The probe nearest the plateau's middle, among those close enough to speak for it.
-        middle = (first + last) / 2
-        probes = [(abs(ep - middle), ep, e) for ep, e in zip(epochs, history, strict=True)
+        probes = [(ep, e) for ep, e in zip(epochs, history, strict=True)
                   if _get(e, "hessian_min_eig") is not None and _get(e, "hessian_max_eig") is not None
                   and first - th.probe_slack <= ep <= last + th.probe_slack]
         if probes:
-            _, probe_epoch, probe = min(probes, key=lambda p: (p[0], p[1]))
+            probe_epoch, probe = min(probes, key=lambda p: (abs(p[0] - (first + last) / 2), p[0]))
             lam_min, lam_max = _get(probe, "hessian_min_eig"), _get(probe, "hessian_max_eig")
             ratio = _get(probe, "neg_curvature_ratio", neg_ratio(lam_min, lam_max))
             metrics.update(plateau_min_eig=lam_min, plateau_max_eig=lam_max,
                            plateau_neg_ratio=ratio, plateau_probe_epoch=float(probe_epoch))
-            plateau_note += (f", λ_min {_fmt(lam_min)} / λ_max {_fmt(lam_max)} (ratio {_fmt(ratio)}) "
+            plateau_note += (f", λ_min {lam_min:.3g} / λ_max {lam_max:.3g} (ratio {ratio:.3g}) "
                              f"at epoch {probe_epoch}")
-            for name, key in (("neg_curvature_share", "plateau_neg_share"),
-                              ("escape_gain", "plateau_escape_gain")):
-                if _get(probe, name) is not None:
-                    metrics[key] = _get(probe, name)
+            measured = {"plateau_neg_share": _get(probe, "neg_curvature_share"),
+                        "plateau_escape_gain": _get(probe, "escape_gain")}
+            metrics.update({key: value for key, value in measured.items() if value is not None})
             if "plateau_escape_gain" in metrics:
                 tags["saddle_confirmed"] = "yes" if metrics["plateau_escape_gain"] >= th.escape_gain else "no"
-                plateau_note += (f", escape gain {_fmt(metrics['plateau_escape_gain'])} "
+                plateau_note += (f", escape gain {metrics['plateau_escape_gain']:.3g} "
                                  f"(saddle confirmed: {tags['saddle_confirmed']})")
         else:
             plateau_note += ", no curvature probe near it"
@@ -212,5 +181,5 @@ def diagnose(history: Sequence[Any], *, diverged: bool = False,
                   and metrics.get("plateau_neg_ratio", 0.0) >= th.saddle_neg_ratio)
         return done("saddle" if saddle else "plateau", plateau_note)
     if wiggle >= th.oscillation_wiggle:
-        return done("oscillating", f"validation loss wiggle {_fmt(wiggle)} >= {th.oscillation_wiggle}")
-    return done("healthy", f"longest flat stretch {length} epochs, validation loss wiggle {_fmt(wiggle)}")
+        return done("oscillating", f"validation loss wiggle {wiggle:.3g} >= {th.oscillation_wiggle}")
+    return done("healthy", f"longest flat stretch {length} epochs, validation loss wiggle {wiggle:.3g}")

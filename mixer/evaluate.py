@@ -44,12 +44,9 @@ def evaluate_csv(bundle: ModelBundle, path: str | Path, *, threshold: float = 0.
 
 
 def data_warnings(bundle: ModelBundle, columns: Sequence[str], *, model: str, data: str) -> list[str]:
-    """Why the CSV ``data`` (with these columns) may not be the kind of rows ``model`` was trained on.
-
-    A model trained on synthetic rows scores real rows badly without any error, so say it. The bundle
-    names its data in ``info["data_config"]`` (``sweep.publish``, ``mixer.train --save``); the
-    pipeline holds the training data's feature order.
-    """
+    """Why the CSV ``data`` (with these columns) may not be the kind of rows ``model`` was trained on: a
+    model trained on synthetic rows (``info["data_config"]``, as ``sweep.publish`` and ``mixer.train --save``
+    write it) scores real rows badly without any error, and the pipeline holds the training column order."""
     found = [c for c in map(str, columns) if c in FEATURE_NAMES]
     order = list(bundle.pipeline.feature_names)
     out = []
@@ -119,10 +116,7 @@ def format_report(metrics: BinaryMetrics, *, model: str, data: str) -> str:
         f"data       {data} ({m.rows:,} rows, {m.positives:,} labelled 1)",
         f"threshold  {m.threshold:g}",
         "",
-        f"accuracy   {m.accuracy:.4f}",
-        f"precision  {m.precision:.4f}",
-        f"recall     {m.recall:.4f}",
-        f"f1         {m.f1:.4f}",
+        *(f"{name:<11}{getattr(m, name):.4f}" for name in ("accuracy", "precision", "recall", "f1")),
         f"roc_auc    {auc}",
         "",
         "confusion matrix (rows: true label, columns: predicted)",

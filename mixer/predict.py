@@ -1,11 +1,10 @@
 """Score unlabelled rows: ``python -m mixer.predict MODEL INPUT.csv [--out FILE]``.
 
-Writes a CSV row per input row: ``id`` (the input's, else the 1-based data row number),
-``probability`` (P(label = 1)) and ``prediction`` (1 iff probability >= ``--threshold``); a
-``label`` column is ignored. Output goes to stdout or, atomically, to ``--out FILE``, and only once
-every row is scored: a bad value exits 2 naming the file, row and column, never skipping a row.
-A summary line (rows, predicted positives) goes to stderr, after a warning if the rows do not look
-like the model's training data.
+Writes a CSV row per input row: ``id`` (the input's, else the 1-based data row number), ``probability``
+(P(label = 1)) and ``prediction`` (1 iff probability >= ``--threshold``); a ``label`` column is ignored.
+Output goes to stdout or, atomically, to ``--out FILE``, only once every row is scored: a bad value
+exits 2 naming the file, row and column, never skipping a row. A summary line goes to stderr, after
+a warning if the rows do not look like the model's training data.
 """
 
 from __future__ import annotations

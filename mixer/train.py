@@ -1,7 +1,5 @@
-"""Training: ``fit`` runs epochs of mini-batches and reports each epoch to a callback.
-
-``fit`` knows nothing of Optuna or MLflow: the sweep passes ``on_epoch``, which receives each
-epoch's ``EpochMetrics`` and returns True to ask the run to stop. Curvature probes
+"""Training: ``fit`` runs epochs of mini-batches and passes each epoch's ``EpochMetrics`` to ``on_epoch``,
+which returns True to stop the run (``fit`` knows nothing of Optuna or MLflow). Curvature probes
 (``mixer.curvature``) run every ``curvature_every`` epochs, at the epoch the train loss stalls
 (``curvature_on_plateau``) and at the last epoch (``curvature_at_end``).
 """
@@ -27,13 +25,11 @@ from mixer.metrics import bce_with_logits, classification_metrics
 
 @dataclass(frozen=True)
 class EpochMetrics:
-    """What one epoch measured. ``epoch`` counts from 1.
-
-    The curvature fields are None on epochs without a probe, ``escape_gain`` also when the negative
-    curvature was not clear enough to try the escape step (``mixer.curvature.Escape.gain``: 1 when the
-    loss fell as ``½ α² λ_min`` predicts). ``neg_curvature_ratio`` is ``|λ_min| / λ_max``,
-    ``neg_curvature_share`` the spectral density's share below ``-eps`` (``mixer.curvature.Curvature``).
-    """
+    """What one epoch measured (``epoch`` counts from 1). The curvature fields are None on epochs without
+    a probe, ``escape_gain`` also when the negative curvature was not clear enough to try the escape
+    step (``mixer.curvature.Escape.gain``: 1 when the loss fell as ``½ α² λ_min`` predicts).
+    ``neg_curvature_ratio`` is ``|λ_min| / λ_max``, ``neg_curvature_share`` the spectral density's
+    share below ``-eps``."""
 
     epoch: int
     train_loss: float
@@ -62,15 +58,12 @@ class EpochMetrics:
 
 @dataclass
 class FitResult:
-    """The outcome of ``fit``: one EpochMetrics per epoch run, in order, and how the run ended.
-
-    ``status`` is "completed", "stopped" (on_epoch asked) or "diverged" (a NaN or infinite loss),
-    and ``reason`` says why it did not complete (else None). ``best_params`` are the parameters at
-    the end of ``best_epoch`` (lowest val_loss, 0 if none finished), ``params`` at the end of the
-    run; with ``ema_decay`` both are the weights' moving average, which validation and probes measure.
-    ``probes`` maps an epoch to the curvature probe taken then; ``probe_batch`` is the rows
-    ``(x, y)`` every probe used, or None without probes.
-    """
+    """The outcome of ``fit``: one EpochMetrics per epoch run, in order, and how the run ended. ``status``
+    is "completed", "stopped" (on_epoch asked) or "diverged" (a NaN or infinite loss), and ``reason`` says
+    why it did not complete (else None). ``best_params`` are the parameters at the end of ``best_epoch``
+    (lowest val_loss, 0 if none finished), ``params`` at the end of the run; with ``ema_decay`` both are
+    the weights' moving average, which validation and probes measure. ``probes`` maps an epoch to its
+    curvature probe; ``probe_batch`` is the rows ``(x, y)`` they used, or None."""
 
     history: list[EpochMetrics]
     status: str
@@ -109,12 +102,9 @@ def _probe(params: dict[str, np.ndarray], batch: tuple[np.ndarray, np.ndarray], 
 
 
 def fit(config: TrainConfig, data: Dataset, *, seed: int, on_epoch: OnEpoch | None = None) -> FitResult:
-    """Train one Mixer; ``on_epoch`` gets each epoch's metrics and stops the run by returning True.
-
-    Every random draw (init, shuffling, dropout, gradient noise, probe batch) derives from ``seed``:
-    same seed and inputs give a bit-identical history. ValueError if ``data.n_features`` is not
-    ``config.model.n_features``.
-    """
+    """Train one Mixer; ``on_epoch`` gets each epoch's metrics and stops the run by returning True. Every
+    random draw (init, shuffling, dropout, gradient noise, probe batch) derives from ``seed``: same seed
+    and inputs give a bit-identical history. ValueError if ``data.n_features`` is not the model's."""
     from mixer.diagnosis import stalled
     from mixer.model import init_params, loss_and_grads, predict_logits
     from mixer.optim import Adam, ema_update, sam_gradients
@@ -122,9 +112,8 @@ def fit(config: TrainConfig, data: Dataset, *, seed: int, on_epoch: OnEpoch | No
 
     model = config.model
     if data.n_features != model.n_features:
-        raise ValueError(
-            f"the data has {data.n_features} features but the model expects n_features={model.n_features}"
-        )
+        raise ValueError(f"the data has {data.n_features} features but the model expects "
+                         f"n_features={model.n_features}")
     dtype = np.dtype(config.dtype)
     # Independent streams, so that e.g. turning dropout on does not change the shuffling order.
     init_ss, shuffle_ss, dropout_ss, noise_ss, probe_ss = np.random.SeedSequence(seed).spawn(5)
@@ -134,9 +123,8 @@ def fit(config: TrainConfig, data: Dataset, *, seed: int, on_epoch: OnEpoch | No
     # What is scored, probed, kept and returned: the weights, or their moving average.
     scored = {k: v.copy() for k, v in params.items()} if config.ema_decay else params
 
-    x_train = np.ascontiguousarray(data.x_train, dtype=dtype)
-    y_train = np.ascontiguousarray(data.y_train, dtype=dtype)
-    x_val = np.ascontiguousarray(data.x_val, dtype=dtype)
+    x_train, y_train, x_val = (np.ascontiguousarray(a, dtype=dtype)
+                               for a in (data.x_train, data.y_train, data.x_val))
     y_val = np.asarray(data.y_val, dtype=np.float64)
     n, batch = len(x_train), config.batch_size
     every, on_plateau, at_end = config.curvature_every, config.curvature_on_plateau, config.curvature_at_end
@@ -245,9 +233,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.epochs is not None:
             config = dataclasses.replace(config, epochs=args.epochs)
         data = load(data_config)
-        if data.n_features != config.model.n_features:
-            model = dataclasses.replace(config.model, n_features=data.n_features)
-            config = dataclasses.replace(config, model=model)
+        model = dataclasses.replace(config.model, n_features=data.n_features)
+        config = dataclasses.replace(config, model=model)
     except (ConfigError, DataError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
