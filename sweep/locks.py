@@ -1,12 +1,9 @@
 """The one lock that every process working on a study shares, through the study's own storage.
 
-``study_lock(storage, study_name, purpose)``: purposes never block each other (docs/architecture.md
-says what each one guards). A journal gets an ``flock`` on ``<journal>.<purpose>.lock``, PostgreSQL a
-session advisory lock keyed by (purpose, study name), anything else a lock within this process. An
-advisory lock lives as long as its connection: after a database restart ``release`` has nothing to
-do and ``acquire`` reconnects, retrying as long as ``sweep.storage`` retries any storage operation.
-``file_lock(path)`` is the same ``flock`` for any other file local processes share (a new SQLite
-MLflow store, created once under it).
+``study_lock(storage, study_name, purpose)``: purposes never block each other. A journal gets an
+``flock`` on ``<journal>.<purpose>.lock``, PostgreSQL a session advisory lock (it goes with its
+connection: after a database restart ``acquire`` reconnects, retrying as ``sweep.storage`` does),
+anything else a lock within this process. ``file_lock(path)``: the same ``flock`` for another file.
 """
 
 from __future__ import annotations
@@ -130,11 +127,6 @@ class _PgLock(_Lock):
         self._conn = None
 
 
-def _advisory_key(purpose: str, study_name: str) -> int:
-    digest = hashlib.sha256(f"mixer-sweep:{purpose}:{study_name}".encode()).digest()
-    return int.from_bytes(digest[:8], "big", signed=True)
-
-
 def file_lock(path: str) -> _Lock:
     """An exclusive ``flock`` on ``path`` (created if missing), for local processes sharing a file."""
     return _FileLock(path)
@@ -147,11 +139,10 @@ def study_lock(storage: Any, study_name: str, purpose: str) -> _Lock:
     storage = getattr(storage, "_storage", storage)       # an optuna.Study
     storage = getattr(storage, "_backend", storage)       # RDB storage behind Optuna's cache
     file_path = getattr(storage, "_file_path", None)      # JournalStorage -> JournalFileBackend
-    if file_path is None:
-        file_path = getattr(getattr(storage, "_backend", None), "_file_path", None)
     if file_path is not None:
         return _FileLock(f"{file_path}.{purpose}.lock")
     engine = getattr(storage, "engine", None)
     if engine is not None and engine.dialect.name == "postgresql":
-        return _PgLock(engine, _advisory_key(purpose, study_name))
+        digest = hashlib.sha256(f"mixer-sweep:{purpose}:{study_name}".encode()).digest()
+        return _PgLock(engine, int.from_bytes(digest[:8], "big", signed=True))
     return _ProcessLock((purpose, f"{id(storage)}:{study_name}"))

@@ -1,11 +1,9 @@
 """One trial: sample a config, train it, report every epoch, prune, record what happened.
 
-``Objective`` is an ordinary Optuna objective. It returns the best epoch's metric, raises
-``optuna.TrialPruned`` when the pruner stops the trial (never in the warmup nor at the last epoch),
-and ``TrialFailed`` when training diverged or errored (``catch=(TrialFailed,)`` records a FAIL and the
-study goes on). Whatever the outcome, the trial ends with the user attributes ``seed``, ``config``,
-``history``, ``status``, ``reason``, ``diagnosis``, ``mlflow_run_id``, ``pruned_epoch``, ``worker``,
-``plateau``, ``probes`` and ``slices`` (docs/architecture.md says what each holds).
+``Objective`` returns the best epoch's metric, raises ``optuna.TrialPruned`` when the pruner stops the
+trial (never in the warmup nor at the last epoch) and ``TrialFailed`` when training diverged or
+errored (``catch=(TrialFailed,)`` records a FAIL and the study goes on). Whatever the outcome, the
+trial ends with the user attributes of docs/architecture.md's "A trial's record".
 """
 
 from __future__ import annotations
@@ -49,19 +47,14 @@ RUN_ID_ATTR = "mlflow_run_id"
 
 
 def store_run_id(trial: Any, run_id: str) -> None:
-    """Record the trial's MLflow run id (called on the tracker's sending thread once the run exists).
-
-    Through the storage, which is thread-safe, not the ``Trial``, whose cache is the training thread's.
-    A finished trial takes no attributes: the study keeps the id, as ``mlflow_run_id.<trial number>``.
-    """
+    """Record the trial's MLflow run id from the tracker's sending thread, through the thread-safe
+    storage (the ``Trial``'s cache is the training thread's). A finished trial takes no attributes:
+    the study keeps the id then, as ``mlflow_run_id.<trial number>``."""
     from optuna.exceptions import UpdateFinishedTrialError
 
-    storage, trial_id = getattr(trial, "storage", None), getattr(trial, "_trial_id", None)
-    if storage is None or trial_id is None:
-        return
     try:
         try:
-            storage.set_trial_user_attr(trial_id, RUN_ID_ATTR, run_id)
+            trial.storage.set_trial_user_attr(trial._trial_id, RUN_ID_ATTR, run_id)
         except UpdateFinishedTrialError:
             trial.study.set_user_attr(f"{RUN_ID_ATTR}.{trial.number}", run_id)
     except Exception as exc:  # noqa: BLE001 - storage trouble: not fatal, the run is fine
@@ -95,18 +88,15 @@ def _short(values: Any) -> list[float]:
 
 
 def curvature_attrs(result: Any, config: TrainConfig) -> dict[str, Any]:
-    """``probes`` and ``slices`` (the trial attributes) from a ``mixer.train.FitResult``.
-
-    The slices need the weights at the probe, which ``fit`` returns only when its last probe was at
-    its last epoch (``curvature_at_end``), so only completed trials get them.
-    """
+    """``probes`` and ``slices`` (the trial attributes) from a ``mixer.train.FitResult``. The slices need
+    the weights at the probe: only a completed fit whose last probe was at its last epoch has them."""
     from mixer.curvature import loss_slices
 
     probes = [{"epoch": e, "values": _short(c.ritz.values), "weights": _short(c.ritz.weights)}
               for e, c in sorted(result.probes.items()) if c.ritz is not None]
     out: dict[str, Any] = {"probes": probes, "slices": None}
     last = max(result.probes, default=None)
-    if result.status != "completed" or last is None or last != len(result.history):
+    if result.status != "completed" or last != len(result.history):
         return out
     probe = result.probes[last]
     radius = max(abs(probe.lambda_min), abs(probe.lambda_max))
@@ -131,12 +121,9 @@ def load_data(config: DataConfig) -> Any:
 
 
 class Interrupts:
-    """Ctrl-C that never tears a storage write in half.
-
-    Inside ``compute()`` (training) SIGINT or SIGTERM raises KeyboardInterrupt at once; elsewhere (storage,
-    tracking, the epoch callback) it is remembered and raised at the next ``check()`` or at the
-    start of the next ``compute()``. A second SIGINT raises wherever the process is.
-    """
+    """Ctrl-C that never tears a storage write in half. Inside ``compute()`` (training) SIGINT or
+    SIGTERM raises KeyboardInterrupt at once; elsewhere (storage, tracking, the epoch callback) it is
+    raised at the next ``check()`` or ``compute()``. A second SIGINT raises wherever the process is."""
 
     def __init__(self) -> None:
         self.pending = False
@@ -182,11 +169,9 @@ EpochHook = Callable[[int, Any, int], None]  # (trial number, EpochMetrics, epoc
 
 
 class Objective:
-    """Train one trial of ``space``; its seed derives from ``study_seed`` and the trial number.
-
-    ``tracker`` is a ``sweep.tracking.Tracker`` (None: no tracking), ``interrupts`` the process's
-    Ctrl-C handling (None: a plain KeyboardInterrupt), ``on_epoch`` a hook called after every epoch.
-    """
+    """Train one trial of ``space``, seeded from ``study_seed`` and the trial number. ``tracker``: a
+    ``sweep.tracking.Tracker`` (None: no tracking); ``interrupts``: the process's Ctrl-C handling (None:
+    a plain KeyboardInterrupt); ``on_epoch``: a hook called after every epoch."""
 
     def __init__(self, space: Space, *, study_seed: int, tracker: Any | None = None,
                  interrupts: Interrupts | None = None, on_epoch: EpochHook | None = None):
@@ -246,15 +231,18 @@ class Objective:
     def _start_run(self, trial: Any, config: TrainConfig, data_config: DataConfig, seed: int) -> Any:
         if self.tracker is None:
             return None
+        # The run id reaches the trial as soon as the run exists (a worker that dies mid-trial leaves
+        # it for the one that fails its trial), without the training waiting a round trip for it.
+        return self._tracked(trial, "could not start its MLflow run", lambda: self.tracker.start_trial(
+            trial, config, data_config, seed=seed, on_created=functools.partial(store_run_id, trial)))
+
+    def _tracked(self, trial: Any, failure: str, call: Callable[[], Any]) -> Any:
+        """``call()``, an MLflow call: if it raises, log ``failure``, count it for the exit code, train on."""
         try:
-            # The run id reaches the trial's user attributes as soon as the server has created the run
-            # (so a worker that dies mid-trial leaves it for the one that fails its trial), without the
-            # training waiting a round trip for it.
-            return self.tracker.start_trial(trial, config, data_config, seed=seed,
-                                            on_created=functools.partial(store_run_id, trial))
-        except Exception as exc:  # noqa: BLE001 - train on; the run's exit code reports it
+            return call()
+        except Exception as exc:  # noqa: BLE001
             self.tracking_errors += 1
-            log.error("trial %d: could not start its MLflow run: %s", trial.number, one_line(exc))
+            log.error("trial %d: %s: %s", trial.number, failure, one_line(exc))
             return None
 
     def _train(self, trial: Any, config: TrainConfig, data: Any, seed: int, history: list[Any],
@@ -276,14 +264,8 @@ class Objective:
                 value = float(getattr(m, metric))
                 if math.isfinite(value):
                     trial.report(value, m.epoch)
-                run = state["run"]
-                if run is not None:
-                    try:
-                        run.log_epoch(m)
-                    except Exception as exc:  # noqa: BLE001
-                        self.tracking_errors += 1
-                        log.error("trial %d: logging epoch %d failed: %s", trial.number, m.epoch,
-                                  one_line(exc))
+                if state["run"] is not None:
+                    self._tracked(trial, f"logging epoch {m.epoch} failed", lambda: state["run"].log_epoch(m))
                 if self.on_epoch is not None:
                     self.on_epoch(trial.number, m, epochs)
                 if self.interrupts.pending:
@@ -304,8 +286,7 @@ class Objective:
             raise TrialFailed(result.reason or "diverged", status="diverged")
         if result.status == "stopped" and state["pruned_epoch"] is not None:
             raise optuna.TrialPruned(f"pruned at epoch {state['pruned_epoch']}")
-        values = [float(getattr(m, metric)) for m in history]
-        values = [v for v in values if math.isfinite(v)]
+        values = list(filter(math.isfinite, (float(getattr(m, metric)) for m in history)))
         if not values:
             raise TrialFailed(f"no finite {metric} in {len(history)} epochs", status="diverged")
         return min(values) if self.space.direction == "minimize" else max(values)
@@ -339,11 +320,8 @@ class Objective:
             trial.set_user_attr(key, value)
         if run is not None:
             run_state = status if status in ("completed", "pruned", "diverged") else "failed"
-            try:
-                run.end(run_state, history=history, reason=reason, pruned_epoch=state["pruned_epoch"],
-                        diagnosis=diagnosis)
-            except Exception as exc:  # noqa: BLE001
-                self.tracking_errors += 1
-                log.error("trial %d: ending its MLflow run failed: %s", trial.number, one_line(exc))
+            self._tracked(trial, "ending its MLflow run failed", lambda: run.end(
+                run_state, history=history, reason=reason, pruned_epoch=state["pruned_epoch"],
+                diagnosis=diagnosis))
         log.info("trial %d %s%s after %d epochs", trial.number, status,
                  f" ({reason})" if reason else "", len(history))

@@ -18,20 +18,15 @@ __all__ = ["ETA_MIN_RATIO", "KNOBS", "Param", "PrunerSpec", "SamplerSpec", "Spac
 ETA_MIN_RATIO = "eta_min_ratio"  # the virtual knob: eta_min = eta_min_ratio * lr
 
 
-def _kind(annotation: Any) -> str:
-    """A field's annotation as a knob kind: int, float, str, optional_str (else the annotation)."""
-    text = str(annotation).replace(" ", "")
-    return {"str|None": "optional_str", "None|str": "optional_str"}.get(text, text)
-
-
-# Knob name -> (record, kind): every field of the three config records but TrainConfig.model.
+# Knob name -> (record, kind): every field of the three config records but TrainConfig.model. The kind
+# is the field's annotation (a string: mixer.config postpones annotations), optional_str for str | None.
 KNOBS: dict[str, tuple[str, str]] = {
-    f.name: (record, _kind(f.type))
+    f.name: (record, "optional_str" if f.type == "str | None" else f.type)
     for record, cls in (("model", MixerConfig), ("train", TrainConfig), ("data", DataConfig))
     for f in dataclasses.fields(cls) if f.name != "model"
 }
 KNOBS[ETA_MIN_RATIO] = ("train", "float")
-_DEFAULTS: dict[str, Any] = {**TrainConfig().to_flat(), **dataclasses.asdict(DataConfig())}
+_DEFAULT_LR = TrainConfig().lr
 
 
 @dataclass(frozen=True)
@@ -54,14 +49,10 @@ class Param:
         return [("low", self.low), ("high", self.high)]
 
     def contains(self, value: Any) -> bool:
-        """Whether ``value`` is one this parameter can take."""
         if self.type == "categorical":
             return any(_same(value, c) for c in self.choices)
-        if not _num(value):
-            return False
-        if self.type == "int" and not isinstance(value, int):
-            return False
-        return self.low <= value <= self.high
+        fits_type = _num(value) and (self.type == "float" or isinstance(value, int))
+        return fits_type and self.low <= value <= self.high
 
     def grid_values(self) -> list[Any] | None:
         """The values the grid sampler walks through, or None if the range is continuous."""
@@ -135,10 +126,8 @@ class Space:
     enqueue: tuple[dict[str, Any], ...] = ()  # parameter values of trials to run first
 
     def suggest(self, trial: Any) -> tuple[DataConfig, TrainConfig]:
-        """Sample this trial's parameters (respecting ``when``) and build its configs.
-
-        A ValueError means a sampled combination is invalid in a way validation cannot see.
-        """
+        """Sample this trial's parameters (where their ``when`` holds) and build its configs; a
+        ValueError means a sampled combination is invalid in a way validation cannot see."""
         values: dict[str, Any] = {}
         for p in self.params.values():
             if self._condition_holds(p, values):
@@ -150,13 +139,9 @@ class Space:
         return _build_configs({**self.data, **self.train, **sampled})
 
     def _condition_holds(self, p: Param, values: Mapping[str, Any]) -> bool:
-        fixed = {**self.data, **self.train}
-        for knob, allowed in p.when.items():
-            if knob in self.params and knob not in values:  # what it depends on was not sampled either
-                return False
-            if (values[knob] if knob in self.params else fixed[knob]) not in allowed:
-                return False
-        return True
+        """Whether ``p``'s conditions hold; one on a parameter not sampled (not in ``values``) does not."""
+        known = {**self.data, **self.train, **values}
+        return all(knob in known and known[knob] in allowed for knob, allowed in p.when.items())
 
     def active(self, values: Mapping[str, Any]) -> list[str]:
         """The parameters sampled in a trial whose known values are ``values``."""
@@ -168,8 +153,13 @@ class Space:
 
     def build_sampler(self, *, seed: int | None = None) -> Any:
         """The Optuna sampler, seeded with ``seed`` (default: the spec's seed, else the study seed)."""
-        grid = {name: p.grid_values() or [] for name, p in self.params.items()}
-        return _make_sampler(self.sampler, grid, self.sampler.seed if seed is None else seed)
+        spec = self.sampler
+        options = dict(spec.options)
+        if spec.name == "grid":
+            options["search_space"] = {name: p.grid_values() or [] for name, p in self.params.items()}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # ExperimentalWarning for gp/qmc options
+            return _sampler_class(spec.name)(seed=spec.seed if seed is None else seed, **options)
 
     def build_pruner(self) -> Any:
         return _make_pruner(self.pruner)
@@ -190,13 +180,12 @@ def split_flat(flat: Mapping[str, Any]) -> tuple[DataConfig, TrainConfig]:
 def _build_configs(flat: Mapping[str, Any]) -> tuple[DataConfig, TrainConfig]:
     flat = dict(flat)
     ratio = flat.pop(ETA_MIN_RATIO, None)
-    lr = flat.get("lr", _DEFAULTS["lr"])
+    lr = flat.get("lr", _DEFAULT_LR)
     if ratio is not None:
         if not 0.0 <= ratio <= 1.0:
             raise ValueError(f"eta_min_ratio must be in [0, 1], got eta_min_ratio={ratio}")
         flat["eta_min"] = ratio * lr
     elif "eta_min" in flat and _num(flat["eta_min"]) and _num(lr) and flat["eta_min"] > lr:
-        # Documented rule: a sampled eta_min above the sampled lr is clipped to lr.
         flat["eta_min"] = lr
     return split_flat(flat)
 
@@ -218,20 +207,8 @@ def _pruner_class(name: str) -> Any:
             "none": optuna.pruners.NopPruner}[name]
 
 
-def _make_sampler(spec: SamplerSpec, grid: dict[str, list[Any]], seed: int | None) -> Any:
-    cls = _sampler_class(spec.name)
-    kwargs = dict(spec.options)
-    if spec.name == "grid":
-        kwargs["search_space"] = grid
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # ExperimentalWarning for gp/qmc options
-        return cls(seed=seed, **kwargs)
-
-
 def _make_pruner(spec: PrunerSpec) -> Any:
     cls = _pruner_class(spec.name)
-    if spec.name == "none":
-        return cls()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # ExperimentalWarning for the patient pruner
         if spec.name == "patient":

@@ -1,14 +1,9 @@
 """Search spaces: one YAML file says everything about a study, checked before anything runs.
 
-The keys are listed in README.md ("Search spaces"); ``search_spaces/default.yaml`` is an example.
-Any knob of ``TrainConfig.to_flat()`` or ``DataConfig`` (not ``n_features``: the data sets it) is
-fixed (``train:``, ``data:``) or searched (``params:``), not both. CSV paths: ``resolve_csv``.
-A searched or fixed ``eta_min`` trains with ``min(eta_min, lr)`` (the Optuna parameter keeps the
-sampled value, the trial's ``config`` attribute the one trained with); the virtual knob
-``eta_min_ratio`` in [0, 1] gives ``eta_min = eta_min_ratio * lr``. A parameter with ``when: {knob:
-value or [values]}`` is sampled only where every listed knob holds one of them, else keeps its
-fixed value or default. Every error is a ``SpaceError`` starting with the file and the key path,
-e.g. ``search_spaces/x.yaml: params.patch_size.choices[2]: 5 does not divide n_features=42 ...``.
+The keys are in README.md ("Search spaces"). An ``eta_min`` above ``lr`` trains as ``lr`` (the Optuna
+parameter keeps the sampled value, the trial's ``config`` the one trained with); a parameter whose
+``when`` fails keeps its fixed value or default. Every error is a ``SpaceError`` starting with the
+file and the key path, e.g. ``x.yaml: params.patch_size.choices[2]: 5 does not divide ...``.
 """
 
 from __future__ import annotations
@@ -132,19 +127,17 @@ class _Checker:
         return value
 
 
+# A knob's kind (``sweep.sampling.KNOBS``) -> the YAML values it takes, and their name in errors.
 _KIND_TYPES = {"int": int, "float": int | float, "str": str, "optional_str": str | None}
+_KIND_NAMES = {"int": "an integer", "float": "a number", "str": "a string", "bool": "true or false",
+               "optional_str": "a string or null"}
 
 
 def _type_ok(kind: str, value: Any) -> bool:
-    """Whether a YAML value fits a knob of ``kind`` (``sweep.sampling.KNOBS``): booleans only for bool."""
+    """Whether a YAML value fits a knob of ``kind``: booleans only for bool."""
     if isinstance(value, bool) or kind == "bool":
         return isinstance(value, bool) and kind == "bool"
-    return isinstance(value, _KIND_TYPES.get(kind, object))
-
-
-def _kind_name(kind: str) -> str:
-    return {"int": "an integer", "float": "a number", "str": "a string", "bool": "true or false",
-            "optional_str": "a string or null"}.get(kind, kind)
+    return isinstance(value, _KIND_TYPES[kind])
 
 
 def _join(key: str, sub: str | int) -> str:
@@ -155,11 +148,8 @@ def _join(key: str, sub: str | int) -> str:
 
 
 def parse_space(doc: Any, *, path: str | Path = "<space>", train_csv: str | Path | None = None) -> Space:
-    """Validate an already-parsed space document (see the module doc). ``path`` names it in errors.
-
-    ``train_csv`` (a command line's ``--train-csv``, relative to the working directory) replaces the
-    file's ``data.train_csv`` and sets ``data.source: csv``.
-    """
+    """Validate an already-parsed space document; ``path`` names it in errors. ``train_csv`` (from
+    ``--train-csv``, relative to the working directory) replaces ``data.train_csv``, with source csv."""
     path = Path(path)
     c = _Checker(path)
     if doc is None:
@@ -176,8 +166,8 @@ def parse_space(doc: Any, *, path: str | Path = "<space>", train_csv: str | Path
     data = c.mapping(doc.get("data"), "data")
     if train_csv is not None:
         data = {**data, "source": "csv", "train_csv": str(Path(train_csv).absolute())}
-    data = _check_fixed(c, data, "data", path)
-    train = _check_fixed(c, c.mapping(doc.get("train"), "train"), "train", path)
+    data = _check_fixed(c, data, "data")
+    train = _check_fixed(c, c.mapping(doc.get("train"), "train"), "train")
     params = _check_params(c, c.mapping(doc.get("params"), "params"), data, train)
 
     # eta_min: either directly (clipped to lr) or as a ratio of lr, not both.
@@ -220,18 +210,16 @@ def parse_space(doc: Any, *, path: str | Path = "<space>", train_csv: str | Path
                   ensemble_top_k=top_k)
     space = dataclasses.replace(space, enqueue=_check_enqueue(c, doc.get("enqueue"), space))
     # Build the sampler and pruner once now, so that a bad option value fails before the study.
-    try:
-        space.build_sampler(seed=seed)
-    except (TypeError, ValueError) as exc:
-        raise c.fail("sampler.options", f"{sampler.name}: {exc}") from None
-    try:
-        space.build_pruner()
-    except (TypeError, ValueError) as exc:
-        raise c.fail("pruner.options", f"{pruner.name}: {exc}") from None
+    for key, spec, build in (("sampler", sampler, lambda: space.build_sampler(seed=seed)),
+                             ("pruner", pruner, space.build_pruner)):
+        try:
+            build()
+        except (TypeError, ValueError) as exc:
+            raise c.fail(f"{key}.options", f"{spec.name}: {exc}") from None
     return space
 
 
-def _check_fixed(c: _Checker, section: dict[str, Any], key: str, path: Path) -> dict[str, Any]:
+def _check_fixed(c: _Checker, section: dict[str, Any], key: str) -> dict[str, Any]:
     """Fixed knobs: known names, in the right section, of the right type."""
     out: dict[str, Any] = {}
     for name, value in section.items():
@@ -245,10 +233,10 @@ def _check_fixed(c: _Checker, section: dict[str, Any], key: str, path: Path) -> 
             other = "data" if record == "data" else "train"
             raise c.fail(k, f"{name} is a {other} setting: put it under {other}:")
         if not _type_ok(kind, value):
-            raise c.fail(k, f"expected {_kind_name(kind)}, got {shorten(value)}")
+            raise c.fail(k, f"expected {_KIND_NAMES[kind]}, got {shorten(value)}")
         if name in ("train_csv", "test_csv") and value:
             try:
-                value = resolve_csv(value, base=path.parent)
+                value = resolve_csv(value, base=c.path.parent)
             except ValueError as exc:
                 raise c.fail(k, str(exc)) from None
         out[name] = value
@@ -306,21 +294,18 @@ def _order_conditions(c: _Checker, raw: dict[str, Param], data: dict[str, Any],
                     raise c.fail(kk, f"{shorten(v)} is not a value params.{knob} can take "
                                      f"({_describe(raw[knob])})")
                 if knob in fixed and not _type_ok(KNOBS[knob][1], v):
-                    raise c.fail(kk, f"expected {_kind_name(KNOBS[knob][1])} for {knob}, got {shorten(v)}")
+                    raise c.fail(kk, f"expected {_KIND_NAMES[KNOBS[knob][1]]} for {knob}, got {shorten(v)}")
     ordered: dict[str, Param] = {}
-    visiting: set[str] = set()
 
     def visit(name: str, trail: tuple[str, ...]) -> None:
         if name in ordered:
             return
-        if name in visiting:
+        if name in trail:
             raise c.fail(_join(_join("params", name), "when"),
                          f"conditions form a cycle: {' -> '.join(trail + (name,))}")
-        visiting.add(name)
         for knob in raw[name].when:
             if knob in raw:
                 visit(knob, trail + (name,))
-        visiting.discard(name)
         ordered[name] = raw[name]
 
     for name in raw:
@@ -352,29 +337,27 @@ def _check_param(c: _Checker, name: str, spec: Any, k: str) -> Param:
         choices = spec.get("choices")
         if not isinstance(choices, list) or not choices:
             raise c.fail(_join(k, "choices"), f"expected a non-empty list, got {shorten(choices)}")
-        seen: list[Any] = []
         for i, v in enumerate(choices):
             kk = _join(_join(k, "choices"), i)
             if not _type_ok(kind, v):
-                raise c.fail(kk, f"expected {_kind_name(kind)} for {name}, got {shorten(v)}")
+                raise c.fail(kk, f"expected {_KIND_NAMES[kind]} for {name}, got {shorten(v)}")
             if name == "patch_size" and N_FEATURES % v:
                 raise c.fail(kk, f"{v} does not divide n_features={N_FEATURES} "
                                  f"(valid: {', '.join(map(str, divisors(N_FEATURES)))})")
-            if v in seen:
+            if v in choices[:i]:
                 raise c.fail(kk, f"duplicate choice {shorten(v)}")
-            seen.append(v)
         return Param(name=name, type=ptype, choices=tuple(choices), when=when)
 
     if kind not in ("int", "float"):
-        raise c.fail(_join(k, "type"), f"{name} takes {_kind_name(kind)}: use type: categorical")
+        raise c.fail(_join(k, "type"), f"{name} takes {_KIND_NAMES[kind]}: use type: categorical")
     if ptype == "float" and kind == "int":
         raise c.fail(_join(k, "type"), f"{name} is an integer setting: use type: int")
     for bound in ("low", "high"):
         if bound not in spec:
             raise c.fail(_join(k, bound), "missing")
         v = spec[bound]
-        if ptype == "int" and (not isinstance(v, int) or isinstance(v, bool)):
-            raise c.fail(_join(k, bound), f"expected an integer, got {shorten(v)}")
+        if ptype == "int":
+            c.integer(v, _join(k, bound))
         if not _num(v) or not math.isfinite(v):
             raise c.fail(_join(k, bound), f"expected a finite number, got {shorten(v)}")
     low, high = spec["low"], spec["high"]
@@ -387,8 +370,8 @@ def _check_param(c: _Checker, name: str, spec: Any, k: str) -> Param:
         raise c.fail(_join(k, "low"), f"a log scale needs low > 0, got low={low}")
     step = spec.get("step")
     if step is not None:
-        if ptype == "int" and (not isinstance(step, int) or isinstance(step, bool)):
-            raise c.fail(_join(k, "step"), f"expected an integer, got {shorten(step)}")
+        if ptype == "int":
+            c.integer(step, _join(k, "step"))
         if not _num(step) or step <= 0:
             raise c.fail(_join(k, "step"), f"expected a number > 0, got {shorten(step)}")
         if log and step != 1:
@@ -411,12 +394,10 @@ def _check_when(c: _Checker, when: Any, k: str) -> dict[str, tuple[Any, ...]]:
     when = c.mapping(when, k)
     if not when:
         raise c.fail(k, "expected at least one condition")
-    out: dict[str, tuple[Any, ...]] = {}
-    for knob, values in when.items():
-        vals = values if isinstance(values, list) else [values]
-        if not vals:
+    out = {knob: tuple(values) if isinstance(values, list) else (values,) for knob, values in when.items()}
+    for knob, values in out.items():
+        if not values:
             raise c.fail(_join(k, knob), "expected a value or a non-empty list of values")
-        out[knob] = tuple(vals)
     return out
 
 

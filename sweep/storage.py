@@ -1,13 +1,10 @@
-"""Optuna RDB storage that rides out a database restart (why: docs/architecture.md).
-
-``ResilientRDBStorage`` retries, with backoff for up to ``retry_seconds``, every storage operation
-that fails because the connection was lost; other errors are raised at once. A failed heartbeat is
-logged and skipped. A retried write the server had committed is repeated, which is harmless for the
-idempotent ones; a repeated ``create_new_trial`` can leave an extra trial (the budget counts by state).
+"""Optuna RDB storage that rides out a database restart: an operation that lost its connection is retried,
+other errors are raised at once (why, and the limit: docs/architecture.md, "Why the RDB storage is wrapped").
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import time
@@ -51,12 +48,9 @@ def is_disconnect(exc: BaseException) -> bool:
 
 def call_retrying(fn: Callable[[], Any], *, what: str, retry_seconds: float = RETRY_SECONDS,
                   on_retry: Callable[[], None] | None = None) -> Any:
-    """``fn()``, called again with backoff while it fails because the database connection was lost.
-
-    Other errors, and a lost connection that outlasts ``retry_seconds``, are raised. ``on_retry``
-    runs before each new attempt (to drop the dead connection); ``what`` names the operation in the
-    warnings that say the connection was lost and that it is back.
-    """
+    """``fn()``, called again with backoff while it fails because the database connection was lost
+    (for up to ``retry_seconds``; other errors are raised). ``on_retry`` runs before each new attempt
+    (to drop the dead connection); ``what`` names the operation in the warnings."""
     deadline: float | None = None
     delay = _FIRST_DELAY
     while True:
@@ -109,10 +103,8 @@ class ResilientRDBStorage(RDBStorage):
     def _reset_connections(self) -> None:
         # Drop this thread's session, whose connection may be the dead one. (SQLAlchemy invalidates
         # the pool's other connections when it sees a disconnect, and pre-ping tests each checkout.)
-        try:
+        with contextlib.suppress(Exception):  # best effort
             self.scoped_session.remove()
-        except Exception:  # noqa: BLE001 - best effort
-            pass
 
     def record_heartbeat(self, trial_id: int) -> None:
         # Runs in Optuna's heartbeat thread, where an exception ends the heartbeats for good.

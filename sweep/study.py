@@ -1,8 +1,5 @@
-"""A study in its storage: open the storage, create or join the study, spend its budget, retry lost trials.
-
-The storages and the study budget are described in docs/architecture.md ("Journal file storage by
-default", "PostgreSQL for teams", "The study budget").
-"""
+"""A study in its storage: open the storage, create or join the study, spend its budget, retry lost trials
+(docs/architecture.md: "Journal file storage by default", "PostgreSQL for teams", "The study budget")."""
 
 from __future__ import annotations
 
@@ -45,10 +42,7 @@ def quiet_optuna() -> None:
 
 
 def sqlalchemy_url(url: str) -> str:
-    """``postgresql://`` with the driver that is installed.
-
-    SQLAlchemy 2.1 maps a bare ``postgresql://`` to psycopg 3; this project ships psycopg2.
-    """
+    """``postgresql://`` with the installed driver: SQLAlchemy 2.1 maps it to psycopg 3, we ship psycopg2."""
     for scheme in ("postgresql://", "postgres://"):
         if url.startswith(scheme) and importlib.util.find_spec("psycopg") is None \
                 and importlib.util.find_spec("psycopg2") is not None:
@@ -58,12 +52,9 @@ def sqlalchemy_url(url: str) -> str:
 
 def open_storage(location: str, *, rdb: bool | None = None, heartbeat_interval: int | None = None,
                  grace_period: int | None = None, attempts: int = 6) -> Any:
-    """An Optuna storage: a journal file at ``location`` (its folder created), or an RDB URL.
-
-    ``rdb`` defaults to whether ``location`` contains ``://``; an RDB storage gets heartbeats
-    (``heartbeat_interval`` and ``grace_period`` default to ``HEARTBEAT_INTERVAL`` and ``GRACE_PERIOD``,
-    read when called) and retries. A UsageError names a storage that cannot be opened, password hidden.
-    """
+    """A journal file at ``location`` (its folder created), or if ``rdb`` (default: ``location`` has
+    ``://``) an RDB URL, with heartbeats (defaults: ``HEARTBEAT_INTERVAL``, ``GRACE_PERIOD``, read when
+    called) and retries. A UsageError names a storage that cannot be opened, password hidden."""
     import optuna
 
     if not (("://" in location) if rdb is None else rdb):
@@ -108,25 +99,20 @@ def open_storage(location: str, *, rdb: bool | None = None, heartbeat_interval: 
 
 
 def _repair_torn_journal(path: Path) -> None:
-    """Cut a journal back to its last complete record, keeping the torn one's file as a backup.
-
-    A failed append (a full disk) leaves half a JSON line at the end; Optuna would append after
-    it and never read the journal again.
-    """
+    """Cut a journal back to its last complete record, keeping the torn one's file as a backup
+    (a failed append leaves half a line, after which Optuna would never read the journal again)."""
     if not path.is_file() or not (size := path.stat().st_size):
         return
     start = max(0, size - (1 << 20))  # a record is far shorter than 1 MiB
     with open(path, "rb") as fh:
         fh.seek(start)
         tail = fh.read()
-    lines = tail.split(b"\n")  # [..., last record, b""] when the journal ends cleanly
+    last = tail.rfind(b"\n", 0, len(tail) - 1) + 1  # where the last line starts
     if tail.endswith(b"\n"):
-        try:
-            json.loads(lines[-2])
+        with contextlib.suppress(ValueError):  # a whole line that is not a record is torn as well
+            json.loads(tail[last:])
             return
-        except ValueError:  # a whole line that is not a record: torn as well
-            lines.pop()
-    keep = start + len(b"\n".join(lines[:-1])) + (1 if len(lines) > 1 else 0)
+    keep = start + last
     backup = path.with_name(f"{path.name}.torn-{time.strftime('%Y%m%d-%H%M%S')}")
     shutil.copyfile(path, backup)
     with open(path, "r+b") as fh:
@@ -146,9 +132,8 @@ def open_study(storage: Any, name: str, *, direction: str, sampler: Any, pruner:
     last: Exception | None = None
     for attempt in range(attempts):
         try:
-            study = optuna.create_study(storage=storage, study_name=name, direction=direction,
-                                        sampler=sampler, pruner=pruner)
-            return study, True
+            return optuna.create_study(storage=storage, study_name=name, direction=direction,
+                                       sampler=sampler, pruner=pruner), True
         except optuna.exceptions.DuplicatedStudyError:
             pass
         except sqlalchemy.exc.IntegrityError as exc:
@@ -162,12 +147,9 @@ def open_study(storage: Any, name: str, *, direction: str, sampler: Any, pruner:
 
 
 def sampler_seed(base: int, n_existing: int, worker_index: int, *, shared: bool = False) -> int:
-    """Different per worker and per resumption, so that no two processes draw the same sequence.
-
-    On shared (RDB) storage, workers on other machines start at the same instant with the same
-    ``n_existing`` and index, so each process adds a random salt: sampling is then not replayable,
-    but every trial's seed still derives from the study seed and its number, so its curve is.
-    """
+    """Different per worker and per resumption. On ``shared`` (RDB) storage, workers on other machines
+    may start with the same ``n_existing`` and index: a random salt makes sampling not replayable, but
+    every trial's seed still derives from the study seed and its number, so its curve is."""
     import numpy as np
 
     salt = [int.from_bytes(os.urandom(4), "little")] if shared else []
@@ -189,13 +171,10 @@ def run_trials(study: Any, objective: Any, *, n_trials: int | None, timeout: flo
                interrupts: Any, lock: Any = None, after_trial: Callable[[], None] | None = None,
                keep_going: Callable[[], bool] | None = None,
                on_stale: Callable[[list[Any]], None] | None = None) -> None:
-    """Run trials of ``study`` until its budget is spent, ``timeout`` passes or the grid is done.
-
-    ``lock`` is held around "count, then start a trial" (default: the study's budget lock);
-    ``after_trial()`` runs after each trial here; ``keep_going()`` is asked before each (False
-    stops); ``on_stale`` gets the trials this worker found dead (stale heartbeat) and failed.
-    Ctrl-C raises KeyboardInterrupt after the running trial is marked failed and queued again.
-    """
+    """Run trials of ``study`` until its budget is spent, ``timeout`` passes or the grid is done. ``lock``
+    is held around "count, then start a trial" (default: the study's budget lock); ``after_trial()`` runs
+    after each trial, ``keep_going()`` before each (False stops); ``on_stale`` gets the trials found
+    dead (stale heartbeat). Ctrl-C fails and re-queues the running trial, then raises KeyboardInterrupt."""
     from sweep.locks import study_lock
 
     if lock is None:
@@ -277,11 +256,8 @@ def enqueue_retry(study: Any, trial: Any) -> None:
 
 
 def reap_dead_local_trials(study: Any) -> list[int]:
-    """Fail and re-queue RUNNING trials whose worker process on this host no longer exists.
-
-    Journal storage has no heartbeat; a worker killed hard (SIGKILL, power loss) leaves its trial
-    RUNNING. Every trial records ``worker`` = host:pid when it starts.
-    """
+    """Fail and re-queue RUNNING trials whose worker (``worker`` = host:pid) on this host is gone:
+    a journal has no heartbeat, so a worker killed hard (SIGKILL, power loss) leaves its trial RUNNING."""
     import optuna
     from optuna.trial import TrialState
 
@@ -318,11 +294,8 @@ def _pid_alive(pid: int) -> bool:
 
 
 def fail_lost_runs(tracking_uri: str) -> Callable[[list[Any]], None]:
-    """A ``run_trials(on_stale=...)`` callback: mark the MLflow runs of trials whose worker died FAILED.
-
-    The dead worker cannot close its own run, and no ``Tracker`` of this process owns it, so the
-    worker that finds the stale heartbeat closes it with a plain ``MlflowClient``.
-    """
+    """A ``run_trials(on_stale=...)`` callback: mark the MLflow runs of trials whose worker died FAILED
+    (no ``Tracker`` owns them: the worker that finds the stale heartbeat uses a plain ``MlflowClient``)."""
     def fail(trials: list[Any]) -> None:
         from mlflow.tracking import MlflowClient
 

@@ -39,11 +39,8 @@ def cores() -> int:
 
 
 def run_workers(settings: Any, study: Any, progress: Progress) -> tuple[bool, list[str], int]:
-    """Start ``settings.workers`` workers, show progress until they end.
-
-    Returns whether Ctrl-C stopped them, a line per worker that crashed, and the MLflow calls and
-    metric points the workers failed to deliver.
-    """
+    """Start ``settings.workers`` workers, show progress until they end. Returns whether Ctrl-C stopped
+    them, a line per worker that crashed, and the MLflow calls and metric points they failed to deliver."""
     k = settings.workers
     threads = max(1, cores() // k)
     # Secrets travel in the environment, not on command lines that `ps` shows to every user.
@@ -58,37 +55,31 @@ def run_workers(settings: Any, study: Any, progress: Progress) -> tuple[bool, li
             "--study-name", settings.study_name, "--out", str(settings.out_dir.parent)]
     # Without --seed the workers read the file's seeds, as this process did.
     for flag, value in (("--seed", settings.seed_given), ("--n-trials", settings.n_trials),
-                        ("--timeout", settings.timeout)):
+                        ("--timeout", settings.timeout), ("--train-csv", settings.train_csv)):
         if value is not None:
             base += [flag, str(value)]
     if not settings.tracking:
         base.append("--no-tracking")
-    if settings.train_csv:
-        base += ["--train-csv", settings.train_csv]
     procs: list[subprocess.Popen] = []
-    logs = []
-    for i in range(k):
-        (workdir / f"worker-{i}.json").unlink(missing_ok=True)
-        logf = open(workdir / f"worker-{i}.log", "ab")
-        logs.append(logf)
-        # Own session: a terminal's Ctrl-C reaches only the parent, which forwards it exactly once.
-        procs.append(subprocess.Popen([*base, "--worker-of", f"{os.getpid()}:{i}"], env=env,
-                                      stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
-                                      start_new_session=True))
-    log.info("started %d workers with %d BLAS threads each: %s", k, threads, [p.pid for p in procs])
-    progress.message(f"{k} workers × {threads} BLAS thread(s); their logs: {workdir}/worker-*.log")
     interrupted = False
-    try:
-        while any(p.poll() is None for p in procs):
-            progress.update(study.get_trials(deepcopy=False))
-            time.sleep(1.0)
-    except KeyboardInterrupt:
-        interrupted = True
-        progress.message("interrupt: stopping the workers (their running trials are marked failed)...")
-        _stop_workers(procs)
-    finally:
-        for f in logs:
-            f.close()
+    with contextlib.ExitStack() as logs:
+        for i in range(k):
+            (workdir / f"worker-{i}.json").unlink(missing_ok=True)
+            logf = logs.enter_context(open(workdir / f"worker-{i}.log", "ab"))
+            # Own session: a terminal's Ctrl-C reaches only the parent, which forwards it exactly once.
+            procs.append(subprocess.Popen([*base, "--worker-of", f"{os.getpid()}:{i}"], env=env,
+                                          stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
+                                          start_new_session=True))
+        log.info("started %d workers with %d BLAS threads each: %s", k, threads, [p.pid for p in procs])
+        progress.message(f"{k} workers × {threads} BLAS thread(s); their logs: {workdir}/worker-*.log")
+        try:
+            while any(p.poll() is None for p in procs):
+                progress.update(study.get_trials(deepcopy=False))
+                time.sleep(1.0)
+        except KeyboardInterrupt:
+            interrupted = True
+            progress.message("interrupt: stopping the workers (their running trials are marked failed)...")
+            _stop_workers(procs)
     failures: list[str] = []
     tracking_errors = 0
     for i, p in enumerate(procs):
@@ -106,21 +97,15 @@ def run_workers(settings: Any, study: Any, progress: Progress) -> tuple[bool, li
 
 def _stop_workers(procs: list[subprocess.Popen]) -> None:
     for p in procs:
-        if p.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                p.send_signal(signal.SIGINT)
+        p.send_signal(signal.SIGINT)  # Popen skips a process that has exited
     deadline = time.monotonic() + STOP_SECONDS
-    try:
+    with contextlib.suppress(KeyboardInterrupt):  # a second Ctrl-C: stop waiting politely
         for p in procs:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 p.wait(timeout=max(0.1, deadline - time.monotonic()))
-    except KeyboardInterrupt:
-        pass  # a second Ctrl-C: stop waiting politely
     for p in procs:
-        if p.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                p.kill()
-            p.wait()
+        p.kill()
+        p.wait()
 
 
 def worker_main(settings: Any, worker_of: str) -> int:
