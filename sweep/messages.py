@@ -24,6 +24,5 @@ def one_line(exc: BaseException | None, *, limit: int = 200) -> str:
     if exc is None:
         return "unknown error"
     text = str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)
-    text = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
-    text = redact(text)
+    text = redact(text.strip().splitlines()[0]) if text.strip() else type(exc).__name__
     return text if len(text) <= limit else text[: limit - 3] + "..."

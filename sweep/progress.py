@@ -25,15 +25,12 @@ def log_to(target: TextIO | Path | None) -> None:
     handler: logging.Handler
     if target is None:
         handler = logging.handlers.MemoryHandler(capacity=100_000, flushLevel=logging.CRITICAL + 1)
-    elif isinstance(target, Path):
-        handler = logging.FileHandler(target)
     else:
-        handler = logging.StreamHandler(target)
+        handler = logging.FileHandler(target) if isinstance(target, Path) else logging.StreamHandler(target)
     # The host too: workers in containers sharing one sweep.log on a volume are all PID 1.
     handler.setFormatter(logging.Formatter(
         f"%(asctime)s {socket.gethostname()} %(process)d %(name)s %(levelname)s %(message)s"))
-    for h in list(root.handlers):
-        root.removeHandler(h)
+    root.handlers.clear()
     for h in held:
         if target is not None:
             h.setTarget(handler)
@@ -54,8 +51,7 @@ def strip_foreign_handlers() -> None:
             continue
         lg.disabled = False
         if name.split(".")[0] in ("mlflow", "alembic", "sqlalchemy", "urllib3", "optuna", "huey"):
-            for h in list(lg.handlers):
-                lg.removeHandler(h)
+            lg.handlers.clear()
             lg.propagate = True
 
 
@@ -136,12 +132,11 @@ class Progress:
             self.counts[key] += 1
             if t.state != TrialState.FAIL or STATUS_COUNTS.get(t.user_attrs.get("status"), False):
                 self.done += 1
-            new_best = False
-            if t.state == TrialState.COMPLETE and t.value is not None:
-                better = (self.best is None or (t.value < self.best[0] if self.direction == "minimize"
-                                                else t.value > self.best[0]))
-                if better:
-                    self.best, new_best = (t.value, t.number), True
+            new_best = t.state == TrialState.COMPLETE and t.value is not None and (
+                self.best is None or (t.value < self.best[0] if self.direction == "minimize"
+                                      else t.value > self.best[0]))
+            if new_best:
+                self.best = (t.value, t.number)
             if announce:
                 self.running = ""
                 line = self._trial_line(t, key, new_best)
@@ -164,9 +159,8 @@ class Progress:
     def _status(self) -> str:
         total = "?" if self.total is None else str(self.total)
         best = "-" if self.best is None else f"{format_value(self.best[0])} (trial {self.best[1]})"
-        c = self.counts
-        return (f"{self.study}: {self.done}/{total} trials · {c['completed']} completed · "
-                f"{c['pruned']} pruned · {c['failed']} failed · best {self.metric} {best} · "
+        counts = " · ".join(f"{n} {key}" for key, n in self.counts.items())
+        return (f"{self.study}: {self.done}/{total} trials · {counts} · best {self.metric} {best} · "
                 f"{_fmt_time(time.monotonic() - self.started)}")
 
     def _clear(self) -> None:

@@ -71,10 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="worker processes on this machine sharing the study, each with cores/K BLAS "
                         "threads (default 1: train in this process)")
     p.add_argument("--storage", metavar="URL",
-                   help="Optuna storage: a journal file path, or an RDB URL such as "
-                        "postgresql://user@host/db to share the study across machines "
-                        "(default: $MIXER_STORAGE, which keeps a password off the command line, "
-                        "else <out>/<study>/optuna.journal)")
+                   help="Optuna storage: a journal file path, or an RDB URL such as postgresql://user@host/db"
+                        " to share the study across machines (default: $MIXER_STORAGE, which keeps a "
+                        "password off the command line, else <out>/<study>/optuna.journal)")
     p.add_argument("--study-name", metavar="NAME", help="study name (overrides the file's `study`)")
     p.add_argument("--tracking-uri", metavar="URI",
                    help="MLflow tracking URI, e.g. http://127.0.0.1:5000 (default: $MLFLOW_TRACKING_URI, "
@@ -120,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exc:  # argparse exits 2 on bad usage, 0 on --help
         return int(exc.code or 0)
     root = logging.getLogger()
-    saved = (list(root.handlers), root.level)
+    handlers, level = list(root.handlers), root.level
     try:
         if args.worker_of:
             return worker_main(_Settings(args), args.worker_of)
@@ -143,13 +142,11 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     finally:
         # main() may be called in-process (tests, notebooks): leave logging as it was.
-        for h in list(root.handlers):
-            root.removeHandler(h)
-            if h not in saved[0]:
-                h.close()
-        for h in saved[0]:
-            root.addHandler(h)
-        root.setLevel(saved[1])
+        added = [h for h in root.handlers if h not in handlers]
+        root.handlers = handlers
+        for h in added:
+            h.close()
+        root.setLevel(level)
         logging.captureWarnings(False)
 
 
@@ -196,10 +193,9 @@ class _Settings:
         self.tracking = not args.no_tracking
         self.tracking_uri = args.tracking_uri
         self.experiment = s.experiment or self.study_name
-        self.storage = args.storage or os.environ.get("MIXER_STORAGE") or str(self.out_dir / "optuna.journal")
-        self.rdb = "://" in self.storage
-        if not self.rdb:
-            self.storage = str(Path(self.storage).resolve())
+        storage = args.storage or os.environ.get("MIXER_STORAGE") or str(self.out_dir / "optuna.journal")
+        self.rdb = "://" in storage
+        self.storage = storage if self.rdb else str(Path(storage).resolve())
         if self.storage.startswith("sqlite") and args.workers > 1:
             raise UsageError("SQLite does not take concurrent writers well: use the default journal "
                              "file or PostgreSQL with --workers > 1")
@@ -221,9 +217,7 @@ def _check_data(settings: _Settings) -> None:
 def _check_writable(folder: Path) -> None:
     """A UsageError unless files can be created under ``folder`` (tried in its nearest existing
     ancestor, so that nothing is created yet)."""
-    base = folder
-    while not base.exists() and base != base.parent:
-        base = base.parent
+    base = next(p for p in (folder, *folder.parents) if p.exists())
     try:
         tempfile.TemporaryFile(dir=base).close()
     except OSError as exc:
@@ -237,9 +231,7 @@ def _make_tracker(settings: _Settings) -> Any:
         from sweep.tracking import Tracker, TrackingUnavailable
     except ImportError as exc:
         raise UsageError(f"MLflow tracking is not available ({exc}); run with --no-tracking") from None
-    import mlflow  # noqa: F401 - imported here so that its log handlers can be taken over first
-
-    strip_foreign_handlers()
+    strip_foreign_handlers()  # importing MLflow installed its own log handlers
     try:
         tracker = Tracker(settings.tracking_uri, settings.experiment)
         tracker.check_reachable()

@@ -77,12 +77,6 @@ def resolve_uri(tracking_uri: str | None) -> str:
     return tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
 
 
-def _sqlite_path(uri: str) -> Path | None:
-    """The database file of a ``sqlite:///`` URI (None for other URIs or in-memory SQLite)."""
-    path = unquote(uri[len("sqlite:///"):].split("?", 1)[0]) if uri.startswith("sqlite:///") else ""
-    return Path(path) if path and path != ":memory:" else None
-
-
 def ui_hint(tracking_uri: str, experiment_id: str | None, *, metric: str | None = None,
             direction: str = "minimize") -> str | None:
     """Where to see the study's curves: its completed trials, best ``metric`` (last value) first, in the
@@ -107,10 +101,12 @@ def ui_hint(tracking_uri: str, experiment_id: str | None, *, metric: str | None 
 
 
 def _open_client(uri: str) -> MlflowClient:
-    """An ``MlflowClient`` whose store exists. A new SQLite store is created under a file lock: two
+    """An ``MlflowClient`` whose store exists. A new SQLite file store is created under a file lock: two
     processes creating it at once would both run its migrations, and one would fail."""
-    if (db := _sqlite_path(uri)) is None:
+    path = unquote(uri[len("sqlite:///"):].split("?", 1)[0]) if uri.startswith("sqlite:///") else ""
+    if path in ("", ":memory:"):
         return MlflowClient(tracking_uri=uri)
+    db = Path(path)
     db.parent.mkdir(parents=True, exist_ok=True)
     with file_lock(str(db) + ".lock"):
         client = MlflowClient(tracking_uri=uri)
@@ -467,11 +463,9 @@ class Tracker:
 
     def start_trial(self, trial: optuna.trial.BaseTrial, config: TrainConfig, data_config: DataConfig,
                     *, seed: int, on_created: Callable[[str], None] | None = None) -> TrialRun:
-        """Queue the child run ``trial-<n>`` under the parent run; never waits for the server.
-
-        Params: the full flat config; tags ``trial_number``, ``study_name``, ``seed``, ``optuna_state``;
-        artifact ``config.yaml``, the resolved config (``mixer.config.load_run_config`` reads it).
-        ``on_created(run_id)`` is called on the sending thread once the run exists."""
+        """Queue the child run ``trial-<n>`` under the parent run, the full flat config as its params and
+        the resolved config as ``config.yaml`` (``mixer.config.load_run_config`` reads it); never waits
+        for the server. ``on_created(run_id)`` is called on the sending thread once the run exists."""
         if self.parent_run_id is None:
             if getattr(trial, "study", None) is None:
                 raise RuntimeError("call ensure_parent_run(study) before start_trial")
@@ -495,12 +489,10 @@ class Tracker:
         return self._sender.wait(barrier.done, self.close_timeout if timeout is None else timeout)
 
     def finish_study(self, study: optuna.Study, out_dir: str | Path) -> dict[str, Any]:
-        """Summarise the study on its parent run and mark it FINISHED: metrics ``best_value``, ``n_complete``,
-        ``n_pruned``, ``n_failed``, ``n_trials``; tags ``best_trial_number``, ``best_param.<name>``,
-        ``optuna_direction``, ``study_name``; params ``best.<name>``, ``best.trial_number`` (for *Compare*
-        across studies; MLflow params cannot change, so they keep the first summary's best trial, while the
-        tags follow the current best); as artifacts the files ``sweep.report.write_study_files`` writes into
-        ``out_dir``. Returns the counts, ``best_value`` (None without a completed trial) and ``files``."""
+        """Summarise the study on its parent run and mark it FINISHED: counts and best value as metrics, the
+        best trial as tags and as params (for *Compare*; params cannot change: they keep the first summary's
+        best), the files ``sweep.report.write_study_files`` writes into ``out_dir`` as artifacts. Returns
+        the counts, ``best_value`` (None without a completed trial) and ``files``."""
         from sweep.report import write_study_files  # sweep.report imports this module
 
         if self.parent_run_id is None or self._study_name != study.study_name:
