@@ -42,7 +42,6 @@ def metric_name(study) -> str:
 
 # --- The report's figure of curves
 
-
 def _sort_key(value: Any) -> tuple[int, Any]:
     """Numbers first, in order, then everything else by its text."""
     return (0, value) if isinstance(value, (int, float)) and not isinstance(value, bool) else (1, str(value))
@@ -84,13 +83,11 @@ def plot_curves(records: Sequence[TrialRecord], *, group_by: str = DEFAULT_GROUP
     drawn = [r for r in records if r.history]
     groups = sorted({r.knob(group_by, searched=searched) for r in drawn}, key=_sort_key) or [None]
     has_curvature = any(r.curve("hessian_max_eig")[0] for r in records)
-    rows = ["loss", "lr", "grad", *(["curvature"] if has_curvature else [])]
-    ncols = len(groups)
-    heights = {"loss": 3.2, "lr": 1.4, "grad": 1.5, "curvature": 1.8}
-    fig = Figure(figsize=(max(7.0, 5.0 * ncols), sum(heights[r] for r in rows) + 1.4),
-                 layout="constrained")
-    axes = fig.subplots(len(rows), ncols, sharex=True, sharey="row", squeeze=False,
-                        gridspec_kw={"height_ratios": [heights[r] for r in rows]})
+    heights = {"loss": 3.2, "lr": 1.4, "grad": 1.5, **({"curvature": 1.8} if has_curvature else {})}
+    rows = list(heights)
+    fig = Figure(figsize=(max(7.0, 5.0 * len(groups)), sum(heights.values()) + 1.4), layout="constrained")
+    axes = fig.subplots(len(rows), len(groups), sharex=True, sharey="row", squeeze=False,
+                        gridspec_kw={"height_ratios": list(heights.values())})
     for col, group in enumerate(groups):
         members = [r for r in order if r.history and r.knob(group_by, searched=searched) == group]
         coloured = [r for r in members if r.number in colours]
@@ -103,38 +100,34 @@ def plot_curves(records: Sequence[TrialRecord], *, group_by: str = DEFAULT_GROUP
             style = {"color": c, "lw": 2.6 if is_best else 1.8 if top_trial else 0.9,
                      "alpha": 1.0 if top_trial else 0.55, "zorder": 4 if is_best else 3 if top_trial else 1}
             # A one-epoch curve (a trial just started) would be an invisible line: mark its point.
-            style["marker"], style["ms"] = ("o", 3) if len(r.history) == 1 else (None, None)
+            point = {"marker": "o", "ms": 3} if len(r.history) == 1 else {"marker": None, "ms": None}
             ep, val = r.curve("val_loss")
-            axes[0, col].plot(ep, val, "-", **style)
+            axes[0, col].plot(ep, val, "-", **style, **point)
             ep_t, tr = r.curve("train_loss")
-            axes[0, col].plot(ep_t, tr, "--", **{**style, "lw": style["lw"] * 0.8})
+            axes[0, col].plot(ep_t, tr, "--", **{**style, **point, "lw": style["lw"] * 0.8})
             if top_trial:
                 # The diagnosis' plateau, shaded from the epoch before its first to its last.
                 if r.number in plateaus:
                     first, last = plateaus[r.number]
                     axes[0, col].axvspan(first - 1, last, color=c, alpha=0.13, lw=0, zorder=0)
-                probed = set(r.curve("hessian_max_eig")[0])
-                axes[0, col].plot([e for e in ep_t if e in probed], [v for e, v in zip(ep_t, tr, strict=True)
-                                                                    if e in probed],
-                                  "D", color=c, ms=4, mec="k", mew=0.5, zorder=style["zorder"] + 1)
+                probed = np.isin(ep_t, r.curve("hessian_max_eig")[0])
+                axes[0, col].plot(np.array(ep_t)[probed], np.array(tr)[probed], "D", color=c, ms=4, mec="k",
+                                  mew=0.5, zorder=style["zorder"] + 1)
             if r.state == "PRUNED" and ep:
                 axes[0, col].plot(ep[-1], val[-1], "x", color=c, ms=6, mew=1.5, zorder=style["zorder"])
             for row_name, key in (("lr", "lr"), ("grad", "grad_norm_mean")):
-                axes[rows.index(row_name), col].plot(*r.curve(key), "-", **style)
+                axes[rows.index(row_name), col].plot(*r.curve(key), "-", **style, **point)
             if has_curvature:
                 ax = axes[rows.index("curvature"), col]
-                probe_style = {k: v for k, v in style.items() if k not in ("marker", "ms")}
-                ax.plot(*r.curve("hessian_max_eig"), "-o", ms=3, **probe_style)
+                ax.plot(*r.curve("hessian_max_eig"), "-o", ms=3, **style)
                 ep_k, vals = r.curve("hessian_min_eig")
-                ax.plot(ep_k, vals, ":", **probe_style)
+                ax.plot(ep_k, vals, ":", **style)
                 # A negative λ_min is a descent direction of the curvature: drawn filled and larger.
                 ax.plot([e for e, v in zip(ep_k, vals, strict=True) if v < 0], [v for v in vals if v < 0],
-                        "v", ms=6 if top_trial else 4, mec="k", mew=0.4, **probe_style)
+                        "v", ms=6 if top_trial else 4, mec="k", mew=0.4, **style)
         label = "(unset)" if group is None else group
-        counts = f"{n_done} complete, {n_pruned} pruned"
         n_other = len(members) - n_done - n_pruned
-        if n_other:
-            counts += f", {n_other} running/failed"
+        counts = f"{n_done} complete, {n_pruned} pruned" + (f", {n_other} running/failed" if n_other else "")
         axes[0, col].set_title(f"{group_by} = {label}\n{len(members)} trial{'s' * (len(members) != 1)}: "
                                f"{counts}", fontsize=10)
         handles = [Line2D([], [], color=colours[r.number], lw=2.6 if r.number == best_number else 1.8,
@@ -160,9 +153,15 @@ def plot_curves(records: Sequence[TrialRecord], *, group_by: str = DEFAULT_GROUP
                 "grad": _spans_decades(v for r in drawn for v in r.curve("grad_norm_mean")[1])}
     lrs = [v for r in drawn for v in r.curve("lr")[1] if math.isfinite(v)]
     positive = [v for v in lrs if v > 0]
-    lr_floor = 10 ** math.floor(math.log10(min(positive))) if positive and any(v == 0 for v in lrs) else None
+    lr_floor = 10 ** math.floor(math.log10(min(positive))) if positive and 0 in lrs else None
     ylabels = {"loss": "loss" + (" (log)" if log_rows["loss"] else ""), "lr": "learning rate",
                "grad": "grad norm\n(epoch mean)", "curvature": "Hessian λ_max (—o)\nλ_min (⋯, ▼ < 0)"}
+    # Symmetric log: λ_max and λ_min differ by orders of magnitude and λ_min changes sign. The
+    # linear band around 0 reaches the smallest probed |λ| (a power of 10, at least 1e-3 of
+    # the largest), so every probe sits on the logarithmic part and the band stays narrow.
+    sizes = [abs(v) for r in records for k in ("hessian_max_eig", "hessian_min_eig")
+             for v in r.curve(k)[1] if math.isfinite(v) and v != 0]
+    smallest = max(min(sizes, default=1.0), max(sizes, default=1.0) * 1e-3, 1e-12)
     for i, row_name in enumerate(rows):
         axes[i, 0].set_ylabel(ylabels[row_name], fontsize=9)
         for ax in axes[i]:
@@ -179,16 +178,8 @@ def plot_curves(records: Sequence[TrialRecord], *, group_by: str = DEFAULT_GROUP
                     # 0.2, 0.3 reads better than 2×10⁻¹ for values within a decade or two.
                     ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
                     ax.yaxis.set_minor_formatter(FuncFormatter(_minor_log_label))
-    if has_curvature:
-        # Symmetric log: λ_max and λ_min differ by orders of magnitude and λ_min changes sign. The
-        # linear band around 0 reaches the smallest probed |λ| (a power of 10, at least 1e-3 of
-        # the largest), so every probe sits on the logarithmic part and the band stays narrow.
-        sizes = [abs(v) for r in records for k in ("hessian_max_eig", "hessian_min_eig")
-                 for v in r.curve(k)[1] if math.isfinite(v) and v != 0]
-        largest = max(sizes, default=1.0)
-        smallest = max(min(sizes, default=1.0), largest * 1e-3, 1e-12)
-        for ax in axes[rows.index("curvature")]:
-            ax.set_yscale("symlog", linthresh=10 ** math.floor(math.log10(smallest)))
+            elif row_name == "curvature":
+                ax.set_yscale("symlog", linthresh=10 ** math.floor(math.log10(smallest)))
     for ax in axes[-1]:
         ax.set_xlabel("epoch", fontsize=9)
         ax.xaxis.get_major_locator().set_params(integer=True)
@@ -199,13 +190,10 @@ def plot_curves(records: Sequence[TrialRecord], *, group_by: str = DEFAULT_GROUP
 
 # --- The study's plots
 
-
 def study_figures(study, *, top: int = DEFAULT_TOP) -> dict[str, Any]:
-    """Each of ``STUDY_PLOTS`` by name: a matplotlib Figure, or a string saying why it is left out.
-
-    Optuna draws the history, the parallel coordinates and the importances, relabelled here with
-    the metric's name; the per-epoch curves are drawn here (Optuna's legend lists every trial).
-    """
+    """Each of ``STUDY_PLOTS`` by name: a matplotlib Figure, or a string saying why it is left out. Optuna
+    draws the history, parallel coordinates and importances (relabelled with the metric's name); the
+    per-epoch curves are drawn here, since Optuna's legend lists every trial."""
     import warnings
 
     import matplotlib
@@ -258,7 +246,6 @@ def study_figures(study, *, top: int = DEFAULT_TOP) -> dict[str, Any]:
 
 
 def _best(study):
-    """The best completed trial, or None."""
     try:
         return study.best_trial
     except ValueError:
@@ -321,9 +308,8 @@ def _relabel_importances(ax, metric: str, n_complete: int):
 
 
 def plot_intermediate_values(study, *, top: int = DEFAULT_TOP):
-    """Every trial's reported metric per epoch (a ``matplotlib.figure.Figure``): the ``top`` best
-    completed trials in colour, the best one thickest and drawn last; every other trial thin and
-    grey, a pruned one ending in an ×. The legend names the coloured trials and counts the rest."""
+    """Every trial's reported metric per epoch (a ``matplotlib.figure.Figure``), the ``top`` best completed
+    trials in colour, a pruned one ending in an ×; the legend names the coloured trials, counts the rest."""
     from matplotlib.figure import Figure
     from matplotlib.lines import Line2D
     from optuna.study import StudyDirection
@@ -339,8 +325,7 @@ def plot_intermediate_values(study, *, top: int = DEFAULT_TOP):
     fig = Figure(figsize=(7.5, 4.5), layout="constrained")
     ax = fig.subplots()
     for t in [*others, *reversed(complete)]:  # grey first, the best last: on top
-        steps = sorted(t.intermediate_values)
-        values = [t.intermediate_values[s] for s in steps]
+        steps, values = zip(*sorted(t.intermediate_values.items()), strict=True)
         rank = ranks.get(t.number)
         style = ({"color": _GREY, "lw": 0.9, "alpha": 0.6, "zorder": 1} if rank is None else
                  {"color": _PALETTE[rank % len(_PALETTE)], "lw": 3.0 if rank == 0 else 1.6, "alpha": 1.0,
@@ -368,11 +353,9 @@ def plot_intermediate_values(study, *, top: int = DEFAULT_TOP):
 
 # --- The loss landscape, from the curvature probes
 
-
 def _last_probe(r: TrialRecord) -> dict[str, float] | None:
-    probed = [h for h in r.history
-              if h.get("hessian_max_eig") is not None and h.get("neg_curvature_share") is not None]
-    return probed[-1] if probed else None
+    return next((h for h in reversed(r.history)
+                 if h.get("hessian_max_eig") is not None and h.get("neg_curvature_share") is not None), None)
 
 
 def _trial_list(numbers: Sequence[int], *, most: int = 10) -> str:

@@ -147,12 +147,10 @@ def trial_configs(trial: Any) -> tuple[Any, Any, int]:
 
 def best_epoch_of(history: list[dict[str, Any]], metric: str, *, maximize: bool) -> int:
     """The 1-based epoch of the best finite ``metric`` in a recorded history (first on ties; 0: none)."""
-    best, best_value = 0, math.nan
-    for row in history:
-        value = float(row.get(metric, math.nan))
-        if math.isfinite(value) and (best == 0 or (value > best_value if maximize else value < best_value)):
-            best, best_value = int(row["epoch"]), value
-    return best
+    finite = [row for row in history if math.isfinite(float(row.get(metric, math.nan)))]
+    if not finite:
+        return 0
+    return int((max if maximize else min)(finite, key=lambda row: float(row[metric]))["epoch"])
 
 
 @dataclass
@@ -178,13 +176,10 @@ def retrain_best(study: Any, *, on_epoch: Callable[[Any, int], None] | None = No
 
 
 def retrain_trial(study: Any, trial: Any, *, on_epoch: Callable[[Any, int], None] | None = None) -> Retrained:
-    """Retrain a finished ``trial`` up to the epoch the study scored it by, and bundle that epoch.
-
-    That is the best epoch of its recorded ``history`` by the study's ``metric`` user attr (default
-    ``val_loss``) and direction; same seed and config, so the trial's parameters there. Without a
-    history the whole run is retrained and ``fit``'s lowest-val_loss epoch is shipped.
-    ``on_epoch(metrics, epochs)`` is told of each retrained epoch (progress).
-    """
+    """Retrain a finished ``trial`` (same seed and config) up to the best epoch of its recorded ``history``
+    by the study's ``metric`` user attr (default ``val_loss``) and direction, and bundle that epoch; without
+    a history, the whole run, shipping ``fit``'s lowest-val_loss epoch. ``on_epoch(metrics, epochs)`` is
+    told of each retrained epoch (progress)."""
     from mixer.bundle import ModelBundle
     from mixer.data import DataError, load
     from mixer.train import fit
@@ -236,12 +231,9 @@ def top_trials(study: Any, k: int) -> list[Any]:
 
 
 def score_on_test(members: list[Retrained]) -> tuple[dict[str, float], pd.DataFrame]:
-    """Score the first member, and with two or more the mean of their probabilities, on the test rows.
-
-    Each member predicts through its own pipeline (a study may search the scaling) on the same test
-    rows. Returns the ``test_*`` metrics (``ensemble_test_*`` for the mean) and a frame of ``row``,
-    ``label``, each member's probability (``trial_<n>``) and the ``ensemble`` mean.
-    """
+    """The ``test_*`` metrics of the first member (``ensemble_test_*``: of the mean probability of two or
+    more, each through its own pipeline, since a study may search the scaling) and a frame of ``row``,
+    ``label``, each member's probability (``trial_<n>``) and the ``ensemble`` mean."""
     from mixer.metrics import binary_metrics
 
     first = members[0].data
@@ -276,15 +268,12 @@ def publish_best(study: Any, *, tracking_uri: str | None = None, out_dir: str | 
                  on_epoch: Callable[[Any, int], None] | None = None) -> PublishResult:
     """Retrain the study's best trial, save it as a bundle and log it as an MLflow pyfunc model.
 
-    The trials carry the user attrs ``config``, ``seed`` and ``history`` (``sweep.objective``).
     ``tracking_uri`` None is resolved as ``sweep.tracking.Tracker`` does; ``out_dir`` is created if
     missing; ``register_name`` also registers the model; ``log_model=False`` skips MLflow. With a
-    labelled test set, ``ensemble_top_k`` k > 1 also scores the mean probability of the k best.
-
-    Raises:
-        PublishError: no completed trial, a trial without ``config``/``seed``, data that will not
-            load, a retraining that diverges, or MLflow refusing the model (the bundle is saved).
-    """
+    labelled test set, ``ensemble_top_k`` k > 1 also scores the mean probability of the k best. Raises
+    PublishError for no completed trial, a trial without ``config``/``seed`` (user attrs, see
+    ``sweep.objective``), data that will not load, a retraining that diverges, or MLflow refusing the
+    model (the bundle is saved)."""
     from mixer.bundle import atomic_write
 
     retrained = retrain_best(study, on_epoch=on_epoch)
@@ -348,10 +337,9 @@ def _on_run(run_id: str | None, *, study_name: str) -> Iterator[str]:
     run would mark a FAILED or RUNNING parent FINISHED, and the parent's status belongs to the tracker."""
     client = mlflow.MlflowClient()
     active = mlflow.active_run()
-    if run_id is not None and active is not None and active.info.run_id == run_id:
+    if active is not None and active.info.run_id == run_id:
         yield run_id
-        return
-    if run_id is None:
+    elif run_id is None:
         warnings.warn(f"study {study_name!r} has no user attr 'mlflow_parent_run_id'; logging the best "
                       f"model on a new run in experiment {study_name!r}", RuntimeWarning, stacklevel=3)
         experiment = client.get_experiment_by_name(study_name)
@@ -359,26 +347,23 @@ def _on_run(run_id: str | None, *, study_name: str) -> Iterator[str]:
         with mlflow.start_run(experiment_id=experiment_id, run_name=f"{study_name}-best-model",
                               nested=active is not None) as run:
             yield run.info.run_id
-        return
-    status = client.get_run(run_id).info.status
-    try:
-        with mlflow.start_run(run_id=run_id, nested=active is not None):
-            yield run_id
-    finally:
-        if status != "FINISHED":
-            client.update_run(run_id, status=status)
+    else:
+        status = client.get_run(run_id).info.status
+        try:
+            with mlflow.start_run(run_id=run_id, nested=active is not None):
+                yield run_id
+        finally:
+            if status != "FINISHED":
+                client.update_run(run_id, status=status)
 
 
 def _example_frame(data_config: Any) -> pd.DataFrame:
     """A few raw rows (the feature columns, with the training frame's dtypes) for the input example."""
     from mixer.data import read_csv, synthetic_frame
 
-    if data_config.source == "csv":
-        frame = read_csv(data_config.train_csv).head(EXAMPLE_ROWS)
-    else:
-        frame = synthetic_frame(EXAMPLE_ROWS, data_config.seed)
-    frame = frame.drop(columns=[c for c in ("id", "label", "attack_cat") if c in frame.columns])
-    return frame.reset_index(drop=True)
+    frame = (read_csv(data_config.train_csv).head(EXAMPLE_ROWS) if data_config.source == "csv"
+             else synthetic_frame(EXAMPLE_ROWS, data_config.seed))
+    return frame.drop(columns=["id", "label", "attack_cat"], errors="ignore").reset_index(drop=True)
 
 
 def model_signature(example: pd.DataFrame, output: pd.DataFrame) -> Any:

@@ -14,12 +14,14 @@ Optuna are read from MLflow. Exit status: 0 written, 1 a file could not be writt
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import math
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import partial
+from operator import methodcaller
 from pathlib import Path
 from typing import Any
 
@@ -93,27 +95,21 @@ class TrialRecord:
 
 # --- Reading the study
 
-
 def _studies_under(root: Path) -> list[str]:
     import optuna
 
     names: list[str] = []
     for journal in sorted(root.glob("*/optuna.journal")):
-        try:
+        with contextlib.suppress(Exception):  # an unreadable journal just is not listed
             names.extend(optuna.get_all_study_names(open_storage(str(journal), rdb=False)))
-        except Exception:  # noqa: BLE001 - an unreadable journal just is not listed
-            continue
     return names
 
 
 def find_study(storage: str | None, study_name: str):
     """The Optuna storage holding ``study_name``: ``storage`` is a database URL, a journal file path
-    (optionally ``journal:`` or ``file:`` prefixed) or None for ``runs/<study>/optuna.journal``.
-
-    Raises:
-        UsageError: the storage does not open, the journal file does not exist or the study is not in
-            the storage (the message lists the studies that are).
-    """
+    (optionally ``journal:`` or ``file:`` prefixed) or None for ``runs/<study>/optuna.journal``. Raises
+    UsageError if the storage does not open, the journal file does not exist or the study is not in the
+    storage (the message lists the studies that are)."""
     import optuna
 
     if storage is None:
@@ -155,11 +151,9 @@ def collect(study, *, mlflow_client=None) -> list[TrialRecord]:
         source = "optuna" if history else "none"
         run_id = trial_run_id(study, t)  # on the trial, or on the study if the run came later
         if not history and run_id and mlflow_client is not None:
-            try:
+            with contextlib.suppress(Exception):  # a missing run leaves the trial without curves
                 history = _history_from_mlflow(mlflow_client, run_id)
                 source = "mlflow" if history else "none"
-            except Exception:  # noqa: BLE001 - a missing run leaves the trial without curves
-                history = []
         diagnosis = attrs.get("diagnosis") or ""
         if not diagnosis and history:
             diagnosis = diagnose(history, diverged=attrs.get("status") == "diverged").label
@@ -189,7 +183,6 @@ def ranked(records: Sequence[TrialRecord], *, minimize: bool = True) -> list[Tri
 
 
 # --- The table
-
 
 def trials_table(records: Sequence[TrialRecord], *, group_by: str = DEFAULT_GROUP_BY,
                  minimize: bool = True) -> pd.DataFrame:
@@ -233,17 +226,14 @@ def to_markdown(table: pd.DataFrame) -> str:
 
 def write_study_files(study, out_dir: str | Path) -> list[tuple[Path, str | None]]:
     """Write ``trials.csv`` (``study.trials_dataframe()`` less the history and config: too wide, they stay
-    in the storage) and the study's plots (``plots/<name>.png``, or ``.txt`` saying why not, e.g. too few
-    trials for importances) into ``out_dir``, each file whole or not at all.
-
-    Returns each file with its artifact folder (None for ``trials.csv``, ``"plots"`` for the plots);
-    raises ReportWriteError if a file could not be written (disk full, unwritable folder).
-    """
+    in the storage) and ``plots/<name>.png`` (``.txt`` saying why not, e.g. too few trials for importances)
+    into ``out_dir``, each whole or not at all. Returns each file with its artifact folder (None for
+    ``trials.csv``, ``"plots"``); raises ReportWriteError if a file could not be written."""
     import matplotlib.pyplot as plt
 
     out = Path(out_dir)
     frame = study.trials_dataframe()
-    frame = frame.drop(columns=[c for c in ("user_attrs_history", "user_attrs_config") if c in frame])
+    frame = frame.drop(columns=["user_attrs_history", "user_attrs_config"], errors="ignore")
     figures = study_figures(study)
     try:
         files: list[tuple[Path, str | None]] = [
@@ -265,7 +255,7 @@ def write_figures(figures: dict[str, Any], folder: Path) -> list[Path]:
         png, note = folder / f"{name}.png", folder / f"{name}.txt"
         if isinstance(fig, str):
             log.info("plot %s skipped: %s", name, fig)
-            files.append(atomic_write(note, partial(_write_text, f"{name}: not drawn, {fig}\n"), mode="w"))
+            files.append(atomic_write(note, methodcaller("write", f"{name}: not drawn, {fig}\n"), mode="w"))
             png.unlink(missing_ok=True)  # an older study's plot would contradict the note
         else:
             files.append(atomic_write(png, partial(fig.savefig, format="png", dpi=100, bbox_inches="tight")))
@@ -273,12 +263,7 @@ def write_figures(figures: dict[str, Any], folder: Path) -> list[Path]:
     return files
 
 
-def _write_text(text: str, fh) -> None:
-    fh.write(text)
-
-
 # --- MLflow
-
 
 def _no_local_store(uri: str) -> str | None:
     """Why the local store ``uri`` names does not exist, or None: the report reads a store, never
@@ -286,7 +271,7 @@ def _no_local_store(uri: str) -> str | None:
     from urllib.parse import unquote, urlparse
 
     if uri.startswith("sqlite:///"):
-        path = Path(uri[len("sqlite:///"):])
+        path = Path(uri.removeprefix("sqlite:///"))
         return None if path.is_file() else f"no MLflow database at {path}"
     if uri.startswith("file:") or "://" not in uri:
         path = Path(unquote(urlparse(uri).path)) if uri.startswith("file:") else Path(uri)
@@ -319,7 +304,6 @@ def log_report(client, parent_run_id: str, paths: Sequence[Path]) -> None:
 
 
 # --- CLI
-
 
 def _parser() -> argparse.ArgumentParser:
     from mixer.evaluate import prog_name
@@ -388,19 +372,19 @@ def _report(args: argparse.Namespace) -> int:
     landscape = curvature_figures(records, group_by=args.group_by, top=args.top, minimize=minimize)
     try:
         atomic_write(csv_path, partial(table.to_csv, index=False), mode="w")
-        atomic_write(md_path, partial(_write_text, f"# Study {args.study}\n\n{to_markdown(table)}"), mode="w")
+        atomic_write(md_path, methodcaller("write", f"# Study {args.study}\n\n{to_markdown(table)}"),
+                     mode="w")
         atomic_write(png_path, partial(fig.savefig, format="png", dpi=110))
         extra = write_figures(landscape, out)
     except OSError as exc:
         raise ReportWriteError(f"cannot write the report in {out}: {exc.strerror or exc}") from exc
     print(f"wrote {png_path}, {md_path}, {csv_path} ({n} trials: {summary})")
     print(f"wrote {', '.join(p.name for p in extra)} in {out} (the loss landscape, from the probes)")
-    missing = [r.number for r in records if r.history_source == "none"]
-    from_mlflow = [r.number for r in records if r.history_source == "mlflow"]
-    if from_mlflow:
-        print(f"curves of trial(s) {', '.join(map(str, from_mlflow))} read from MLflow")
-    if missing:
-        print(f"no curves for trial(s) {', '.join(map(str, missing))} (no history in Optuna or MLflow)")
+    for source, message in (("mlflow", "curves of trial(s) {} read from MLflow"),
+                            ("none", "no curves for trial(s) {} (no history in Optuna or MLflow)")):
+        numbers = [str(r.number) for r in records if r.history_source == source]
+        if numbers:
+            print(message.format(", ".join(numbers)))
 
     parent = study.user_attrs.get("mlflow_parent_run_id")
     if not parent:
