@@ -9,7 +9,7 @@ rows only, so in a CSV it sits on line N + 1 (both are given); in a frame it is 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -272,9 +272,12 @@ class Pipeline:
 
         Arrays become lists of Python floats, which survive JSON exactly, so transform is bit-identical.
         """
-        fields = asdict(self).items()  # deep copies; quantiles is None unless "quantile"
-        return {"format": _PIPELINE_FORMAT,
-                **{k: v.tolist() if isinstance(v, np.ndarray) else v for k, v in fields if v is not None}}
+        d = {"format": _PIPELINE_FORMAT, "feature_names": list(self.feature_names),
+             "categories": {k: list(v) for k, v in self.categories.items()}, "scaling": self.scaling,
+             "mean": self.mean.tolist(), "std": self.std.tolist()}
+        if self.quantiles is not None:  # the key exists exactly for scaling "quantile"
+            d["quantiles"] = self.quantiles.tolist()
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Pipeline:
