@@ -20,8 +20,10 @@ from outside the tracking code:
 
 - wall: the per-pair difference ``(on - off) / off``, its mean ± standard error and a 95 % interval
   (normal approximation: trust it from ~30 pairs on);
-- CPU per trial on each side: the training thread's (``time.thread_time``) and the whole process's
-  (utime + stime from ``/proc/self/stat``, which includes the sender thread);
+- CPU per trial on each side: the training thread's (``time.thread_time``), the whole process's
+  (utime + stime from ``/proc/self/stat``, which includes the sender thread) and, for the server
+  this benchmark starts, the server's (its process group, from ``/proc/<pid>/stat``; the untracked
+  arm's figure is what an idle server uses);
 - the delay tracking causes the training thread, per trial: the CPU it spends inside tracking
   calls, plus how much longer it is kept off the CPU (wall minus its own CPU: waits for the GIL or
   a core) than untracked. Unlike wall time this is not moved by the machine's speed drifting
@@ -93,10 +95,29 @@ def stop_server(proc: subprocess.Popen) -> None:
             proc.wait()
 
 
+def _cpu_seconds(stat: Path) -> float:
+    fields = stat.read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def process_cpu_seconds() -> float:
     """utime + stime of this whole process (every thread), from ``/proc/self/stat``."""
-    fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return _cpu_seconds(Path("/proc/self/stat"))
+
+
+def group_cpu_seconds(pgid: int | None) -> float:
+    """utime + stime of the live processes of process group ``pgid`` (the server and its workers);
+    NaN without a server of ours."""
+    if pgid is None:
+        return math.nan
+    total = 0.0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat.read_text().rsplit(")", 1)[1].split()[2]) == pgid:
+                total += _cpu_seconds(stat)
+        except (OSError, IndexError, ValueError):  # the process has just exited
+            continue
+    return total
 
 
 @dataclasses.dataclass
@@ -151,8 +172,10 @@ def make_work(args: argparse.Namespace) -> Work:
     return work
 
 
-def run_sequence(work: Work, configs: list[Any], tracker: Any) -> dict[str, Any]:
-    """The trials of one study, tracked by ``tracker`` or untracked if it is None."""
+def run_sequence(work: Work, configs: list[Any], tracker: Any,
+                 server_pgid: int | None = None) -> dict[str, Any]:
+    """The trials of one study, tracked by ``tracker`` or untracked if it is None; ``server_pgid``:
+    the process group of the MLflow server we started, whose CPU is counted too."""
     import optuna
     from mlflow import MlflowClient
 
@@ -172,6 +195,7 @@ def run_sequence(work: Work, configs: list[Any], tracker: Any) -> dict[str, Any]
             calls[0] += time.thread_time() - t
 
     wall0, thread0, process0 = time.perf_counter(), time.thread_time(), process_cpu_seconds()
+    server0 = group_cpu_seconds(server_pgid)
     for k, config in enumerate(configs):
         trial = study.ask()
         trial.suggest_float("lr", config.lr, config.lr)
@@ -197,7 +221,8 @@ def run_sequence(work: Work, configs: list[Any], tracker: Any) -> dict[str, Any]
         assert tracker.flush(120), "the tracked trials did not reach the server"
     seq = {"wall": time.perf_counter() - wall0, "trials_wall": wall, "thread_cpu": thread_cpu,
            "off_cpu": wall - thread_cpu, "calls_cpu": calls[0], "flush": time.perf_counter() - flush0,
-           "process_cpu": process_cpu_seconds() - process0, "trials": len(configs), "epochs": epochs}
+           "process_cpu": process_cpu_seconds() - process0,
+           "server_cpu": group_cpu_seconds(server_pgid) - server0, "trials": len(configs), "epochs": epochs}
     if tracker is not None:  # what reached the server: every epoch of every trial
         client = MlflowClient(tracker.uri)
         runs = client.search_runs([tracker.experiment_id], filter_string=(
@@ -212,7 +237,8 @@ def summarise(pairs: list[dict[str, dict[str, Any]]]) -> dict[str, Any]:
     mean = statistics.mean(diffs)
     se = statistics.stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else math.nan
     per_trial = {arm: {key: sum(p[arm][key] for p in pairs) / sum(p[arm]["trials"] for p in pairs)
-                       for key in ("wall", "thread_cpu", "process_cpu", "off_cpu", "calls_cpu", "flush")}
+                       for key in ("wall", "thread_cpu", "process_cpu", "server_cpu", "off_cpu", "calls_cpu",
+                                   "flush")}
                  for arm in ("off", "on")}
     # Per pair: (extra off-CPU time + CPU in tracking calls) / untracked trial wall, excluding the flush.
     delays = [(p["on"]["off_cpu"] - p["off"]["off_cpu"] + p["on"]["calls_cpu"]) / p["off"]["trials_wall"]
@@ -266,17 +292,20 @@ def main(argv: list[str] | None = None) -> int:
         for r in range(args.repeats):
             pair = {}
             for arm in (("off", "on") if r % 2 == 0 else ("on", "off")):
-                seq = run_sequence(work, configs, tracker if arm == "on" and not args.aa else None)
+                seq = run_sequence(work, configs, tracker if arm == "on" and not args.aa else None,
+                                   server.pid if server is not None else None)
                 pair[arm] = seq
                 print(f"  pair {r + 1} {arm:3}: {seq['wall']:8.2f} s wall, training thread CPU "
-                      f"{seq['thread_cpu']:.2f} s, process CPU {seq['process_cpu']:.2f} s", flush=True)
+                      f"{seq['thread_cpu']:.2f} s, process CPU {seq['process_cpu']:.2f} s, server CPU "
+                  f"{seq['server_cpu']:.2f} s", flush=True)
             pairs.append(pair)
         summary = {"uri": uri, "aa": args.aa, "fake": args.fake, "trials": args.trials,
                    "epochs": args.epochs, **summarise(pairs), "undelivered": tracker.close()}
         pt = summary["per_trial_seconds"]
         for arm in ("off", "on"):
             print(f"per trial, tracking {arm:3}: wall {pt[arm]['wall']:.3f} s, training thread CPU "
-                  f"{pt[arm]['thread_cpu']:.3f} s, process CPU {pt[arm]['process_cpu']:.3f} s; training "
+                  f"{pt[arm]['thread_cpu']:.3f} s, process CPU {pt[arm]['process_cpu']:.3f} s, server "
+                  f"CPU {pt[arm]['server_cpu']:.3f} s; training "
                   f"thread off the CPU {pt[arm]['off_cpu']:.3f} s, in tracking calls "
                   f"{pt[arm]['calls_cpu']:.3f} s; end flush {pt[arm]['flush']:.3f} s")
         print(f"delay to the training thread (more time off the CPU + CPU in tracking calls, flush "

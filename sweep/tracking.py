@@ -49,7 +49,6 @@ _OUTCOMES = {"completed": ("FINISHED", "COMPLETE"), "pruned": ("KILLED", "PRUNED
              "failed": ("FAILED", "FAIL"), "diverged": ("FAILED", "FAIL")}
 STATES = tuple(_OUTCOMES)
 
-_BATCH_EPOCHS = 5  # a run's held epochs go once this many are waiting
 # MLflow takes 1000 values per log_batch, at most 100 of them params or tags (a run has fewer).
 _MAX_METRICS, _MAX_TAG_CHARS = 800, 5000
 # MLflow error codes that retrying cannot fix: the write is dropped (its metric points counted).
@@ -200,8 +199,7 @@ class _Sender:
                 tail = self.put(_Write("batch", run))  # raises once the tracker is closed
             tail.metrics += metrics
             tail.tags += tags
-            self.pending += len(metrics)
-            self.cond.notify_all()
+            self.pending += len(metrics)  # no notify: the batch is due when it was, the sender sleeps on
 
     def wait(self, event: threading.Event, timeout: float) -> bool:
         """Wait for ``event``; not at all while the server is down."""
@@ -221,9 +219,7 @@ class _Sender:
             hold = math.inf
             if self.queue:
                 head, hold = self.queue[0], 0.0
-                epochs = len({m.step for m in head.metrics})
-                if head.kind == "batch" and len(self.queue) == 1 and not (
-                        self.stopping or head.attempts or epochs >= _BATCH_EPOCHS):
+                if head.kind == "batch" and len(self.queue) == 1 and not (self.stopping or head.attempts):
                     hold = head.queued_at + self.batch_seconds - time.monotonic()
                 if hold <= 0:
                     head.sealed = True
@@ -365,7 +361,7 @@ class Tracker:
     Args:
         tracking_uri: where runs go; None -> :func:`resolve_uri`.
         experiment_name: the MLflow experiment; None -> the study's name.
-        batch_seconds: a run's epochs wait at most this long to go together (and at most 5 wait).
+        batch_seconds: a run's epochs wait at most this long to go together in one ``log_batch``.
         end_timeout: longest wait in ``TrialRun.run_id``, ``end(wait=True)`` and ``finish_study``.
         close_timeout: default longest wait in ``flush`` and ``close``.
         max_backoff: longest pause, in seconds, between retries while the server is down.
