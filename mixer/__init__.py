@@ -1,7 +1,6 @@
 """A NumPy MLP-Mixer for tabular rows: model, hand-written backward pass, training, data.
 
-The public surface other code calls; everything else lives in modules named for what they hold.
-"""
+The public surface other code calls; everything else lives in modules named for what they hold."""
 
 from __future__ import annotations
 

@@ -2,8 +2,7 @@
 
 BLAS stays single-threaded; shards (``bounds``) run on threads and the caller sums their results.
 The thread count is a ceiling (``MIXER_NUM_THREADS``, else ``available_cpus()``); for each kind of
-work (a ``key``) the first calls alternate one thread and the ceiling, timed, and keep the faster.
-"""
+work (a ``key``) the first calls alternate one thread and the ceiling, timed, and keep the faster."""
 
 from __future__ import annotations
 
@@ -169,8 +168,7 @@ def tune_process() -> None:
 def parallel_map(fn: Callable[[_T], _R], items: Sequence[_T], key: tuple | None = None) -> list[_R]:
     """``[fn(i) for i in items]`` on up to ``get_num_threads()`` threads, the calling one included.
 
-    Items are handed out one at a time, so a thread slowed by other load simply takes fewer.
-    """
+    Items are handed out one at a time, so a thread slowed by other load simply takes fewer."""
     tune_process()
     n = len(items)
     ceiling = min(get_num_threads(), n)

@@ -4,8 +4,7 @@ A bundle holds the Mixer's parameters, its ``MixerConfig`` and the fitted data `
 codes, scaling statistics, column order), so raw UNSW-NB15 rows of either layout can be scored
 without the training data. File layout (``np.savez``, never pickled): one array per parameter under
 ``param/<key>``, and under ``__bundle__`` a JSON string with ``format``, ``config`` (MixerConfig
-fields), ``pipeline`` (``Pipeline.to_dict()``), the parameter keys and ``info``.
-"""
+fields), ``pipeline`` (``Pipeline.to_dict()``), the parameter keys and ``info``."""
 
 from __future__ import annotations
 

@@ -1,8 +1,7 @@
 """Plain, frozen configuration records shared by the model, training and the sweep.
 
 Every knob a sweep may search or fix is a field of one of them, addressed by its bare name (``lr``),
-so field names are unique across the three records.
-"""
+so field names are unique across the three records."""
 
 from __future__ import annotations
 
@@ -140,8 +139,7 @@ class DataConfig:
 
     ``source="synthetic"`` generates ``n_rows`` rows from ``seed``; ``source="csv"`` reads ``train_csv``.
     ``test_fraction`` (0 = none) is held out first, then ``val_fraction`` of the rest; ``test_csv``
-    names a separate test file instead.
-    """
+    names a separate test file instead."""
 
     source: str = "synthetic"
     n_rows: int = 6000
@@ -268,8 +266,7 @@ def resolve_csv(value: str, *, base: Path) -> str:
     """The absolute path of a CSV named in a YAML file in the folder ``base``.
 
     A relative path is relative to ``base``, or with ``$MIXER_DATA_DIR`` set, its file name is looked
-    up in that folder. ValueError if it is not a file; the message says where to put it.
-    """
+    up in that folder. ValueError if it is not a file; the message says where to put it."""
     p = Path(value)
     if not p.is_absolute():
         folder = os.environ.get(DATA_DIR_ENV)
@@ -316,8 +313,7 @@ def load_run_config(path: str | Path, *, train_csv: str | Path | None = None,
     """Read a single-run YAML (``data:``, ``train:``, ``seed:``), as ``python -m mixer.train`` takes.
 
     CSV paths are found by ``resolve_csv``. ``train_csv`` (``--train-csv``, relative to the working
-    directory) replaces ``data.train_csv`` and sets ``source: csv``. ConfigError names file and key.
-    """
+    directory) replaces ``data.train_csv`` and sets ``source: csv``. ConfigError names file and key."""
     path = Path(path)
     try:
         doc = load_yaml(path)

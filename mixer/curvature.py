@@ -2,8 +2,7 @@
 
 Is the loss surface at a point θ of training bowl-like, flat, or a saddle? Without forming the Hessian,
 Lanczos on products ``H v`` (central differences of two eval-mode gradients) gives the extreme
-eigenvalues and the spectral density; an escape test checks a saddle (docs/architecture.md).
-"""
+eigenvalues and the spectral density; an escape test checks a saddle (docs/architecture.md)."""
 
 from __future__ import annotations
 
@@ -156,8 +155,7 @@ def lanczos(matvec: MatVec, n: int, *, iters: int, seed: int, tol: float = 0.0,
     Krylov space restarts, β = 0 in T, from a fresh random vector orthogonal to all so far). After
     ``MIN_STEPS`` steps it stops once both extreme Ritz pairs have ``||A y - θ y|| <= tol · max|θ|``
     (``tol`` 0: all steps). ``warm`` vectors (the previous probe's extremes) are added with weight
-    ``WARM_WEIGHT`` to the start vector, which ``seed`` draws.
-    """
+    ``WARM_WEIGHT`` to the start vector, which ``seed`` draws."""
     for name, value, low in (("n", n, 1), ("iters", iters, 1), ("tol", tol, 0)):
         if not value >= low:
             raise ValueError(f"{name} must be >= {low}, got {name}={value}")

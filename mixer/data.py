@@ -3,8 +3,7 @@
 Raw rows (a CSV or ``synthetic_frame``) are split (stratified, seeded), a ``Pipeline`` is fitted on
 the training split only, and every split goes through it into a ``Dataset``. Bad input raises
 ``DataError`` naming the source, the column and the row: "data row N" is 1-based and counts data
-rows only, so in a CSV it sits on line N + 1 (both are given); in a frame it is the position.
-"""
+rows only, so in a CSV it sits on line N + 1 (both are given); in a frame it is the position."""
 
 from __future__ import annotations
 
@@ -120,8 +119,7 @@ def read_csv(path: str | Path) -> pd.DataFrame:
     """Read and validate a UNSW-NB15 CSV of either layout (with or without ``attack_cat``).
 
     The frame is returned as read (all columns, the file's order); ``label`` is optional here (a file
-    of rows to predict has none). DataError names the file and, where it applies, column and row.
-    """
+    of rows to predict has none). DataError names the file and, where it applies, column and row."""
     path = Path(path)
     source = str(path)
     if path.is_dir():
@@ -161,8 +159,7 @@ def _quantile_normal(x: np.ndarray, quantiles: np.ndarray) -> np.ndarray:
 
     Value -> CDF level -> normal score, both linear between fitted points; a value tied with a run of
     quantiles gets the run's middle level (forward and backward interpolation averaged, as
-    scikit-learn does). Values are clamped to the training range first.
-    """
+    scikit-learn does). Values are clamped to the training range first."""
     n = len(quantiles)
     levels = np.linspace(0.0, 1.0, n)
     scores = normal_quantiles(n, tail=_LEVEL_EPS)
@@ -185,8 +182,7 @@ class Pipeline:
     (n_features,), applied after encoding (and the signed log for ``log_standard``); for ``global``
     every entry is the table-wide value, for ``quantile`` they are 0 and 1, unused. ``quantiles``
     (``quantile`` only, else None) is float64 (n_levels, n_features): row ``i`` holds each feature's
-    encoded training quantile at level ``i / (n_levels - 1)``, non-decreasing down each column.
-    """
+    encoded training quantile at level ``i / (n_levels - 1)``, non-decreasing down each column."""
 
     feature_names: list[str]
     categories: dict[str, list[str]]
@@ -204,8 +200,7 @@ class Pipeline:
         """Fit category codes and ``scaling`` statistics on the (training) rows of ``frame``.
 
         ``quantile`` uses ``min(1000, len(frame))`` levels, at least 2. ``source`` names the data in
-        errors; ``feature_names`` follows the frame's own order of the 42 features.
-        """
+        errors; ``feature_names`` follows the frame's own order of the 42 features."""
         if scaling not in SCALINGS:
             raise ValueError(f"scaling must be one of {SCALINGS}, got scaling={scaling!r}")
         if len(frame) == 0:
@@ -256,8 +251,7 @@ class Pipeline:
     def transform(self, frame: pd.DataFrame, *, source: str) -> np.ndarray:
         """Raw rows of either layout -> float32 (rows, n_features) in ``feature_names`` order.
 
-        Extra columns (``id``, ``label``, ...) are ignored; DataError names ``source``, column and row.
-        """
+        Extra columns (``id``, ``label``, ...) are ignored; DataError names ``source``, column and row."""
         x = self._encode(frame, source)
         if self.scaling == "quantile":
             return _quantile_normal(x, self.quantiles).astype(np.float32)
@@ -270,8 +264,7 @@ class Pipeline:
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable description that ``from_dict`` turns back into the same pipeline.
 
-        Arrays become lists of Python floats, which survive JSON exactly, so transform is bit-identical.
-        """
+        Arrays become lists of Python floats, which survive JSON exactly, so transform is bit-identical."""
         d = {"format": _PIPELINE_FORMAT, "feature_names": list(self.feature_names),
              "categories": {k: list(v) for k, v in self.categories.items()}, "scaling": self.scaling,
              "mean": self.mean.tolist(), "std": self.std.tolist()}
@@ -363,8 +356,7 @@ class Dataset:
 
     ``pipeline`` was fitted on the training split; ``x_test``/``y_test`` are None without a test CSV
     or ``test_fraction``. ``rows`` maps "train", "val" (and "test" for a held-out split) to sorted
-    0-based positions in the source table.
-    """
+    0-based positions in the source table."""
 
     x_train: np.ndarray
     y_train: np.ndarray
@@ -387,8 +379,7 @@ def stratified_split(y: np.ndarray, *, val_fraction: float, seed: int,
 
     Each class of at least two rows puts at least one row on each side. The shuffle draws from
     ``np.random.default_rng([seed, stream])``: ``load`` takes the validation split from stream 1
-    and the test split from stream 2, so the two are independent for one ``seed``.
-    """
+    and the test split from stream 2, so the two are independent for one ``seed``."""
     if not 0.0 < val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in (0, 1), got val_fraction={val_fraction}")
     # The split's stream is separate from the synthetic generator's, which also uses ``seed``.
@@ -432,8 +423,7 @@ def load(config: DataConfig) -> Dataset:
     ``test_fraction`` of the rows is held out first (its own random stream), ``val_fraction`` applies
     to the rest, and the pipeline is fitted on the training split only. A ``test_csv`` goes through
     it too (``y_test`` only if it has a ``label`` column). DataError names the file, column and row,
-    or the fractions when a label has too few rows for every split.
-    """
+    or the fractions when a label has too few rows for every split."""
     csv = config.source == "csv"  # read_csv validates the file; synthetic rows are valid as made
     source = str(config.train_csv) if csv else f"synthetic(n_rows={config.n_rows}, seed={config.seed})"
     frame = read_csv(config.train_csv) if csv else synthetic_frame(config.n_rows, config.seed)

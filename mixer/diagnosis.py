@@ -3,8 +3,7 @@
 ``diagnose(history)`` labels one run from its per-epoch metrics by the rules of README.md's "Plateau or
 saddle?", first match wins; docs/architecture.md says what is measured and why. ``stalled`` applies
 the plateau rule to a growing history, so that ``fit`` can probe at a stall. The thresholds are the
-fields of ``Thresholds`` (frozen; defaults there).
-"""
+fields of ``Thresholds`` (frozen; defaults there)."""
 
 from __future__ import annotations
 
@@ -76,8 +75,7 @@ def plateau_run(losses: Sequence[float], *, tol: float, band: float = math.inf) 
     Epoch ``i >= 1`` is flat when ``-band < (best - losses[i]) / |best| < tol`` with ``best =
     min(losses[:i])``: compared with the best so far, so that mini-batch noise does not cut a plateau
     in pieces, and a jump far above it (a restart's spike, a blow-up) is not flat. A non-finite loss
-    ends a run. ``(-1, 0)`` if no epoch is flat; ties go to the earliest run.
-    """
+    ends a run. ``(-1, 0)`` if no epoch is flat; ties go to the earliest run."""
     best_start, best_len, length = -1, 0, 0
     for i, flat in enumerate(_flat(losses, tol, band)):
         length = length + 1 if flat else 0

@@ -3,8 +3,7 @@
 Prints accuracy, precision, recall, F1, ROC AUC and the confusion matrix (``--json`` for machines),
 and a warning on stderr when the rows do not look like the model's training data. Also holds what
 the mixer command lines share: ``threshold_arg``, ``prog_name``, ``quiet_broken_pipe``,
-``data_warnings`` and ``read_inputs``.
-"""
+``data_warnings`` and ``read_inputs``."""
 
 from __future__ import annotations
 

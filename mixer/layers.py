@@ -3,8 +3,7 @@
 Each op is a stateless pair ``op_forward(...) -> (out, cache)``, ``op_backward(dout, cache) ->
 (dx, ...)`` (CS231n ``layers.py``); randomness comes from the caller's ``np.random.Generator``.
 Results are computed in place in our own temporaries, never in a caller's array. Python float
-constants are "weak" scalars (NEP 50), so the dtype follows the input's.
-"""
+constants are "weak" scalars (NEP 50), so the dtype follows the input's."""
 
 from __future__ import annotations
 

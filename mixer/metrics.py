@@ -1,8 +1,7 @@
 """How good a model's outputs are: binary cross-entropy, precision / recall / F1, ROC AUC; and the
 standard normal's quantiles that quantile scaling and the model's piecewise-linear encoding share.
 The loss is the differentiable op ``layers.bce_with_logits_forward``, so the loss a run reports
-is the one its gradients descend.
-"""
+is the one its gradients descend."""
 
 from __future__ import annotations
 

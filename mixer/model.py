@@ -8,8 +8,7 @@ channel-mixing MLP (pre-norm, residual, dropout, stochastic depth rising linearl
 give one logit, scored by binary cross-entropy with ``pos_weight``.
 
 Parameters are one flat dict with dotted names, weights (out, in) like torch ``nn.Linear``, float32
-or float64; activations are token-major (tokens*batch, dim) (docs/architecture.md).
-"""
+or float64; activations are token-major (tokens*batch, dim) (docs/architecture.md)."""
 
 from __future__ import annotations
 
@@ -313,8 +312,7 @@ def loss_and_grads(params: dict[str, np.ndarray], x: np.ndarray, y: np.ndarray, 
     ``x`` (batch, n_features) is cast to the parameters' dtype; ``y`` (batch,) holds labels in {0, 1}.
     ``train`` enables dropout and drop-path, with masks from ``rng`` (required then; a batch takes
     one draw per shard from it). ``label_smoothing`` s in [0, 1) scores against ``y (1 - s) + s / 2``.
-    Returns the loss (a Python float) and a dict with exactly the keys of ``params``.
-    """
+    Returns the loss (a Python float) and a dict with exactly the keys of ``params``."""
     x = _check_inputs(params, x, config)
     y = np.asarray(y)
     if y.shape != (x.shape[0],):

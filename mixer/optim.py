@@ -13,8 +13,7 @@ One step, in the order torch applies them (``clip_grad_norm_`` then ``optim.Adam
 
 with ``s`` the 1-based step number and ``t = s - 1`` the number of steps taken before this one, so
 the first step's noise has std ``grad_noise`` (the schedule of Neelakantan et al., 2015, whose
-decay 0.55 is the default; the noise goes on the gradient, i.e. into every update).
-"""
+decay 0.55 is the default; the noise goes on the gradient, i.e. into every update)."""
 
 from __future__ import annotations
 

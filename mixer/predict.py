@@ -4,8 +4,7 @@ Writes a CSV row per input row: ``id`` (the input's, else the 1-based data row n
 (P(label = 1)) and ``prediction`` (1 iff probability >= ``--threshold``); a ``label`` column is ignored.
 Output goes to stdout or, atomically, to ``--out FILE``, only once every row is scored: a bad value
 exits 2 naming the file, row and column, never skipping a row. A summary line goes to stderr, after
-a warning if the rows do not look like the model's training data.
-"""
+a warning if the rows do not look like the model's training data."""
 
 from __future__ import annotations
 

@@ -7,8 +7,7 @@ then starts at ``lr`` with ``e = epoch - warmup_epochs`` (so the peak is held fo
 ``cosine`` is torch's ``CosineAnnealingLR(T_max=T)`` on ``e`` up to ``T``, then holds ``eta_min`` (torch
 rises again); ``cosine_warm_restarts`` is torch's ``CosineAnnealingWarmRestarts(T_0=t_0,
 T_mult=t_mult, eta_min)`` (SGDR) on ``e``; ``sharp_cosine`` (the seed notebook's last experiment) is
-``cosine`` reaching ``eta_min`` after ``sharp_fraction`` of the run's epochs.
-"""
+``cosine`` reaching ``eta_min`` after ``sharp_fraction`` of the run's epochs."""
 
 from __future__ import annotations
 

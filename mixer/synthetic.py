@@ -1,8 +1,7 @@
 """Synthetic UNSW-NB15 flows: rows in the real CSV's raw layout, with its pathology and a learnable label.
 
 The data of the default search space and of the tests: no download, and the study's point on a few
-thousand rows.
-"""
+thousand rows."""
 
 from __future__ import annotations
 
@@ -32,8 +31,7 @@ def synthetic_frame(n_rows: int, seed: int) -> pd.DataFrame:
 
     Integer features in [0, 255] sit beside 1e9-sized counters, with heavy tails and rare categories.
     The label depends non-linearly on mostly small-scale features plus noise, so one global mean/std
-    hides it: with ``global`` scaling a Mixer stays near the majority rate.
-    """
+    hides it: with ``global`` scaling a Mixer stays near the majority rate."""
     if n_rows < 1:
         raise ValueError(f"n_rows must be >= 1, got n_rows={n_rows}")
     rng = np.random.default_rng(seed)

@@ -1,8 +1,7 @@
 """Training: ``fit`` runs epochs of mini-batches and passes each epoch's ``EpochMetrics`` to ``on_epoch``,
 which returns True to stop the run (``fit`` knows nothing of Optuna or MLflow). Curvature probes
 (``mixer.curvature``) run every ``curvature_every`` epochs, at the epoch the train loss stalls
-(``curvature_on_plateau``) and at the last epoch (``curvature_at_end``).
-"""
+(``curvature_on_plateau``) and at the last epoch (``curvature_at_end``)."""
 
 from __future__ import annotations
 

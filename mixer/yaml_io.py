@@ -2,8 +2,7 @@
 
 PyYAML's safe loader, except that ``lr: 1e-4`` is a float (as in YAML 1.2, not the string of YAML
 1.1), duplicate keys fail, and hostile files are refused before they cost anything: anything but a
-regular file, over ``MAX_BYTES``, not UTF-8, nested deeper than ``MAX_NESTING``, or with an alias.
-"""
+regular file, over ``MAX_BYTES``, not UTF-8, nested deeper than ``MAX_NESTING``, or with an alias."""
 
 from __future__ import annotations
 
@@ -87,8 +86,7 @@ def _loader() -> type:
 def load_yaml(path: str | Path) -> Any:
     """The document in the YAML file at ``path`` (``1e-4`` is a float; duplicate keys and aliases fail).
 
-    Raises YamlError, its message starting with the path: "cannot read", "not valid YAML" and so on.
-    """
+    Raises YamlError, its message starting with the path: "cannot read", "not valid YAML" and so on."""
     import yaml
 
     path = Path(path)

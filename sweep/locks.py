@@ -3,8 +3,7 @@
 ``study_lock(storage, study_name, purpose)``: purposes never block each other. A journal gets an
 ``flock`` on ``<journal>.<purpose>.lock``, PostgreSQL a session advisory lock (it goes with its
 connection: after a database restart ``acquire`` reconnects, retrying as ``sweep.storage`` does),
-anything else a lock within this process. ``file_lock(path)``: the same ``flock`` for another file.
-"""
+anything else a lock within this process. ``file_lock(path)``: the same ``flock`` for another file."""
 
 from __future__ import annotations
 

@@ -3,8 +3,7 @@
 ``Objective`` returns the best epoch's metric, raises ``optuna.TrialPruned`` when the pruner stops the
 trial (never in the warmup nor at the last epoch) and ``TrialFailed`` when training diverged or
 errored (``catch=(TrialFailed,)`` records a FAIL and the study goes on). Whatever the outcome, the
-trial ends with the user attributes of docs/architecture.md's "A trial's record".
-"""
+trial ends with the user attributes of docs/architecture.md's "A trial's record"."""
 
 from __future__ import annotations
 

@@ -2,8 +2,7 @@
 the report's curves, the study's plots and among them the loss landscape from the curvature probes.
 
 The best trial is the first colour (red) and drawn last; grey is every trial not in the legend; metric
-values are labelled with ``.6g``.
-"""
+values are labelled with ``.6g``."""
 
 from __future__ import annotations
 

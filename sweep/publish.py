@@ -5,8 +5,7 @@ epoch with the same seed and config (checking the history is bit-identical), sav
 ``best_model.npz``, scores it, and the mean of the ``ensemble_top_k`` best, on the labelled test rows
 if any (reported only, never used to select), and logs a ``pyfunc`` model (raw UNSW-NB15 rows in,
 ``probability`` and ``prediction`` out), the ``test_*`` metrics and the ``best_*`` tags on the
-study's parent MLflow run.
-"""
+study's parent MLflow run."""
 
 from __future__ import annotations
 

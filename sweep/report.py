@@ -8,8 +8,7 @@ Reads every trial of the Optuna study (default storage ``runs/<STUDY>/optuna.jou
 landscape's figures, ``trials.md`` and ``trials.csv`` (ranked) to ``--out`` (default
 ``runs/<STUDY>/report/``), each file whole or not at all, and logs them to the study's parent MLflow
 run under ``report/`` if it is reachable (else it says why and still succeeds). Curves missing from
-Optuna are read from MLflow. Exit status: 0 written, 1 a file could not be written, 2 bad usage.
-"""
+Optuna are read from MLflow. Exit status: 0 written, 1 a file could not be written, 2 bad usage."""
 
 from __future__ import annotations
 

@@ -3,8 +3,7 @@
 Nothing is created until the space file is valid, its data loads and tracking is reachable. Then the
 study is opened (``sweep.study``), its trials run here or in ``--workers`` processes (``sweep.workers``)
 until its budget is spent, and one process summarises it (``sweep.report``) and publishes its best
-model (``sweep.publish``). Exit codes: see the parser's epilog.
-"""
+model (``sweep.publish``). Exit codes: see the parser's epilog."""
 
 from __future__ import annotations
 

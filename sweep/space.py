@@ -3,8 +3,7 @@
 The keys are in README.md ("Search spaces"). An ``eta_min`` above ``lr`` trains as ``lr`` (the Optuna
 parameter keeps the sampled value, the trial's ``config`` the one trained with); a parameter whose
 ``when`` fails keeps its fixed value or default. Every error is a ``SpaceError`` starting with the
-file and the key path, e.g. ``x.yaml: params.patch_size.choices[2]: 5 does not divide ...``.
-"""
+file and the key path, e.g. ``x.yaml: params.patch_size.choices[2]: 5 does not divide ...``."""
 
 from __future__ import annotations
 

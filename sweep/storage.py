@@ -1,6 +1,5 @@
-"""Optuna RDB storage that rides out a database restart: an operation that lost its connection is retried,
-other errors are raised at once (why, and the limit: docs/architecture.md, "Why the RDB storage is wrapped").
-"""
+"""Optuna RDB storage that rides out a database restart: an operation that lost its connection is
+retried, other errors at once (why, and the limit: docs/architecture.md, "Why the RDB storage is wrapped")."""
 
 from __future__ import annotations
 

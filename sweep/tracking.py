@@ -366,8 +366,7 @@ class Tracker:
         close_timeout: default longest wait in ``flush`` and ``close``.
         max_backoff: longest pause, in seconds, between retries while the server is down.
         warn_every: at most one "N metric points waiting" warning per this many seconds.
-        connect_timeout: seconds ``check_reachable`` waits for a server to answer.
-    """
+        connect_timeout: seconds ``check_reachable`` waits for a server to answer."""
 
     def __init__(self, tracking_uri: str | None = None, experiment_name: str | None = None, *,
                  batch_seconds: float = 10.0, end_timeout: float = 10.0, close_timeout: float = 30.0,

@@ -3,8 +3,7 @@
 The parent (``sweep.run --workers K``) starts K ``python -m sweep.run ... --worker-of PID:I`` with
 ``cores / K`` BLAS threads each, shows the study's progress until they end and forwards Ctrl-C once.
 A worker runs trials until the budget is spent or its parent is gone, and leaves
-``workers/<host>/worker-I.json`` (its tracking errors) and ``workers/<host>/worker-I.log``.
-"""
+``workers/<host>/worker-I.json`` (its tracking errors) and ``workers/<host>/worker-I.log``."""
 
 from __future__ import annotations
 
