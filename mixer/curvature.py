@@ -143,7 +143,6 @@ def loss_fn(params: Params, x: np.ndarray, y: np.ndarray, config: MixerConfig, *
 
 
 def _tridiagonal_eigh(alpha: np.ndarray, beta: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Eigenpairs of the symmetric tridiagonal matrix with diagonal ``alpha``, off-diagonal ``beta``."""
     return np.linalg.eigh(np.diag(alpha) + np.diag(beta, 1) + np.diag(beta, -1))
 
 

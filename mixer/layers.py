@@ -193,28 +193,14 @@ def gelu_forward(x: np.ndarray, *, form: str = "tanh", p: float = 0.0, rng: np.r
     ``form="erf"``: 0.5 x (1 + erf(x / sqrt(2))), exact (see ``erf``), slower. With ``p > 0`` and an
     ``rng`` the result is multiplied by a dropout mask (0, or 1/(1-p)). The cache is d(out)/dx itself,
     mask included, so the backward is one multiply; ``need_grad=False`` (eval) returns None for it."""
-    s = None
     if form == "tanh":
         x2 = x * x
         t = np.multiply(x2, _K * GELU_TANH_COEF)
         t += _K
         t *= x
         np.tanh(t, out=t)
-        if need_grad:
-            # s = x * d(tanh argument)/dx = x sqrt(2/pi) (1 + 3 * 0.044715 x^2)
-            s = x2
-            s *= 3.0 * _K * GELU_TANH_COEF
-            s += _K
-            s *= x
     elif form == "erf":
         t = erf(x * _INV_SQRT2)
-        if need_grad:
-            # s = x * d(erf(x/sqrt2))/dx = x * sqrt(2/pi) exp(-x^2/2)
-            s = x * x
-            s *= -0.5
-            np.exp(s, out=s)
-            s *= x
-            s *= _K
     else:
         raise ValueError(f"form must be 'tanh' or 'erf', got form={form!r}")
     # half = 0.5 (1 + t) * mask: the GELU's gate, with the dropout mask (and the 0.5) folded in.
@@ -234,11 +220,22 @@ def gelu_forward(x: np.ndarray, *, form: str = "tanh", p: float = 0.0, rng: np.r
     #   tanh form: x t' = (1 - t^2) x s = (1 - t) (1 + t) s  ->  half * (1 + (1 - t) s)
     #   erf form:  x t' = s                                  ->  half + (mask / 2) s
     if form == "tanh":
+        # s = x * d(tanh argument)/dx = x sqrt(2/pi) (1 + 3 * 0.044715 x^2)
+        s = x2
+        s *= 3.0 * _K * GELU_TANH_COEF
+        s += _K
+        s *= x
         np.subtract(2.0, t, out=t)  # t held 1 + tanh; now 1 - tanh
         s *= t
         s += 1.0
         s *= half
     else:
+        # s = x * d(erf(x/sqrt2))/dx = x * sqrt(2/pi) exp(-x^2/2)
+        s = x * x
+        s *= -0.5
+        np.exp(s, out=s)
+        s *= x
+        s *= _K
         s *= 0.5 if mask is None else mask
         s += half
     return out, s
@@ -273,12 +270,11 @@ def bce_with_logits_forward(logits: np.ndarray, y: np.ndarray, *, pos_weight: fl
         raise ValueError(f"reduction must be 'mean' or 'sum', got reduction={reduction!r}")
     if pos_weight <= 0:
         raise ValueError(f"pos_weight must be > 0, got pos_weight={pos_weight}")
-    z = logits
-    y = np.asarray(y).astype(z.dtype, copy=False)
+    y = np.asarray(y).astype(logits.dtype, copy=False)
     lw = 1.0 + (pos_weight - 1.0) * y
-    per_row = (1.0 - y) * z + lw * np.logaddexp(0.0, -z)
-    denom = len(z) if reduction == "mean" else 1
-    return float(per_row.sum(dtype=np.float64)) / denom, (z, y, lw, denom)
+    per_row = (1.0 - y) * logits + lw * np.logaddexp(0.0, -logits)
+    denom = len(logits) if reduction == "mean" else 1
+    return float(per_row.sum(dtype=np.float64)) / denom, (logits, y, lw, denom)
 
 
 def bce_with_logits_backward(cache: tuple, dloss: float = 1.0) -> np.ndarray:

@@ -30,10 +30,9 @@ def bce_with_logits(logits: np.ndarray, y: np.ndarray, *, pos_weight: float = 1.
     return L.bce_with_logits_forward(np.asarray(logits, dtype=np.float64), y, pos_weight=pos_weight)[0]
 
 
-def _counts(pred: np.ndarray, truth: np.ndarray) -> tuple[int, int, int, int]:
+def _counts(pred: np.ndarray, truth: np.ndarray) -> tuple[int, ...]:
     """(tn, fp, fn, tp) of boolean predictions against boolean truth: the counts of 2 * truth + pred."""
-    tn, fp, fn, tp = (int(c) for c in np.bincount(2 * truth + pred, minlength=4))
-    return tn, fp, fn, tp
+    return tuple(int(c) for c in np.bincount(2 * truth + pred, minlength=4))
 
 
 def precision_recall_f1(tp: int, fp: int, fn: int) -> tuple[float, float, float]:

@@ -42,12 +42,10 @@ def param_shapes(config: MixerConfig) -> dict[str, tuple[int, ...]]:
     T, P, D = config.n_tokens, config.patch_width, config.dim
     Ht, Hc = config.token_hidden, config.channel_hidden
     shapes: dict[str, tuple[int, ...]] = {"embed.w": (D, P), "embed.b": (D,)}
-    for i in range(config.depth):
-        # The token MLP maps T -> Ht -> T, the channel MLP D -> Hc -> D; both are pre-normed over D.
-        for branch, n, h in (("token", T, Ht), ("channel", D, Hc)):
-            pre = f"blocks.{i}.{branch}."
-            shapes.update({pre + "norm.w": (D,), pre + "norm.b": (D,), pre + "fc1.w": (h, n),
-                           pre + "fc1.b": (h,), pre + "fc2.w": (n, h), pre + "fc2.b": (n,)})
+    # The token MLP maps T -> Ht -> T, the channel MLP D -> Hc -> D; both are pre-normed over D.
+    for block in _block_keys(config.depth):
+        for keys, n, h in zip(block, (T, D), (Ht, Hc), strict=True):
+            shapes.update(zip(keys, ((D,), (D,), (h, n), (h,), (n, h), (n,)), strict=True))
     shapes.update({"norm.w": (D,), "norm.b": (D,), "head.w": (1, D), "head.b": (1,)})
     return shapes
 
@@ -170,6 +168,7 @@ def _residual_forward(h: np.ndarray, tokens: bool, w: Weights, shape3: Shape3, c
     idx = None
     path = None
     scale = 1.0
+    hk, shape_k = h, shape3
     if rng is not None and rate > 0:
         keep = rng.random(b) >= rate
         scale = 1.0 / (1.0 - rate)
@@ -178,13 +177,10 @@ def _residual_forward(h: np.ndarray, tokens: bool, w: Weights, shape3: Shape3, c
             return None
         if dropped >= GATHER_MIN_DROPPED:
             idx = np.flatnonzero(keep)
+            shape_k = (T, len(idx), D)
+            hk = h.reshape(shape3).take(idx, axis=1).reshape(T * len(idx), D)
         elif dropped:
             path = keep.astype(h.dtype).reshape(1, b, 1)
-    if idx is None:
-        hk, shape_k = h, shape3
-    else:
-        shape_k = (T, len(idx), D)
-        hk = h.reshape(shape3).take(idx, axis=1).reshape(T * len(idx), D)
     out, cache = _mlp_forward(hk, tokens, w, shape_k, config.gelu, drop, rng, need_grad)
     out3 = out.reshape(shape_k)
     mask: np.ndarray | float | None = None
@@ -271,12 +267,10 @@ def _backward(p: dict[str, np.ndarray], blocks: list[tuple[Weights, Weights]], c
     dpooled = np.multiply.outer(dlogits, p["head.w"][0] * (1.0 / T))
     dnf = np.broadcast_to(dpooled, shape3).reshape(T * b, D)
     dh, g["norm.w"], g["norm.b"] = L.layernorm_backward(dnf, lnf)
-    keys = _block_keys(config.depth)
-    for i in reversed(range(config.depth)):
-        wt, wc = blocks[i]
+    for (tk, ck), (wt, wc) in zip(reversed(_block_keys(config.depth)), reversed(blocks), strict=True):
         ct, cc = caches.pop()
-        g.update(zip(keys[i][1], _residual_backward(dh, cc, False, wc, shape3), strict=True))
-        g.update(zip(keys[i][0], _residual_backward(dh, ct, True, wt, shape3), strict=True))
+        g.update(zip(ck, _residual_backward(dh, cc, False, wc, shape3), strict=True))
+        g.update(zip(tk, _residual_backward(dh, ct, True, wt, shape3), strict=True))
     # The patch embedding's input is data: only its weight and bias need gradients.
     g["embed.w"] = dh.T @ xt
     g["embed.b"] = np.ones(dh.shape[0], dh.dtype) @ dh
@@ -286,10 +280,9 @@ def _backward(p: dict[str, np.ndarray], blocks: list[tuple[Weights, Weights]], c
 def _check_inputs(params: dict[str, np.ndarray], x: np.ndarray, config: MixerConfig, *,
                   allow_empty: bool = False) -> np.ndarray:
     """x as a C-contiguous array of the parameters' dtype, after checking its shape."""
-    try:
-        dtype = params["embed.w"].dtype
-    except KeyError:
-        raise KeyError("params has no 'embed.w'; build them with init_params(config, seed)") from None
+    if "embed.w" not in params:
+        raise KeyError("params has no 'embed.w'; build them with init_params(config, seed)")
+    dtype = params["embed.w"].dtype
     x = np.asarray(x)
     if x.ndim != 2 or x.shape[1] != config.n_features:
         raise ValueError(f"x must have shape (batch, n_features={config.n_features}), got x.shape={x.shape}")

@@ -50,17 +50,14 @@ class Adam:
                  beta2: float = 0.999, eps: float = 1e-8, weight_decay: float = 0.0,
                  decoupled: bool = False, clip_norm: float = 0.0, grad_noise: float = 0.0,
                  grad_noise_decay: float = 0.55, rng: np.random.Generator | None = None) -> None:
-        if not lr > 0:
-            raise ValueError(f"lr must be > 0, got lr={lr}")
-        for name, value in (("beta1", beta1), ("beta2", beta2)):
-            if not 0.0 <= value < 1.0:
-                raise ValueError(f"{name} must be in [0, 1), got {name}={value}")
-        if not eps > 0:
-            raise ValueError(f"eps must be > 0, got eps={eps}")
-        for name, value in (("weight_decay", weight_decay), ("clip_norm", clip_norm),
-                            ("grad_noise", grad_noise), ("grad_noise_decay", grad_noise_decay)):
-            if not value >= 0:
-                raise ValueError(f"{name} must be >= 0, got {name}={value}")
+        rules = {"> 0": lambda v: v > 0, "in [0, 1)": lambda v: 0.0 <= v < 1.0, ">= 0": lambda v: v >= 0}
+        checks = (("lr", lr, "> 0"), ("beta1", beta1, "in [0, 1)"), ("beta2", beta2, "in [0, 1)"),
+                  ("eps", eps, "> 0"), ("weight_decay", weight_decay, ">= 0"),
+                  ("clip_norm", clip_norm, ">= 0"), ("grad_noise", grad_noise, ">= 0"),
+                  ("grad_noise_decay", grad_noise_decay, ">= 0"))
+        for name, value, rule in checks:
+            if not rules[rule](value):
+                raise ValueError(f"{name} must be {rule}, got {name}={value}")
         if grad_noise > 0 and rng is None:
             raise ValueError(f"grad_noise={grad_noise} needs rng (a np.random.Generator)")
         if not params:

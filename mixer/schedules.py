@@ -45,8 +45,7 @@ def cosine(epoch: int, *, lr: float, epochs: int, eta_min: float = 0.0, warmup_e
            t_max: int = 0) -> float:
     """Warmup, then a half cosine from ``lr`` to ``eta_min`` over ``t_max`` epochs, then ``eta_min``;
     ``t_max=0`` means ``epochs - warmup_epochs`` (at least 1), ``epochs`` being the run's length."""
-    warm = warmup(epoch, lr=lr, warmup_epochs=warmup_epochs)
-    if warm is not None:
+    if (warm := warmup(epoch, lr=lr, warmup_epochs=warmup_epochs)) is not None:
         return warm
     period = t_max if t_max > 0 else max(1, epochs - warmup_epochs)
     e = epoch - warmup_epochs
@@ -58,8 +57,7 @@ def cosine_warm_restarts(epoch: int, *, lr: float, eta_min: float = 0.0, warmup_
     """Warmup, then SGDR: cosine cycles of ``t_0 * t_mult**i`` epochs from ``lr`` towards ``eta_min``."""
     if t_0 < 1 or t_mult < 1:
         raise ValueError(f"t_0 and t_mult must be >= 1, got t_0={t_0}, t_mult={t_mult}")
-    warm = warmup(epoch, lr=lr, warmup_epochs=warmup_epochs)
-    if warm is not None:
+    if (warm := warmup(epoch, lr=lr, warmup_epochs=warmup_epochs)) is not None:
         return warm
     # Integer arithmetic finds the cycle exactly (torch's float log can land on the wrong side).
     t_cur, t_i = epoch - warmup_epochs, t_0
