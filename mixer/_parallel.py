@@ -45,25 +45,19 @@ def bounds(n: int, rows: int) -> list[tuple[int, int]]:
 
 def _default_threads() -> int:
     env = os.environ.get("MIXER_NUM_THREADS")
-    if env:
-        try:
-            n = int(env)
-        except ValueError:
-            n = 0
-        if n < 1:
-            raise ValueError(f"MIXER_NUM_THREADS must be a positive integer, got {env!r}")
-        return n
-    return available_cpus()
+    if not env:
+        return available_cpus()
+    with contextlib.suppress(ValueError):
+        if (n := int(env)) >= 1:
+            return n
+    raise ValueError(f"MIXER_NUM_THREADS must be a positive integer, got {env!r}")
 
 
 def available_cpus() -> int:
     """The CPUs this process may run on, capped by the cgroup (v2 or v1) CPU quota, rounded up, >= 1."""
-    try:
-        n = len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        n = os.cpu_count() or 1
+    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     root = CGROUP_ROOT
-    try:
+    with contextlib.suppress(OSError, ValueError, ZeroDivisionError):  # no CPU controller to read: no quota
         if os.path.isfile(f"{root}/cpu.max"):  # v2: "max 100000" (no quota) or "200000 100000"
             with open(f"{root}/cpu.max") as fh:
                 quota, period = fh.read().split()
@@ -72,8 +66,6 @@ def available_cpus() -> int:
                 quota, period = q.read().strip(), p.read().strip()  # quota -1: none
         if quota not in ("max", "-1"):
             n = min(n, math.ceil(int(quota) / int(period)))
-    except (OSError, ValueError, ZeroDivisionError):  # no CPU controller to read: no quota
-        pass
     return max(1, n)
 
 

@@ -137,17 +137,15 @@ class ModelBundle:
         found = meta.get("format") if isinstance(meta, dict) else None
         if found != FORMAT:
             raise BundleError(f"{path}: format {found!r}, expected {FORMAT!r}")
-        try:
-            config = MixerConfig(**meta["config"])
-        except (KeyError, TypeError, ValueError) as exc:
-            raise BundleError(f"{path}: bad config: {exc}") from None
-        try:
-            pipeline = Pipeline.from_dict(meta["pipeline"])
-        except (KeyError, TypeError, ValueError) as exc:
-            raise BundleError(f"{path}: bad pipeline: {exc}") from None
+        parts = {}
+        for part, build in (("config", lambda c: MixerConfig(**c)), ("pipeline", Pipeline.from_dict)):
+            try:
+                parts[part] = build(meta[part])
+            except (KeyError, TypeError, ValueError) as exc:
+                raise BundleError(f"{path}: bad {part}: {exc}") from None
         # Keep the writer's order: iteration then matches a freshly initialised dict.
         params = {k: params[k] for k in [*meta.get("params", []), *params] if k in params}
-        bundle = cls(params=params, config=config, pipeline=pipeline, info=meta.get("info") or {})
+        bundle = cls(params=params, **parts, info=meta.get("info") or {})
         bundle.check(source=str(path))
         return bundle
 

@@ -346,18 +346,15 @@ def load_run_config(path: str | Path, *, train_csv: str | Path | None = None,
                 except ValueError as exc:
                     raise ConfigError(f"{path}: data.{key}: {exc}") from None
 
-    def fail(section: str, exc: Exception, names: Any) -> ConfigError:
-        name = bad_field(exc, names)
-        return ConfigError(f"{path}: {section}{'.' + name if name else ''}: {exc}")
-
-    try:
-        data = DataConfig(**data_doc)
-    except (TypeError, ValueError) as exc:
-        raise fail("data", exc, data_doc) from None
-    try:
-        train = TrainConfig.from_flat(train_doc)
-    except (TypeError, ValueError, KeyError) as exc:
-        raise fail("train", exc, train_doc) from None
+    records = {}
+    for section, build, values in (("data", lambda v: DataConfig(**v), data_doc),
+                                   ("train", TrainConfig.from_flat, train_doc)):
+        try:
+            records[section] = build(values)
+        except (TypeError, ValueError, KeyError) as exc:
+            name = bad_field(exc, values)
+            raise ConfigError(f"{path}: {section}{'.' + name if name else ''}: {exc}") from None
+    data, train = records["data"], records["train"]
     try:
         check_memory(train)
     except ValueError as exc:

@@ -60,6 +60,11 @@ def _plain(value: Any) -> Any:
     return value.item() if isinstance(value, np.generic) else value
 
 
+def _first(mask: np.ndarray) -> int | None:
+    """The position of the first True in ``mask``, or None if there is none."""
+    return int(np.argmax(mask)) if mask.any() else None
+
+
 def _check_columns(frame: pd.DataFrame, source: str, *, strict: bool) -> list[str]:
     """The feature columns of ``frame`` in its own order; DataError on a duplicate or missing one, and
     with ``strict`` on an unknown one (a CSV's is the wrong file; a frame's may be the caller's own)."""
@@ -80,13 +85,10 @@ def _check_columns(frame: pd.DataFrame, source: str, *, strict: bool) -> list[st
 def _numeric(series: pd.Series, column: str, source: str, *, csv: bool) -> np.ndarray:
     """One numeric column as float64; DataError at the first non-numeric, missing or infinite value."""
     values = pd.to_numeric(series, errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
-    bad = np.isnan(values) & series.notna().to_numpy()
-    if bad.any():
-        row = int(np.argmax(bad))
+    if (row := _first(np.isnan(values) & series.notna().to_numpy())) is not None:
         raise DataError(f"{source}: column {column!r}, {_where(row, csv=csv)}: "
                         f"non-numeric value {_plain(series.iloc[row])!r}")
-    if not np.isfinite(values).all():
-        row = int(np.argmax(~np.isfinite(values)))
+    if (row := _first(~np.isfinite(values))) is not None:
         what = "missing value" if np.isnan(values[row]) else f"non-finite value {values[row]!r}"
         raise DataError(f"{source}: column {column!r}, {_where(row, csv=csv)}: {what}")
     return values
@@ -94,9 +96,7 @@ def _numeric(series: pd.Series, column: str, source: str, *, csv: bool) -> np.nd
 
 def _categorical(series: pd.Series, column: str, source: str, *, csv: bool) -> pd.Series:
     """One categorical column as strings; DataError at the first missing value."""
-    missing = series.isna().to_numpy()
-    if missing.any():
-        row = int(np.argmax(missing))
+    if (row := _first(series.isna().to_numpy())) is not None:
         raise DataError(f"{source}: column {column!r}, {_where(row, csv=csv)}: missing value")
     return series.astype(str)
 
@@ -107,9 +107,7 @@ def labels(frame: pd.DataFrame, *, source: str, csv: bool = False) -> np.ndarray
     if LABEL not in frame.columns:
         raise DataError(f"{source}: no {LABEL!r} column (the 0/1 target)")
     values = _numeric(frame[LABEL], LABEL, source, csv=csv)
-    bad = (values != 0) & (values != 1)
-    if bad.any():
-        row = int(np.argmax(bad))
+    if (row := _first((values != 0) & (values != 1))) is not None:
         raise DataError(f"{source}: column {LABEL!r}, {_where(row, csv=csv)}: "
                         f"label must be 0 or 1, got {_plain(frame[LABEL].iloc[row])!r}")
     return values.astype(np.int64)
@@ -207,11 +205,10 @@ class Pipeline:
             raise DataError(f"{source}: no data rows to fit the preprocessing on")
         names = _check_columns(frame, source, strict=False)
         categories: dict[str, list[str]] = {}
-        for name in names:
-            if name in CATEGORICAL:
-                counts = _categorical(frame[name], name, source, csv=False).value_counts(sort=False)
-                # Frequency order is deterministic once ties are broken by name.
-                categories[name] = sorted(counts.index, key=lambda c: (-counts[c], c))
+        for name in [n for n in names if n in CATEGORICAL]:
+            counts = _categorical(frame[name], name, source, csv=False).value_counts(sort=False)
+            # Frequency order is deterministic once ties are broken by name.
+            categories[name] = sorted(counts.index, key=lambda c: (-counts[c], c))
         # Encode with identity scaling, then measure the statistics on the encoded table.
         ones = np.ones(len(names))
         raw = cls(names, categories, "standard", np.zeros(len(names)), ones)._encode(frame, source)
@@ -314,8 +311,7 @@ class Pipeline:
             if not np.isfinite(arr).all():
                 raise DataError(f"{where}: {key}[{int(np.argmax(~np.isfinite(arr)))}] is not finite")
             stats[key] = arr
-        if (stats["std"] <= 0).any():
-            i = int(np.argmax(stats["std"] <= 0))
+        if (i := _first(stats["std"] <= 0)) is not None:
             raise DataError(f"{where}: std[{i}] ({names[i]}) must be > 0, got {stats['std'][i]}")
         quantiles = _check_quantiles(d, names, where)
         return cls(list(names), {k: list(v) for k, v in cats.items()}, d["scaling"],

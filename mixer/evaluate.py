@@ -3,7 +3,7 @@
 Prints accuracy, precision, recall, F1, ROC AUC and the confusion matrix (``--json`` for machines),
 and a warning on stderr when the rows do not look like the model's training data. Also holds what
 the mixer command lines share: ``threshold_arg``, ``prog_name``, ``quiet_broken_pipe``,
-``data_warnings`` and ``read_inputs``."""
+``data_warnings`` and ``score_inputs``."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
@@ -60,13 +61,17 @@ def data_warnings(bundle: ModelBundle, columns: Sequence[str], *, model: str, da
     return out
 
 
-def read_inputs(model: str, data: str) -> tuple[ModelBundle, pd.DataFrame]:
-    """The bundle and the raw rows a command was given, its ``data_warnings`` printed on stderr;
-    BundleError or DataError if either file is unusable (the message names it)."""
-    bundle, frame = ModelBundle.load(model), read_csv(data)
-    for line in data_warnings(bundle, frame.columns, model=model, data=data):
-        print(line, file=sys.stderr)
-    return bundle, frame
+def score_inputs(args: argparse.Namespace, score: Callable[..., Any]) -> Any:
+    """``score(bundle, frame, source=, threshold=)`` on the files and threshold a command was given, after
+    their ``data_warnings`` on stderr; None once the error is printed if a file is unusable or bad."""
+    try:
+        bundle, frame = ModelBundle.load(args.model), read_csv(args.data)
+        for line in data_warnings(bundle, frame.columns, model=args.model, data=args.data):
+            print(line, file=sys.stderr)
+        return score(bundle, frame, source=args.data, threshold=args.threshold)
+    except (BundleError, DataError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return None
 
 
 def prog_name(script: str, module: str) -> str:
@@ -142,11 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
 @quiet_broken_pipe
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        bundle, frame = read_inputs(args.model, args.data)
-        metrics = evaluate_frame(bundle, frame, source=args.data, threshold=args.threshold)
-    except (BundleError, DataError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    metrics = score_inputs(args, evaluate_frame)
+    if metrics is None:
         return 2
     if args.json:
         print(json.dumps({"model": str(args.model), "data": str(args.data), **metrics.as_dict()}))

@@ -14,9 +14,8 @@ import sys
 import numpy as np
 import pandas as pd
 
-from mixer.bundle import BundleError, ModelBundle, atomic_write
-from mixer.data import DataError
-from mixer.evaluate import EXIT_BROKEN_PIPE, prog_name, quiet_broken_pipe, read_inputs, threshold_arg
+from mixer.bundle import ModelBundle, atomic_write
+from mixer.evaluate import EXIT_BROKEN_PIPE, prog_name, quiet_broken_pipe, score_inputs, threshold_arg
 
 # Seven significant digits: what a float32 model's probabilities carry (more would print noise).
 FLOAT_FORMAT = "%.7g"
@@ -55,11 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
 @quiet_broken_pipe
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        bundle, frame = read_inputs(args.model, args.data)
-        out = predict_frame(bundle, frame, source=args.data, threshold=args.threshold)
-    except (BundleError, DataError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    out = score_inputs(args, predict_frame)
+    if out is None:
         return 2
     if args.out == "-":
         out.to_csv(sys.stdout, index=False, float_format=FLOAT_FORMAT)

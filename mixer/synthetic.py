@@ -146,10 +146,6 @@ def synthetic_frame(n_rows: int, seed: int) -> pd.DataFrame:
     # Imported here, not at the top: mixer.data imports this module to offer synthetic_frame too.
     from mixer.data import CATEGORICAL, FEATURE_NAMES, FLOAT_FEATURES
 
-    for name in FEATURE_NAMES:
-        if name in CATEGORICAL:
-            columns[name] = pd.array(columns[name].astype(str), dtype="str")
-        else:
-            dtype = np.float64 if name in FLOAT_FEATURES else np.int64
-            columns[name] = np.asarray(columns[name], dtype=dtype)
-    return pd.DataFrame(columns)
+    dtypes = {name: "str" if name in CATEGORICAL else np.float64 if name in FLOAT_FEATURES else np.int64
+              for name in FEATURE_NAMES}
+    return pd.DataFrame(columns).astype(dtypes)

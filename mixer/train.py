@@ -134,7 +134,11 @@ def fit(config: TrainConfig, data: Dataset, *, seed: int, on_epoch: OnEpoch | No
 
     history: list[EpochMetrics] = []
     best_epoch, best_loss, best_params = 0, np.inf, {k: v.copy() for k, v in scored.items()}
-    status, reason = "completed", None
+
+    def result(status: str, reason: str | None = None) -> FitResult:
+        return FitResult(history=history, status=status, reason=reason, best_epoch=best_epoch,
+                         best_params=best_params, params=scored, probes=probes, probe_batch=probe)
+
     for epoch in range(1, config.epochs + 1):
         started = time.perf_counter()
         lr = learning_rate(config, epoch - 1)
@@ -153,25 +157,19 @@ def fit(config: TrainConfig, data: Dataset, *, seed: int, on_epoch: OnEpoch | No
                                           rng=dropout_rng, label_smoothing=config.label_smoothing)[1]
                 grads = sam_gradients(params, grads, config.sam_rho, perturbed)
             if not np.isfinite(loss):
-                status = "diverged"
-                reason = f"training loss is {loss} at epoch {epoch}, step {len(norms) + 1}"
-                break
+                return result("diverged", f"training loss is {loss} at epoch {epoch}, step {len(norms) + 1}")
             stats = optimizer.step(params, grads, lr=lr)
             if not np.isfinite(stats.grad_norm):
-                status, reason = "diverged", f"gradient norm is {stats.grad_norm} at epoch {epoch}"
-                break
+                return result("diverged", f"gradient norm is {stats.grad_norm} at epoch {epoch}")
             if config.ema_decay:
                 ema_update(scored, params, config.ema_decay, optimizer.step_count)
             loss_sum += loss * len(rows)
             norms.append(stats.grad_norm)
             ratios.append(stats.update_ratio)
-        if status == "diverged":
-            break
         logits = predict_logits(scored, x_val, model)
         val_loss = bce_with_logits(logits, y_val, pos_weight=model.pos_weight)
         if not np.isfinite(val_loss):
-            status, reason = "diverged", f"validation loss is {val_loss} at epoch {epoch}"
-            break
+            return result("diverged", f"validation loss is {val_loss} at epoch {epoch}")
         scores = classification_metrics(logits, y_val)
         seconds = time.perf_counter() - started
         curvature = {}
@@ -190,10 +188,8 @@ def fit(config: TrainConfig, data: Dataset, *, seed: int, on_epoch: OnEpoch | No
             best_epoch, best_loss = epoch, val_loss
             best_params = {k: v.copy() for k, v in scored.items()}
         if on_epoch is not None and on_epoch(metrics):
-            status, reason = "stopped", f"stopped after epoch {epoch} of {config.epochs}"
-            break
-    return FitResult(history=history, status=status, reason=reason, best_epoch=best_epoch,
-                     best_params=best_params, params=scored, probes=probes, probe_batch=probe)
+            return result("stopped", f"stopped after epoch {epoch} of {config.epochs}")
+    return result("completed")
 
 
 def format_epoch(m: EpochMetrics, epochs: int) -> str:
@@ -232,8 +228,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.epochs is not None:
             config = dataclasses.replace(config, epochs=args.epochs)
         data = load(data_config)
-        model = dataclasses.replace(config.model, n_features=data.n_features)
-        config = dataclasses.replace(config, model=model)
+        config = config.for_features(data.n_features)
     except (ConfigError, DataError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
