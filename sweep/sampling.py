@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -128,28 +128,25 @@ class Space:
     def suggest(self, trial: Any) -> tuple[DataConfig, TrainConfig]:
         """Sample this trial's parameters (where their ``when`` holds) and build its configs; a
         ValueError means a sampled combination is invalid in a way validation cannot see."""
-        values: dict[str, Any] = {}
-        for p in self.params.values():
-            if self._condition_holds(p, values):
-                values[p.name] = p.suggest(trial)
-        return self.build(values)
+        return self.build(self._sampled(lambda p: p.suggest(trial)))
 
     def build(self, sampled: Mapping[str, Any]) -> tuple[DataConfig, TrainConfig]:
         """The configs for the fixed knobs plus ``sampled`` (eta_min resolved, see ``sweep.space``)."""
         return _build_configs({**self.data, **self.train, **sampled})
 
-    def _condition_holds(self, p: Param, values: Mapping[str, Any]) -> bool:
-        """Whether ``p``'s conditions hold; one on a parameter not sampled (not in ``values``) does not."""
-        known = {**self.data, **self.train, **values}
-        return all(knob in known and known[knob] in allowed for knob, allowed in p.when.items())
+    def _sampled(self, value_of: Callable[[Param], Any]) -> dict[str, Any]:
+        """``value_of(p)`` of each parameter, in order, whose conditions hold on the fixed knobs and the
+        values before it (a condition on a parameter not sampled does not hold)."""
+        values: dict[str, Any] = {}
+        for p in self.params.values():
+            known = {**self.data, **self.train, **values}
+            if all(knob in known and known[knob] in allowed for knob, allowed in p.when.items()):
+                values[p.name] = value_of(p)
+        return values
 
     def active(self, values: Mapping[str, Any]) -> list[str]:
         """The parameters sampled in a trial whose known values are ``values``."""
-        seen: dict[str, Any] = {}
-        for p in self.params.values():
-            if self._condition_holds(p, seen):
-                seen[p.name] = values.get(p.name)
-        return list(seen)
+        return list(self._sampled(lambda p: values.get(p.name)))
 
     def build_sampler(self, *, seed: int | None = None) -> Any:
         """The Optuna sampler, seeded with ``seed`` (default: the spec's seed, else the study seed)."""
@@ -172,9 +169,8 @@ def flat_config(data: DataConfig, train: TrainConfig) -> dict[str, Any]:
 
 def split_flat(flat: Mapping[str, Any]) -> tuple[DataConfig, TrainConfig]:
     """Inverse of ``flat_config``: unknown keys are ignored."""
-    data = DataConfig(**{k: v for k, v in flat.items() if k in DATA_FIELDS})
-    train = TrainConfig.from_flat({k: v for k, v in flat.items() if k in MODEL_FIELDS + TRAIN_FIELDS})
-    return data, train
+    return (DataConfig(**{k: v for k, v in flat.items() if k in DATA_FIELDS}),
+            TrainConfig.from_flat({k: v for k, v in flat.items() if k in MODEL_FIELDS + TRAIN_FIELDS}))
 
 
 def _build_configs(flat: Mapping[str, Any]) -> tuple[DataConfig, TrainConfig]:
@@ -212,6 +208,5 @@ def _make_pruner(spec: PrunerSpec) -> Any:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # ExperimentalWarning for the patient pruner
         if spec.name == "patient":
-            wrapped = _make_pruner(spec.wrapped) if spec.wrapped is not None else None
-            return cls(wrapped, **spec.options)
+            return cls(_make_pruner(spec.wrapped) if spec.wrapped is not None else None, **spec.options)
         return cls(**spec.options)

@@ -39,6 +39,7 @@ __all__ = ["METRICS", "N_FEATURES", "PRUNERS", "SAMPLERS", "Param", "PrunerSpec"
 
 # Both UNSW-NB15 layouts and the synthetic generator give 42 feature columns (mixer.data).
 N_FEATURES = 42
+_PATCH_SIZES = ", ".join(map(str, divisors(N_FEATURES)))  # the valid ones, for errors
 
 METRICS = ("val_loss", "train_loss", "val_accuracy", "val_precision", "val_recall", "val_f1")
 DIRECTIONS = ("minimize", "maximize")
@@ -87,8 +88,13 @@ def load_yaml(path: str | Path) -> Any:
 
 def load_space(path: str | Path, *, train_csv: str | Path | None = None) -> Space:
     """Read and validate a search-space file (``train_csv`` as in ``parse_space``); SpaceError if bad."""
-    path = Path(path)
     return parse_space(load_yaml(path), path=path, train_csv=train_csv)
+
+
+# A knob's kind (``sweep.sampling.KNOBS``) -> the YAML values it takes, and their name in errors.
+_KIND_TYPES = {"int": int, "float": int | float, "str": str, "optional_str": str | None, "bool": bool}
+_KIND_NAMES = {"int": "an integer", "float": "a number", "str": "a string", "bool": "true or false",
+               "optional_str": "a string or null"}
 
 
 class _Checker:
@@ -125,18 +131,10 @@ class _Checker:
             raise self.fail(key, f"expected one of {', '.join(allowed)}, got {shorten(value)}")
         return value
 
-
-# A knob's kind (``sweep.sampling.KNOBS``) -> the YAML values it takes, and their name in errors.
-_KIND_TYPES = {"int": int, "float": int | float, "str": str, "optional_str": str | None}
-_KIND_NAMES = {"int": "an integer", "float": "a number", "str": "a string", "bool": "true or false",
-               "optional_str": "a string or null"}
-
-
-def _type_ok(kind: str, value: Any) -> bool:
-    """Whether a YAML value fits a knob of ``kind``: booleans only for bool."""
-    if isinstance(value, bool) or kind == "bool":
-        return isinstance(value, bool) and kind == "bool"
-    return isinstance(value, _KIND_TYPES[kind])
+    def kind(self, value: Any, key: str, kind: str, of: str = "") -> None:
+        """``value`` must fit a knob of ``kind``, booleans only for bool; ``of`` names the knob."""
+        if not isinstance(value, _KIND_TYPES[kind]) or isinstance(value, bool) != (kind == "bool"):
+            raise self.fail(key, f"expected {_KIND_NAMES[kind]}{of}, got {shorten(value)}")
 
 
 def _join(key: str, sub: str | int) -> str:
@@ -170,8 +168,7 @@ def parse_space(doc: Any, *, path: str | Path = "<space>", train_csv: str | Path
     params = _check_params(c, c.mapping(doc.get("params"), "params"), data, train)
 
     # eta_min: either directly (clipped to lr) or as a ratio of lr, not both.
-    given = {k for k in ("eta_min", ETA_MIN_RATIO) if k in train or k in params}
-    if len(given) == 2:
+    if all(k in train or k in params for k in ("eta_min", ETA_MIN_RATIO)):
         key = "params.eta_min_ratio" if ETA_MIN_RATIO in params else "train.eta_min_ratio"
         raise c.fail(key, "give eta_min or eta_min_ratio, not both")
 
@@ -231,8 +228,7 @@ def _check_fixed(c: _Checker, section: dict[str, Any], key: str) -> dict[str, An
         if (record == "data") != (key == "data"):
             other = "data" if record == "data" else "train"
             raise c.fail(k, f"{name} is a {other} setting: put it under {other}:")
-        if not _type_ok(kind, value):
-            raise c.fail(k, f"expected {_KIND_NAMES[kind]}, got {shorten(value)}")
+        c.kind(value, k, kind)
         if name in ("train_csv", "test_csv") and value:
             try:
                 value = resolve_csv(value, base=c.path.parent)
@@ -292,8 +288,8 @@ def _order_conditions(c: _Checker, raw: dict[str, Param], data: dict[str, Any],
                 if knob in raw and not raw[knob].contains(v):
                     raise c.fail(kk, f"{shorten(v)} is not a value params.{knob} can take "
                                      f"({_describe(raw[knob])})")
-                if knob in fixed and not _type_ok(KNOBS[knob][1], v):
-                    raise c.fail(kk, f"expected {_KIND_NAMES[KNOBS[knob][1]]} for {knob}, got {shorten(v)}")
+                if knob in fixed:
+                    c.kind(v, kk, KNOBS[knob][1], f" for {knob}")
     ordered: dict[str, Param] = {}
 
     def visit(name: str, trail: tuple[str, ...]) -> None:
@@ -338,11 +334,9 @@ def _check_param(c: _Checker, name: str, spec: Any, k: str) -> Param:
             raise c.fail(_join(k, "choices"), f"expected a non-empty list, got {shorten(choices)}")
         for i, v in enumerate(choices):
             kk = _join(_join(k, "choices"), i)
-            if not _type_ok(kind, v):
-                raise c.fail(kk, f"expected {_KIND_NAMES[kind]} for {name}, got {shorten(v)}")
+            c.kind(v, kk, kind, f" for {name}")
             if name == "patch_size" and N_FEATURES % v:
-                raise c.fail(kk, f"{v} does not divide n_features={N_FEATURES} "
-                                 f"(valid: {', '.join(map(str, divisors(N_FEATURES)))})")
+                raise c.fail(kk, f"{v} does not divide n_features={N_FEATURES} (valid: {_PATCH_SIZES})")
             if v in choices[:i]:
                 raise c.fail(kk, f"duplicate choice {shorten(v)}")
         return Param(name=name, type=ptype, choices=tuple(choices), when=when)
@@ -382,8 +376,7 @@ def _check_param(c: _Checker, name: str, spec: Any, k: str) -> Param:
         bad = [v for v in range(low, high + 1, step or 1) if N_FEATURES % v]
         if bad:
             raise c.fail(_join(k, "low"), f"patch sizes {bad} do not divide n_features={N_FEATURES}: "
-                                          f"use type: categorical with choices from "
-                                          f"{', '.join(map(str, divisors(N_FEATURES)))}")
+                                          f"use type: categorical with choices from {_PATCH_SIZES}")
     return Param(name=name, type=ptype, low=low, high=high, log=log, step=step, when=when)
 
 
@@ -402,7 +395,6 @@ def _check_when(c: _Checker, when: Any, k: str) -> dict[str, tuple[Any, ...]]:
 
 def _check_ranges(c: _Checker, data: dict[str, Any], train: dict[str, Any],
                   params: dict[str, Param]) -> None:
-    """Build the configs from the fixed values, then with each parameter's bounds/choices."""
     try:
         _build_configs({**data, **train})
     except (TypeError, ValueError, KeyError) as exc:
@@ -440,9 +432,8 @@ def _check_memory(c: _Checker, data: dict[str, Any], train: dict[str, Any],
 
 
 def _check_sampler(c: _Checker, spec: Any, params: dict[str, Param]) -> SamplerSpec:
-    if isinstance(spec, str):
-        spec = {"name": spec}
-    spec = c.mapping(spec, "sampler", ("name", "seed", "options"))
+    spec = c.mapping({"name": spec} if isinstance(spec, str) else spec, "sampler",
+                     ("name", "seed", "options"))
     name = c.choice(spec.get("name", "tpe"), "sampler.name", SAMPLERS)
     seed = spec.get("seed")
     if seed is not None:
@@ -464,9 +455,7 @@ def _check_sampler(c: _Checker, spec: Any, params: dict[str, Param]) -> SamplerS
 
 
 def _check_pruner(c: _Checker, spec: Any, key: str) -> PrunerSpec:
-    if isinstance(spec, str):
-        spec = {"name": spec}
-    spec = c.mapping(spec, key, ("name", "options", "wrapped"))
+    spec = c.mapping({"name": spec} if isinstance(spec, str) else spec, key, ("name", "options", "wrapped"))
     name = c.choice(spec.get("name", "median"), _join(key, "name"), PRUNERS)
     options = c.mapping(spec.get("options"), _join(key, "options"))
     _check_options(c, _pruner_class(name), options, _join(key, "options"))
@@ -504,7 +493,6 @@ def _check_enqueue(c: _Checker, entries: Any, space: Space) -> tuple[dict[str, A
         return ()
     if not isinstance(entries, list):
         raise c.fail("enqueue", f"expected a list of parameter mappings, got {shorten(entries)}")
-    out = []
     for i, entry in enumerate(entries):
         k = _join("enqueue", i)
         entry = c.mapping(entry, k)
@@ -531,6 +519,5 @@ def _check_enqueue(c: _Checker, entries: Any, space: Space) -> tuple[dict[str, A
             space.build({n: v for n, v in entry.items() if n in active})
         except (TypeError, ValueError, KeyError) as exc:
             raise c.fail(k, one_line(exc)) from None
-        out.append(dict(entry))
-    return tuple(out)
+    return tuple(dict(entry) for entry in entries)
 

@@ -43,15 +43,14 @@ def quiet_optuna() -> None:
 
 def sqlalchemy_url(url: str) -> str:
     """``postgresql://`` with the installed driver: SQLAlchemy 2.1 maps it to psycopg 3, we ship psycopg2."""
-    for scheme in ("postgresql://", "postgres://"):
-        if url.startswith(scheme) and importlib.util.find_spec("psycopg") is None \
-                and importlib.util.find_spec("psycopg2") is not None:
-            return "postgresql+psycopg2://" + url[len(scheme):]
+    if url.startswith(("postgresql://", "postgres://")) and importlib.util.find_spec("psycopg") is None \
+            and importlib.util.find_spec("psycopg2") is not None:
+        return "postgresql+psycopg2://" + url.partition("://")[2]
     return url
 
 
 def open_storage(location: str, *, rdb: bool | None = None, heartbeat_interval: int | None = None,
-                 grace_period: int | None = None, attempts: int = 6) -> Any:
+                 grace_period: int | None = None) -> Any:
     """A journal file at ``location`` (its folder created), or if ``rdb`` (default: ``location`` has
     ``://``) an RDB URL, with heartbeats (defaults: ``HEARTBEAT_INTERVAL``, ``GRACE_PERIOD``, read when
     called) and retries. A UsageError names a storage that cannot be opened, password hidden."""
@@ -77,7 +76,7 @@ def open_storage(location: str, *, rdb: bool | None = None, heartbeat_interval: 
     from sweep.storage import ResilientRDBStorage
 
     last: Exception | None = None
-    for attempt in range(attempts):
+    for attempt in range(6):
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeats
@@ -115,22 +114,20 @@ def _repair_torn_journal(path: Path) -> None:
     keep = start + last
     backup = path.with_name(f"{path.name}.torn-{time.strftime('%Y%m%d-%H%M%S')}")
     shutil.copyfile(path, backup)
-    with open(path, "r+b") as fh:
-        fh.truncate(keep)
+    os.truncate(path, keep)
     message = (f"{path} ended in a torn record ({size - keep} bytes, from a write that failed, e.g. "
                f"a full disk): cut back to the last complete record; the old file is kept as {backup}")
     log.warning("%s", message)
     print(f"warning: {message}", file=sys.stderr)
 
 
-def open_study(storage: Any, name: str, *, direction: str, sampler: Any, pruner: Any,
-               attempts: int = 8) -> tuple[Any, bool]:
+def open_study(storage: Any, name: str, *, direction: str, sampler: Any, pruner: Any) -> tuple[Any, bool]:
     """Create the study or join it; returns (study, created_here). Safe when workers race."""
     import optuna
     import sqlalchemy.exc
 
     last: Exception | None = None
-    for attempt in range(attempts):
+    for attempt in range(8):
         try:
             return optuna.create_study(storage=storage, study_name=name, direction=direction,
                                        sampler=sampler, pruner=pruner), True
@@ -168,21 +165,16 @@ def budget_used(trials: list[Any]) -> int:
 
 
 def run_trials(study: Any, objective: Any, *, n_trials: int | None, timeout: float | None,
-               interrupts: Any, lock: Any = None, after_trial: Callable[[], None] | None = None,
+               interrupts: Any, after_trial: Callable[[], None] | None = None,
                keep_going: Callable[[], bool] | None = None,
                on_stale: Callable[[list[Any]], None] | None = None) -> None:
-    """Run trials of ``study`` until its budget is spent, ``timeout`` passes or the grid is done. ``lock``
-    is held around "count, then start a trial" (default: the study's budget lock); ``after_trial()`` runs
+    """Run trials of ``study`` until its budget is spent, ``timeout`` passes or the grid is done. The
+    study's budget lock is held around "count, then start a trial"; ``after_trial()`` runs
     after each trial, ``keep_going()`` before each (False stops); ``on_stale`` gets the trials found
     dead (stale heartbeat). Ctrl-C fails and re-queues the running trial, then raises KeyboardInterrupt."""
-    from sweep.locks import study_lock
-
-    if lock is None:
-        with contextlib.closing(study_lock(study, study.study_name, "budget")) as own:
-            return run_trials(study, objective, n_trials=n_trials, timeout=timeout, interrupts=interrupts,
-                              lock=own, after_trial=after_trial, keep_going=keep_going, on_stale=on_stale)
     import optuna
 
+    from sweep.locks import study_lock
     from sweep.objective import TrialFailed
 
     started = time.monotonic()
@@ -190,39 +182,41 @@ def run_trials(study: Any, objective: Any, *, n_trials: int | None, timeout: flo
     heartbeat = heartbeat_seconds is not None
     handled: set[int] = set()
 
-    def objective_unlocked(trial: Any) -> float:
-        lock.release()  # the trial exists now, so the count is right for the next worker
-        return objective(trial)
+    with contextlib.closing(study_lock(study, study.study_name, "budget")) as lock:
+        def objective_unlocked(trial: Any) -> float:
+            lock.release()  # the trial exists now, so the count is right for the next worker
+            return objective(trial)
 
-    while True:
-        interrupts.check()
-        if timeout is not None and time.monotonic() - started >= timeout:
-            break
-        if keep_going is not None and not keep_going():
-            break
-        lock.acquire()
-        wait_for_others = False
-        try:
-            if heartbeat:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                    optuna.storages.fail_stale_trials(study)
-            trials = study.get_trials(deepcopy=False)
-            if heartbeat and on_stale is not None:
-                # Failed while its status still says running: its worker died.
-                stale = [t for t in trials if t.state == optuna.trial.TrialState.FAIL
-                         and t.user_attrs.get("status") in (None, "running") and t.number not in handled]
-                handled.update(t.number for t in stale)
-                if stale:
-                    on_stale(stale)
-            if n_trials is not None and budget_used(trials) >= n_trials:
-                if not (heartbeat and any(t.state == optuna.trial.TrialState.RUNNING for t in trials)):
-                    break
-                # Trials of other workers still run. If one of those workers has died, its heartbeat
-                # goes stale, fail_stale_trials fails the trial and queues a retry, which frees budget
-                # for this worker to run it: so stay until every counted trial has a result.
-                wait_for_others = True
-            else:
+        while True:
+            interrupts.check()
+            if timeout is not None and time.monotonic() - started >= timeout:
+                break
+            if keep_going is not None and not keep_going():
+                break
+            lock.acquire()
+            try:
+                if heartbeat:
+                    with warnings.catch_warnings():
+                        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                        optuna.storages.fail_stale_trials(study)
+                trials = study.get_trials(deepcopy=False)
+                if heartbeat and on_stale is not None:
+                    # Failed while its status still says running: its worker died.
+                    stale = [t for t in trials if t.state == optuna.trial.TrialState.FAIL
+                             and t.user_attrs.get("status") in (None, "running")
+                             and t.number not in handled]
+                    handled.update(t.number for t in stale)
+                    if stale:
+                        on_stale(stale)
+                if n_trials is not None and budget_used(trials) >= n_trials:
+                    if not (heartbeat and any(t.state == optuna.trial.TrialState.RUNNING for t in trials)):
+                        break
+                    # Trials of other workers still run. If one of those workers has died, its heartbeat
+                    # goes stale, fail_stale_trials fails the trial and queues a retry, which frees
+                    # budget for this worker to run it: so stay until every counted trial has a result.
+                    lock.release()  # (the release below is then a no-op)
+                    time.sleep(min(heartbeat_seconds, 2.0))  # poll: a finished study should end promptly
+                    continue
                 sampler = study.sampler
                 if isinstance(sampler, optuna.samplers.GridSampler) and sampler.is_exhausted(study):
                     break
@@ -234,13 +228,10 @@ def run_trials(study: Any, objective: Any, *, n_trials: int | None, timeout: flo
                         with contextlib.suppress(Exception):
                             enqueue_retry(study, study.get_trials(deepcopy=False)[number])
                     raise
-        finally:
-            lock.release()
-        if wait_for_others:
-            time.sleep(min(heartbeat_seconds, 2.0))  # poll: a finished study should end promptly
-            continue
-        if after_trial is not None:
-            after_trial()
+            finally:
+                lock.release()
+            if after_trial is not None:
+                after_trial()
 
 
 def enqueue_retry(study: Any, trial: Any) -> None:
