@@ -188,9 +188,8 @@ class Objective:
 
         # A retried trial (dead worker, Ctrl-C) inherits the user attrs of the one it repeats.
         seed = int(trial.user_attrs.get("seed", trial_seed(self.study_seed, trial.number)))
-        trial.set_user_attr("worker", self.worker)
-        trial.set_user_attr("seed", seed)
-        trial.set_user_attr("status", "running")
+        for key, value in {"worker": self.worker, "seed": seed, "status": "running"}.items():
+            trial.set_user_attr(key, value)
         history: list[Any] = []
         state = {"status": "error", "reason": None, "pruned_epoch": None, "run": None}
         try:
@@ -292,7 +291,6 @@ class Objective:
 
     def _finish(self, trial: Any, history: list[Any], state: dict[str, Any]) -> None:
         status, reason = state["status"], state["reason"]
-        rows = [{"epoch": m.epoch, **m.as_dict()} for m in history]
         diagnosis = None
         if history or status == "diverged":
             try:
@@ -305,15 +303,14 @@ class Objective:
         if diagnosis is not None and diagnosis.metrics.get("plateau_length"):
             first = int(diagnosis.metrics["plateau_start_epoch"])
             plateau = [first, first + int(diagnosis.metrics["plateau_length"]) - 1]
-        attrs = {"history": rows, "status": status, "reason": reason,
-                 "diagnosis": diagnosis.label if diagnosis is not None else None,
+        attrs = {"history": [{"epoch": m.epoch, **m.as_dict()} for m in history], "status": status,
+                 "reason": reason, "diagnosis": diagnosis.label if diagnosis is not None else None,
                  "pruned_epoch": state["pruned_epoch"], "plateau": plateau,
                  "probes": state.get("probes", []), "slices": state.get("slices")}
         run = state["run"]
         # Known long since, unless the trial was shorter than one server round trip (or the server
         # is down: then None at once, and store_run_id records it on the study once the run exists).
-        run_id = getattr(run, "run_id", None)
-        if run_id is not None:
+        if (run_id := getattr(run, "run_id", None)) is not None:
             attrs[RUN_ID_ATTR] = run_id
         for key, value in attrs.items():
             trial.set_user_attr(key, value)

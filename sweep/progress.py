@@ -93,8 +93,7 @@ class Progress:
     def epoch(self, number: int, m: Any, epochs: int) -> None:
         value = format_value(getattr(m, self.metric))
         self.running = f"trial {number} epoch {m.epoch}/{epochs} {self.metric} {value}"
-        if self.tty:
-            self._draw()
+        self._draw()  # draws on a terminal only
 
     def message(self, text: str) -> None:
         self._clear()
@@ -122,7 +121,7 @@ class Progress:
     def _absorb(self, trials: list[Any], *, announce: bool) -> None:
         from optuna.trial import TrialState
 
-        from sweep.objective import STATUS_COUNTS
+        from sweep.study import budget_used
 
         for t in trials:
             if t.number in self.seen or not t.state.is_finished():
@@ -130,8 +129,7 @@ class Progress:
             self.seen.add(t.number)
             key = {TrialState.COMPLETE: "completed", TrialState.PRUNED: "pruned"}.get(t.state, "failed")
             self.counts[key] += 1
-            if t.state != TrialState.FAIL or STATUS_COUNTS.get(t.user_attrs.get("status"), False):
-                self.done += 1
+            self.done += budget_used([t])  # t is finished: COMPLETE, PRUNED or a FAIL that counts
             new_best = t.state == TrialState.COMPLETE and t.value is not None and (
                 self.best is None or (t.value < self.best[0] if self.direction == "minimize"
                                       else t.value > self.best[0]))

@@ -266,7 +266,7 @@ def _main(args: argparse.Namespace, argv: list[str]) -> int:
     reaped = [] if settings.rdb else reap_dead_local_trials(study)
     existing = study.get_trials(deepcopy=False)
     if (settings.n_trials and budget_used(existing) >= settings.n_trials and not args.republish
-            and study.user_attrs.get(SUMMARISED_ATTR) == _finished(existing)):
+            and study.user_attrs.get(SUMMARISED_ATTR) == sum(t.state.is_finished() for t in existing)):
         print(f"study {settings.study_name} complete ({len(existing)} trials), its summary and best "
               f"model published: nothing to do (--republish to publish them again, --n-trials to "
               f"add trials)", file=sys.stderr)
@@ -281,8 +281,7 @@ def _main(args: argparse.Namespace, argv: list[str]) -> int:
     progress.prime(existing)
     logging.getLogger().addHandler(progress.warnings_handler())
     where = redact(settings.storage)
-    already = budget_used([t for t in existing if t.state.is_finished()])
-    verb = f"resuming ({already} trials done)" if not created else "new study"
+    verb = f"resuming ({progress.done} trials done)" if not created else "new study"
     budget = (f"{settings.n_trials} trials" if settings.n_trials else "no trial limit") + (
         f", timeout {settings.timeout:g} s" if settings.timeout else "")
     progress.message(f"study {settings.study_name}: {verb}; {budget}; {args.workers} worker(s); "
@@ -348,10 +347,6 @@ def _main(args: argparse.Namespace, argv: list[str]) -> int:
     return code
 
 
-def _finished(trials: list[Any]) -> int:
-    return sum(t.state.is_finished() for t in trials)
-
-
 def _summarise(study: Any, settings: _Settings, tracker: Any, *, republish: bool) -> int:
     """The study's files, its MLflow summary and its published model, made by one process only: the
     first to take the ``publish`` lock once no trial runs (docs/architecture.md, "One publisher")."""
@@ -363,15 +358,16 @@ def _summarise(study: Any, settings: _Settings, tracker: Any, *, republish: bool
         print("other workers are still running trials of this study; the last one to finish logs the "
               "study summary and publishes the best model", file=sys.stderr)
         return code
+    finished = sum(t.state.is_finished() for t in trials)
     with study_lock(study, study.study_name, "publish"):
-        if study.user_attrs.get(SUMMARISED_ATTR) == _finished(trials) and not republish:
+        if study.user_attrs.get(SUMMARISED_ATTR) == finished and not republish:
             print(f"study {settings.study_name}: another worker has summarised it and published its "
                   f"best model", file=sys.stderr)
             return 0
         code = max(_study_files(study, settings, tracker), _report(study, settings))
         code = max(code, _publish(study, settings, tracked=tracker is not None))
         if code == 0:
-            study.set_user_attr(SUMMARISED_ATTR, _finished(trials))
+            study.set_user_attr(SUMMARISED_ATTR, finished)
     return code
 
 

@@ -147,9 +147,8 @@ def worker_main(settings: Any, worker_of: str) -> int:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # finish the bookkeeping below undisturbed
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         undelivered = tracker.close() if tracker is not None else 0
-        summary = {"undelivered": undelivered, "tracking_errors": objective.tracking_errors}
         (settings.out_dir / "workers" / socket.gethostname() / f"worker-{index}.json").write_text(
-            json.dumps(summary))
+            json.dumps({"undelivered": undelivered, "tracking_errors": objective.tracking_errors}))
     if code == 0 and (undelivered or objective.tracking_errors):
         code = 1
     return code
