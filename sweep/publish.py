@@ -165,15 +165,6 @@ class Retrained:
     data: Any
 
 
-def retrain_best(study: Any, *, on_epoch: Callable[[Any, int], None] | None = None) -> Retrained:
-    """``retrain_trial`` of ``study.best_trial``."""
-    try:
-        trial = study.best_trial
-    except (ValueError, RuntimeError) as exc:
-        raise PublishError(f"study {study.study_name!r} has no best trial: {exc}") from None
-    return retrain_trial(study, trial, on_epoch=on_epoch)
-
-
 def retrain_trial(study: Any, trial: Any, *, on_epoch: Callable[[Any, int], None] | None = None) -> Retrained:
     """Retrain a finished ``trial`` (same seed and config) up to the best epoch of its recorded ``history``
     by the study's ``metric`` user attr (default ``val_loss``) and direction, and bundle that epoch; without
@@ -275,8 +266,12 @@ def publish_best(study: Any, *, tracking_uri: str | None = None, out_dir: str | 
     model (the bundle is saved)."""
     from mixer.bundle import atomic_write
 
-    retrained = retrain_best(study, on_epoch=on_epoch)
-    trial, bundle = retrained.trial, retrained.bundle
+    try:
+        trial = study.best_trial
+    except (ValueError, RuntimeError) as exc:
+        raise PublishError(f"study {study.study_name!r} has no best trial: {exc}") from None
+    retrained = retrain_trial(study, trial, on_epoch=on_epoch)
+    bundle = retrained.bundle
     reproduced = _history_matches(trial.user_attrs.get("history") or [], retrained.history)
     if trial.user_attrs.get("history") and not reproduced:
         warnings.warn(f"study {study.study_name!r}: retraining trial {trial.number} did not reproduce "

@@ -295,13 +295,6 @@ def _mlflow_client(uri: str):
     return (None, why) if why else (MlflowClient(tracking_uri=uri), None)
 
 
-def log_report(client, parent_run_id: str, paths: Sequence[Path]) -> None:
-    """Attach the report files to the study's parent run under ``report/``."""
-    client.get_run(parent_run_id)  # raises if the run is not in this store
-    for path in paths:
-        client.log_artifact(parent_run_id, str(path), artifact_path="report")
-
-
 # --- CLI
 
 def _parser() -> argparse.ArgumentParser:
@@ -392,7 +385,9 @@ def _report(args: argparse.Namespace) -> int:
         print(f"not logged to MLflow: {why_not}")
     else:
         try:
-            log_report(client, parent, [png_path, md_path, csv_path, *extra])
+            client.get_run(parent)  # raises if the run is not in this store
+            for path in [png_path, md_path, csv_path, *extra]:
+                client.log_artifact(parent, str(path), artifact_path="report")
             print(f"logged to MLflow run {parent} at {redact(tracking_uri)} under report/")
         except Exception as exc:  # noqa: BLE001 - tracking must never fail the report
             print(f"not logged to MLflow ({redact(tracking_uri)}): {type(exc).__name__}: {one_line(exc)}")

@@ -36,6 +36,7 @@ from mixer.diagnosis import Diagnosis
 from mixer.train import EpochMetrics
 from sweep.locks import file_lock, study_lock
 from sweep.messages import one_line, redact
+from sweep.sampling import flat_config
 
 __all__ = ["EXPERIMENT_ATTR", "PARENT_RUN_ATTR", "STATES", "Tracker", "TrackingUnavailable", "TrialRun",
            "check_reachable", "default_tracking_uri", "resolve_uri", "ui_hint"]
@@ -355,7 +356,7 @@ class TrialRun:
             sender.wait(last.done, self._tracker.end_timeout)
 
 
-class Tracker:
+class Tracker(contextlib.AbstractContextManager):
     """Logs a study to MLflow: one parent run, one child run per trial (see the module docstring).
 
     Args:
@@ -394,9 +395,6 @@ class Tracker:
                                                    f"{one_line(exc)}")
         self._sender = _Sender(self._client, self.uri, batch_seconds, max_backoff, warn_every)
         _open_trackers.add(self)
-
-    def __enter__(self) -> Tracker:
-        return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
@@ -472,7 +470,7 @@ class Tracker:
         self._sender.put(_Write("create", run, (self.experiment_id, tags, _now_ms())))
         text = yaml.safe_dump(dump_run_config(data_config, config, seed), sort_keys=False)
         self._sender.put(_Write("log_text", run, (text, "config.yaml")))
-        params = {**dataclasses.asdict(data_config), **config.to_flat()}
+        params = flat_config(data_config, config)
         # Last in the queue: the first epochs join this write, and the params go with them.
         self._sender.put(_Write("batch", run, params=[Param(k, str(v)) for k, v in params.items()]))
         return TrialRun(self, run)
