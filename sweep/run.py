@@ -266,7 +266,7 @@ def _main(args: argparse.Namespace, argv: list[str]) -> int:
     reaped = [] if settings.rdb else reap_dead_local_trials(study)
     existing = study.get_trials(deepcopy=False)
     if (settings.n_trials and budget_used(existing) >= settings.n_trials and not args.republish
-            and study.user_attrs.get(SUMMARISED_ATTR) == sum(t.state.is_finished() for t in existing)):
+            and study.user_attrs.get(SUMMARISED_ATTR) == _finished(existing)):
         print(f"study {settings.study_name} complete ({len(existing)} trials), its summary and best "
               f"model published: nothing to do (--republish to publish them again, --n-trials to "
               f"add trials)", file=sys.stderr)
@@ -347,6 +347,11 @@ def _main(args: argparse.Namespace, argv: list[str]) -> int:
     return code
 
 
+def _finished(trials: list[Any]) -> int:
+    """What ``SUMMARISED_ATTR`` counts: the finished trials."""
+    return sum(t.state.is_finished() for t in trials)
+
+
 def _summarise(study: Any, settings: _Settings, tracker: Any, *, republish: bool) -> int:
     """The study's files, its MLflow summary and its published model, made by one process only: the
     first to take the ``publish`` lock once no trial runs (docs/architecture.md, "One publisher")."""
@@ -358,7 +363,7 @@ def _summarise(study: Any, settings: _Settings, tracker: Any, *, republish: bool
         print("other workers are still running trials of this study; the last one to finish logs the "
               "study summary and publishes the best model", file=sys.stderr)
         return code
-    finished = sum(t.state.is_finished() for t in trials)
+    finished = _finished(trials)
     with study_lock(study, study.study_name, "publish"):
         if study.user_attrs.get(SUMMARISED_ATTR) == finished and not republish:
             print(f"study {settings.study_name}: another worker has summarised it and published its "
