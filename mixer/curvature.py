@@ -47,8 +47,7 @@ class Curvature:
     """Hessian eigenvalues of the loss at one point, as the Lanczos probe saw them. ``neg_ratio`` is
     ``|lambda_min| / lambda_max``: above ~0.01 the negative curvature is more than round-off.
     ``neg_share`` is the spectral density's mass below ``-eps`` times the spectral radius; ``seconds``
-    is wall time; ``iters`` the Lanczos steps taken (fewer when converged); ``residual_max`` and
-    ``residual_min`` are ``||H y - λ y||`` of the extremes."""
+    is wall time; ``iters`` the Lanczos steps taken (fewer when converged)."""
 
     lambda_max: float
     lambda_min: float
@@ -56,8 +55,6 @@ class Curvature:
     neg_share: float = 0.0
     seconds: float = 0.0
     iters: int = 0
-    residual_max: float = float("nan")
-    residual_min: float = float("nan")
     ritz: Ritz | None = field(default=None, repr=False, compare=False)
 
 
@@ -256,7 +253,7 @@ def extreme_eigenvalues(params: Params, x: np.ndarray, y: np.ndarray, config: Mi
     share = negative_share(ritz, -cut, sigma=cut / 4) if cut > 0 else 0.0
     return Curvature(lambda_max=lam_max, lambda_min=lam_min, neg_ratio=neg_ratio(lam_min, lam_max),
                      neg_share=share, seconds=time.perf_counter() - start, iters=int(ritz.values.size),
-                     residual_max=float(ritz.residuals[-1]), residual_min=float(ritz.residuals[0]), ritz=ritz)
+                     ritz=ritz)
 
 
 @dataclass(frozen=True)

@@ -38,11 +38,6 @@ def evaluate_frame(bundle: ModelBundle, frame: pd.DataFrame, *, source: str,
     return binary_metrics(y, bundle.predict_proba(frame, source=source), threshold=threshold)
 
 
-def evaluate_csv(bundle: ModelBundle, path: str | Path, *, threshold: float = 0.5) -> BinaryMetrics:
-    """``evaluate_frame`` over the labelled CSV at ``path`` (DataError if missing or bad)."""
-    return evaluate_frame(bundle, read_csv(path), source=str(path), threshold=threshold)
-
-
 def data_warnings(bundle: ModelBundle, columns: Sequence[str], *, model: str, data: str) -> list[str]:
     """Why the CSV ``data`` (with these columns) may not be the kind of rows ``model`` was trained on: a
     model trained on synthetic rows (``info["data_config"]``, as ``sweep.publish`` and ``mixer.train --save``

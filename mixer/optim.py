@@ -187,28 +187,6 @@ class Adam:
             state[f"v.{k}"] = self._v[self._slices[k]].reshape(self.shapes[k]).copy()
         return state
 
-    def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
-        """Restore ``state_dict()`` output; ValueError naming the first missing, unexpected or
-        misshapen key, and the state is left untouched."""
-        expected = ["step"] + [f"{s}.{k}" for s in ("m", "v") for k in self.keys]
-        missing = [key for key in expected if key not in state]
-        extra = [key for key in state if key not in set(expected)]
-        if missing or extra:
-            what = f"missing key {missing[0]!r}" if missing else f"unexpected key {extra[0]!r}"
-            raise ValueError(f"optimizer state: {what}")
-        step = np.asarray(state["step"])
-        if step.shape != () or not np.issubdtype(step.dtype, np.integer) or int(step) < 0:
-            raise ValueError(f"optimizer state: 'step' must be a non-negative integer, got {state['step']!r}")
-        for key in expected[1:]:
-            shape = self.shapes[key[2:]]
-            got = np.shape(state[key])
-            if got != shape:
-                raise ValueError(f"optimizer state: {key!r} has shape {got}, expected {shape}")
-        for k in self.keys:
-            self._m[self._slices[k]] = np.asarray(state[f"m.{k}"]).reshape(-1)
-            self._v[self._slices[k]] = np.asarray(state[f"v.{k}"]).reshape(-1)
-        self.step_count = int(step)
-
 
 def sam_gradients(params: dict[str, np.ndarray], grads: dict[str, np.ndarray], rho: float,
                   gradient: Callable[[], dict[str, np.ndarray]]) -> dict[str, np.ndarray]:

@@ -70,7 +70,6 @@ class TrialRecord:
     history: list[dict[str, float]] = field(default_factory=list)
     diagnosis: str = ""
     pruned_epoch: int | None = None
-    mlflow_run_id: str | None = None
     history_source: str = "none"    # "optuna", "mlflow" or "none"
     plateau: list[int] | None = None  # [first, last] epoch; these three: see sweep.objective
     probes: list[dict[str, Any]] = field(default_factory=list)
@@ -160,7 +159,7 @@ def collect(study, *, mlflow_client=None) -> list[TrialRecord]:
         records.append(TrialRecord(
             number=t.number, state=t.state.name, value=t.value, params=dict(t.params),
             config=dict(attrs.get("config") or {}), history=history, diagnosis=diagnosis,
-            pruned_epoch=int(pruned) if pruned is not None else None, mlflow_run_id=run_id,
+            pruned_epoch=int(pruned) if pruned is not None else None,
             history_source=source, plateau=attrs.get("plateau"), probes=list(attrs.get("probes") or []),
             slices=attrs.get("slices")))
     return records

@@ -161,29 +161,6 @@ def test_out_of_range_settings_are_refused_by_name(kwargs, match):
         Adam(make_params(), **kwargs)
 
 
-def test_state_round_trip_gives_identical_continuation():
-    params = make_params()
-    opt = Adam(params, lr=3e-2, weight_decay=1e-2, decoupled=True, clip_norm=0.5)
-    for step in range(3):
-        opt.step(params, make_grads(step))
-    saved_params, saved_state = copy(params), opt.state_dict()
-    for step in range(3, 6):
-        opt.step(params, make_grads(step))
-
-    resumed_params = copy(saved_params)
-    resumed = Adam(resumed_params, lr=3e-2, weight_decay=1e-2, decoupled=True, clip_norm=0.5)
-    resumed.load_state_dict(saved_state)
-    for step in range(3, 6):
-        resumed.step(resumed_params, make_grads(step))
-    for k in params:
-        np.testing.assert_array_equal(resumed_params[k], params[k])
-    # And the fresh optimiser without the state would not have continued identically.
-    fresh_params = copy(saved_params)
-    fresh = Adam(fresh_params, lr=3e-2, weight_decay=1e-2, decoupled=True, clip_norm=0.5)
-    fresh.step(fresh_params, make_grads(3))
-    assert not np.array_equal(fresh_params["head.w"], resumed_params["head.w"])
-
-
 def test_state_dict_is_a_copy_not_a_live_view():
     params = make_params()
     opt = Adam(params, lr=1e-2)
@@ -192,19 +169,6 @@ def test_state_dict_is_a_copy_not_a_live_view():
     m = state["m.head.w"].copy()
     opt.step(params, make_grads(1))
     np.testing.assert_array_equal(state["m.head.w"], m)
-
-
-def test_load_state_dict_names_the_first_mismatch():
-    params = make_params()
-    opt = Adam(params, lr=1e-2)
-    state = opt.state_dict()
-    missing = {k: v for k, v in state.items() if k != "v.head.w"}
-    with pytest.raises(ValueError, match="missing key 'v.head.w'"):
-        opt.load_state_dict(missing)
-    with pytest.raises(ValueError, match="unexpected key 'm.extra'"):
-        opt.load_state_dict({**state, "m.extra": np.zeros(1)})
-    with pytest.raises(ValueError, match=r"'m.blocks.0.fc.w' has shape \(3, 4\), expected \(4, 3\)"):
-        opt.load_state_dict({**state, "m.blocks.0.fc.w": np.zeros((3, 4), np.float32)})
 
 
 def test_step_names_a_missing_or_misshapen_gradient():

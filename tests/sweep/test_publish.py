@@ -22,8 +22,8 @@ import pytest
 
 from mixer.bundle import ModelBundle
 from mixer.config import DataConfig, MixerConfig, TrainConfig
-from mixer.data import CATEGORICAL, FEATURE_NAMES, load
-from mixer.evaluate import evaluate_csv
+from mixer.data import CATEGORICAL, FEATURE_NAMES, load, read_csv
+from mixer.evaluate import evaluate_frame
 from mixer.predict import predict_frame
 from mixer.train import fit
 from sweep.publish import BUNDLE_NAME, PublishError, publish_best
@@ -115,7 +115,8 @@ def test_best_epoch_of_follows_the_direction_and_skips_nan():
 
 def test_test_metrics_are_logged_on_the_parent_run_which_stays_finished(published):
     r = published.result
-    expected = evaluate_csv(ModelBundle.load(r.bundle_path), published.test_csv)
+    expected = evaluate_frame(ModelBundle.load(r.bundle_path), read_csv(published.test_csv),
+                              source=str(published.test_csv))
     assert r.test_metrics["test_accuracy"] == pytest.approx(expected.accuracy)
     assert r.test_metrics["test_roc_auc"] == pytest.approx(expected.roc_auc)
     run = published.client.get_run(published.parent)
