@@ -129,16 +129,14 @@ class PublishResult:
 
 def trial_configs(trial: Any) -> tuple[Any, Any, int]:
     """Rebuild ``(DataConfig, TrainConfig, seed)`` from a trial's user attrs ``config`` and ``seed``."""
-    from mixer.config import DATA_FIELDS, DataConfig, TrainConfig
+    from sweep.sampling import split_flat
 
     attrs = trial.user_attrs
     for key in ("config", "seed"):
         if key not in attrs:
             raise PublishError(f"trial {trial.number} has no user attr {key!r}; cannot retrain it")
-    flat = dict(attrs["config"])
     try:
-        data = DataConfig(**{k: v for k, v in flat.items() if k in DATA_FIELDS})
-        train = TrainConfig.from_flat({k: v for k, v in flat.items() if k not in DATA_FIELDS})
+        data, train = split_flat(attrs["config"])
     except (KeyError, TypeError, ValueError) as exc:
         raise PublishError(f"trial {trial.number}: its config attr does not rebuild: {exc}") from None
     return data, train, int(attrs["seed"])

@@ -21,7 +21,7 @@ from typing import Any
 from sweep.progress import Progress, log_to, strip_foreign_handlers
 from sweep.study import fail_lost_runs, open_storage, open_study, quiet_optuna, run_trials, sampler_seed
 
-__all__ = ["BLAS_VARS", "cores", "run_workers", "worker_main"]
+__all__ = ["BLAS_VARS", "run_workers", "worker_main"]
 
 log = logging.getLogger("sweep")
 
@@ -30,18 +30,13 @@ BLAS_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "VECL
 STOP_SECONDS = 60  # how long stopped workers get to mark their trials failed before they are killed
 
 
-def cores() -> int:
-    """The cores this process may run on, a container's CPU quota included."""
-    from mixer._parallel import available_cpus
-
-    return available_cpus()
-
-
 def run_workers(settings: Any, study: Any, progress: Progress) -> tuple[bool, list[str], int]:
     """Start ``settings.workers`` workers, show progress until they end. Returns whether Ctrl-C stopped
     them, a line per worker that crashed, and the MLflow calls and metric points they failed to deliver."""
+    from mixer._parallel import available_cpus  # the cores this process may use, a CPU quota included
+
     k = settings.workers
-    threads = max(1, cores() // k)
+    threads = max(1, available_cpus() // k)
     # Secrets travel in the environment, not on command lines that `ps` shows to every user.
     env = dict(os.environ, MIXER_STORAGE=settings.storage, **{var: str(threads) for var in BLAS_VARS})
     if settings.tracking_uri:
