@@ -3,7 +3,7 @@
 Run by hand on a quiet machine, never in CI::
 
     python benchmarks/bench_tracking.py                          # real fits, ~1 s epochs
-    python benchmarks/bench_tracking.py --trials 1 --repeats 80  # enough pairs to judge 1 %
+    python benchmarks/bench_tracking.py --trials 3 --repeats 40  # more pairs, for a tighter interval
     python benchmarks/bench_tracking.py --aa                     # both arms untracked: the noise
     python benchmarks/bench_tracking.py --tracking-uri http://127.0.0.1:5000   # an existing server
 
@@ -18,8 +18,11 @@ trial does what ``sweep.objective`` does (``start_trial`` with ``on_created``, `
 epoch, ``end``), and each tracked sequence is flushed before its clock stops. Reported, measured
 from outside the tracking code:
 
-- wall: the per-pair difference ``(on - off) / off``, its mean ± standard error and a 95 % interval
-  (normal approximation: trust it from ~30 pairs on);
+- wall: the per-pair difference ``(on - off) / off`` of the trials' wall time, from the first trial's
+  start to the last trial's ``end`` (the flush after it is the study's, below), its mean ± standard
+  error and a 95 % interval (normal approximation: trust it from ~30 pairs on). A trial does not wait
+  for its run's last writes: they overlap the next trial, as in a study, so use ``--trials`` of 3 or
+  more for the trials after the first to carry them;
 - CPU per trial on each side: the training thread's (``time.thread_time``), the whole process's
   (utime + stime from ``/proc/self/stat``, which includes the sender thread) and, for the server
   this benchmark starts, the server's (its process group, from ``/proc/<pid>/stat``; the untracked
@@ -219,7 +222,7 @@ def run_sequence(work: Work, configs: list[Any], tracker: Any,
     flush0 = time.perf_counter()
     if tracker is not None:
         assert tracker.flush(120), "the tracked trials did not reach the server"
-    seq = {"wall": time.perf_counter() - wall0, "trials_wall": wall, "thread_cpu": thread_cpu,
+    seq = {"trials_wall": wall, "thread_cpu": thread_cpu,
            "off_cpu": wall - thread_cpu, "calls_cpu": calls[0], "flush": time.perf_counter() - flush0,
            "process_cpu": process_cpu_seconds() - process0,
            "server_cpu": group_cpu_seconds(server_pgid) - server0, "trials": len(configs), "epochs": epochs}
@@ -233,12 +236,12 @@ def run_sequence(work: Work, configs: list[Any], tracker: Any,
 
 
 def summarise(pairs: list[dict[str, dict[str, Any]]]) -> dict[str, Any]:
-    diffs = [(p["on"]["wall"] - p["off"]["wall"]) / p["off"]["wall"] for p in pairs]
+    diffs = [(p["on"]["trials_wall"] - p["off"]["trials_wall"]) / p["off"]["trials_wall"] for p in pairs]
     mean = statistics.mean(diffs)
     se = statistics.stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else math.nan
     per_trial = {arm: {key: sum(p[arm][key] for p in pairs) / sum(p[arm]["trials"] for p in pairs)
-                       for key in ("wall", "thread_cpu", "process_cpu", "server_cpu", "off_cpu", "calls_cpu",
-                                   "flush")}
+                       for key in ("trials_wall", "thread_cpu", "process_cpu", "server_cpu", "off_cpu",
+                                   "calls_cpu", "flush")}
                  for arm in ("off", "on")}
     # Per pair: (extra off-CPU time + CPU in tracking calls) / untracked trial wall, excluding the flush.
     delays = [(p["on"]["off_cpu"] - p["off"]["off_cpu"] + p["on"]["calls_cpu"]) / p["off"]["trials_wall"]
@@ -295,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
                 seq = run_sequence(work, configs, tracker if arm == "on" and not args.aa else None,
                                    server.pid if server is not None else None)
                 pair[arm] = seq
-                print(f"  pair {r + 1} {arm:3}: {seq['wall']:8.2f} s wall, training thread CPU "
+                print(f"  pair {r + 1} {arm:3}: {seq['trials_wall']:8.2f} s wall, training thread CPU "
                       f"{seq['thread_cpu']:.2f} s, process CPU {seq['process_cpu']:.2f} s, server CPU "
                   f"{seq['server_cpu']:.2f} s", flush=True)
             pairs.append(pair)
@@ -303,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
                    "epochs": args.epochs, **summarise(pairs), "undelivered": tracker.close()}
         pt = summary["per_trial_seconds"]
         for arm in ("off", "on"):
-            print(f"per trial, tracking {arm:3}: wall {pt[arm]['wall']:.3f} s, training thread CPU "
+            print(f"per trial, tracking {arm:3}: wall {pt[arm]['trials_wall']:.3f} s, training thread CPU "
                   f"{pt[arm]['thread_cpu']:.3f} s, process CPU {pt[arm]['process_cpu']:.3f} s, server "
                   f"CPU {pt[arm]['server_cpu']:.3f} s; training "
                   f"thread off the CPU {pt[arm]['off_cpu']:.3f} s, in tracking calls "
