@@ -46,35 +46,32 @@ def divisors(n: int) -> list[int]:
 # A field's annotation -> what it must hold: YAML reads `1e11` and `.inf` as floats, `yes` as a bool
 # (a bool passes for an integer in Python: only a bool field takes one).
 _KINDS = {"bool": ("true or false", lambda v: isinstance(v, bool)),
-          "int": ("an integer", lambda v: isinstance(v, numbers.Integral)),
-          "float": ("a finite number", lambda v: isinstance(v, numbers.Real) and math.isfinite(v)),
+          "int": ("an integer", lambda v: isinstance(v, numbers.Integral) and not isinstance(v, bool)),
+          "float": ("a finite number",
+                    lambda v: isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)),
           "str": ("text", lambda v: isinstance(v, str)),
           "str | None": ("text or null", lambda v: v is None or isinstance(v, str))}
 
 
 def _check_types(record: Any) -> None:
     for f in dataclasses.fields(record):
-        v = getattr(record, f.name)
-        what, ok = _KINDS.get(f.type, ("", None))
-        if ok is not None and ((isinstance(v, bool) and f.type != "bool") or not ok(v)):
-            raise ValueError(f"{f.name} must be {what}, got {f.name}={shorten(v)}")
+        if f.type in _KINDS:
+            _check_range(record, *_KINDS[f.type], f.name, show=shorten)
+
+
+def _check_range(record: Any, rule: str, ok: Callable[[Any], bool], *names: str,
+                 show: Callable[[Any], str] = str) -> None:
+    for name in names:
+        if not ok(getattr(record, name)):
+            raise ValueError(f"{name} must be {rule}, got {name}={show(getattr(record, name))}")
 
 
 def _check_choice(record: Any, name: str, allowed: tuple[str, ...]) -> None:
-    if getattr(record, name) not in allowed:
-        raise ValueError(f"{name} must be one of {allowed}, got {name}={shorten(getattr(record, name))}")
+    _check_range(record, f"one of {allowed}", lambda v: v in allowed, name, show=shorten)
 
 
 def _check_max(record: Any, limit: float, *names: str) -> None:
-    for name in names:
-        if getattr(record, name) > limit:
-            raise ValueError(f"{name} must be <= {limit:,}, got {name}={shorten(getattr(record, name))}")
-
-
-def _check_range(record: Any, rule: str, ok: Callable[[Any], bool], *names: str) -> None:
-    for name in names:
-        if not ok(getattr(record, name)):
-            raise ValueError(f"{name} must be {rule}, got {name}={getattr(record, name)}")
+    _check_range(record, f"<= {limit:,}", lambda v: v <= limit, *names, show=shorten)
 
 
 @dataclass(frozen=True)
@@ -234,7 +231,6 @@ class TrainConfig:
             raise ValueError(f"t_0 and t_mult must be >= 1, got t_0={self.t_0}, t_mult={self.t_mult}")
         _check_range(self, "in (0, 1]", lambda v: 0 < v <= 1, "sharp_fraction")
 
-    # The sweep and the YAML files see one flat namespace of knobs.
     def to_flat(self) -> dict[str, Any]:
         """Model and training fields in one flat dict (for YAML, MLflow params)."""
         return {name: getattr(self, name) for name in TRAIN_FIELDS} | dataclasses.asdict(self.model)
@@ -354,12 +350,11 @@ def load_run_config(path: str | Path, *, train_csv: str | Path | None = None,
         except (TypeError, ValueError, KeyError) as exc:
             name = bad_field(exc, values)
             raise ConfigError(f"{path}: {section}{'.' + name if name else ''}: {exc}") from None
-    data, train = records["data"], records["train"]
     try:
-        check_memory(train)
+        check_memory(records["train"])
     except ValueError as exc:
         raise ConfigError(f"{path}: train: {exc}") from None
-    return data, train, seed
+    return records["data"], records["train"], seed
 
 
 def dump_run_config(data: DataConfig, train: TrainConfig, seed: int) -> dict[str, Any]:

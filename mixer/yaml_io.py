@@ -56,7 +56,6 @@ def _loader() -> type:
                     self.nesting -= 1
             raise yaml.composer.ComposerError(None, None, problem, event.start_mark)
 
-    Loader.yaml_implicit_resolvers = {k: list(v) for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
     Loader.add_implicit_resolver(
         "tag:yaml.org,2002:float",
         re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?

@@ -81,9 +81,7 @@ def _num(v: Any) -> bool:
 
 def _same(a: Any, b: Any) -> bool:
     """Equal, without YAML's ``true == 1`` or ``"1" == 1`` confusions."""
-    if _num(a) and _num(b):
-        return a == b
-    return type(a) is type(b) and a == b
+    return (type(a) is type(b) or (_num(a) and _num(b))) and a == b
 
 
 @dataclass(frozen=True)
@@ -131,7 +129,7 @@ class Space:
         return self.build(self._sampled(lambda p: p.suggest(trial)))
 
     def build(self, sampled: Mapping[str, Any]) -> tuple[DataConfig, TrainConfig]:
-        """The configs for the fixed knobs plus ``sampled`` (eta_min resolved, see ``sweep.space``)."""
+        """The configs for the fixed knobs plus ``sampled`` (eta_min clipped to lr, or eta_min_ratio * lr)."""
         return _build_configs({**self.data, **self.train, **sampled})
 
     def _sampled(self, value_of: Callable[[Param], Any]) -> dict[str, Any]:
@@ -154,8 +152,7 @@ class Space:
         options = dict(spec.options)
         if spec.name == "grid":
             options["search_space"] = {name: p.grid_values() or [] for name, p in self.params.items()}
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # ExperimentalWarning for gp/qmc options
+        with warnings.catch_warnings(action="ignore"):  # ExperimentalWarning for gp/qmc options
             return _sampler_class(spec.name)(seed=spec.seed if seed is None else seed, **options)
 
     def build_pruner(self) -> Any:
@@ -205,8 +202,7 @@ def _pruner_class(name: str) -> Any:
 
 def _make_pruner(spec: PrunerSpec) -> Any:
     cls = _pruner_class(spec.name)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # ExperimentalWarning for the patient pruner
+    with warnings.catch_warnings(action="ignore"):  # ExperimentalWarning for the patient pruner
         if spec.name == "patient":
             return cls(_make_pruner(spec.wrapped) if spec.wrapped is not None else None, **spec.options)
         return cls(**spec.options)

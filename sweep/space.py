@@ -1,9 +1,7 @@
 """Search spaces: one YAML file says everything about a study, checked before anything runs.
 
-The keys are in README.md ("Search spaces"). An ``eta_min`` above ``lr`` trains as ``lr`` (the Optuna
-parameter keeps the sampled value, the trial's ``config`` the one trained with); a parameter whose
-``when`` fails keeps its fixed value or default. Every error is a ``SpaceError`` starting with the
-file and the key path, e.g. ``x.yaml: params.patch_size.choices[2]: 5 does not divide ...``."""
+The keys are in README.md ("Search spaces"), what they do in docs/architecture.md. Every error is a
+``SpaceError`` starting with the file and the key path, e.g. ``x.yaml: params.dim.low: ...``."""
 
 from __future__ import annotations
 
@@ -97,9 +95,9 @@ _KIND_NAMES = {"int": "an integer", "float": "a number", "str": "a string", "boo
                "optional_str": "a string or null"}
 
 
+@dataclasses.dataclass
 class _Checker:
-    def __init__(self, path: Path):
-        self.path = path
+    path: Path
 
     def fail(self, key: str, message: str) -> SpaceError:
         where = f"{key}: " if key else ""
@@ -135,6 +133,13 @@ class _Checker:
         """``value`` must fit a knob of ``kind``, booleans only for bool; ``of`` names the knob."""
         if not isinstance(value, _KIND_TYPES[kind]) or isinstance(value, bool) != (kind == "bool"):
             raise self.fail(key, f"expected {_KIND_NAMES[kind]}{of}, got {shorten(value)}")
+
+    def build(self, key: str, flat: dict[str, Any]) -> None:
+        """The knobs ``flat`` must build valid configs (``sweep.sampling``), else fail at ``key``."""
+        try:
+            _build_configs(flat)
+        except (TypeError, ValueError, KeyError) as exc:
+            raise self.fail(key, one_line(exc)) from None
 
 
 def _join(key: str, sub: str | int) -> str:
@@ -174,7 +179,7 @@ def parse_space(doc: Any, *, path: str | Path = "<space>", train_csv: str | Path
 
     _check_ranges(c, data, train, params)
     _check_memory(c, data, train, params)
-    params = _order_conditions(c, params, data, train)
+    params = _order_conditions(c, params, {**data, **train})
 
     metric = c.choice(doc.get("metric", "val_loss"), "metric", METRICS)
     default_direction = "minimize" if metric.endswith("_loss") else "maximize"
@@ -220,15 +225,12 @@ def _check_fixed(c: _Checker, section: dict[str, Any], key: str) -> dict[str, An
     out: dict[str, Any] = {}
     for name, value in section.items():
         k = _join(key, name)
-        if name in _NOT_A_KNOB:
-            raise c.fail(k, _NOT_A_KNOB[name])
-        if name not in KNOBS:
-            raise c.fail(k, f"unknown setting {shorten(name)}")
-        record, kind = KNOBS[name]
-        if (record == "data") != (key == "data"):
-            other = "data" if record == "data" else "train"
-            raise c.fail(k, f"{name} is a {other} setting: put it under {other}:")
-        c.kind(value, k, kind)
+        if name in _NOT_A_KNOB or name not in KNOBS:
+            raise c.fail(k, _NOT_A_KNOB.get(name, f"unknown setting {shorten(name)}"))
+        home = "data" if KNOBS[name][0] == "data" else "train"
+        if home != key:
+            raise c.fail(k, f"{name} is a {home} setting: put it under {home}:")
+        c.kind(value, k, KNOBS[name][1])
         if name in ("train_csv", "test_csv") and value:
             try:
                 value = resolve_csv(value, base=c.path.parent)
@@ -245,10 +247,7 @@ def _check_fixed(c: _Checker, section: dict[str, Any], key: str) -> dict[str, An
             raise c.fail(_join("data", bad) if bad else "data", str(exc)) from None
     else:
         for name, value in out.items():
-            try:
-                _build_configs({name: value})
-            except (TypeError, ValueError, KeyError) as exc:
-                raise c.fail(_join(key, name), one_line(exc)) from None
+            c.build(_join(key, name), {name: value})
     return out
 
 
@@ -257,11 +256,9 @@ def _check_params(c: _Checker, section: dict[str, Any], data: dict[str, Any],
     raw: dict[str, Param] = {}
     for name, spec in section.items():
         k = _join("params", name)
-        if name in _NOT_A_KNOB:
-            raise c.fail(k, _NOT_A_KNOB[name])
-        if name not in KNOBS:
-            raise c.fail(k, f"unknown setting {shorten(name)} (a TrainConfig.to_flat() key, a DataConfig "
-                            f"field or eta_min_ratio)")
+        if name in _NOT_A_KNOB or name not in KNOBS:
+            raise c.fail(k, _NOT_A_KNOB.get(name, f"unknown setting {shorten(name)} (a TrainConfig.to_flat() "
+                                                  f"key, a DataConfig field or eta_min_ratio)"))
         if name in _NOT_SEARCHABLE:
             raise c.fail(k, f"{name} cannot be searched (fix it under data:)")
         if name in data or name in train:
@@ -271,10 +268,8 @@ def _check_params(c: _Checker, section: dict[str, Any], data: dict[str, Any],
     return raw
 
 
-def _order_conditions(c: _Checker, raw: dict[str, Param], data: dict[str, Any],
-                      train: dict[str, Any]) -> dict[str, Param]:
+def _order_conditions(c: _Checker, raw: dict[str, Param], fixed: dict[str, Any]) -> dict[str, Param]:
     """Conditions name known knobs and possible values, without cycles; returns suggestion order."""
-    fixed = {**data, **train}
     for name, p in raw.items():
         for knob, allowed in p.when.items():
             k = _join(_join(_join("params", name), "when"), knob)
@@ -357,8 +352,7 @@ def _check_param(c: _Checker, name: str, spec: Any, k: str) -> Param:
     if low > high:
         raise c.fail(_join(k, "low"), f"low={low} is greater than high={high}")
     log = spec.get("log", False)
-    if not isinstance(log, bool):
-        raise c.fail(_join(k, "log"), f"expected true or false, got {shorten(log)}")
+    c.kind(log, _join(k, "log"), "bool")
     if log and low <= 0:
         raise c.fail(_join(k, "low"), f"a log scale needs low > 0, got low={low}")
     step = spec.get("step")
@@ -372,11 +366,9 @@ def _check_param(c: _Checker, name: str, spec: Any, k: str) -> Param:
         n = (high - low) / step
         if abs(n - round(n)) > 1e-9:
             raise c.fail(_join(k, "step"), f"high - low = {high - low} is not a multiple of step={step}")
-    if name == "patch_size":
-        bad = [v for v in range(low, high + 1, step or 1) if N_FEATURES % v]
-        if bad:
-            raise c.fail(_join(k, "low"), f"patch sizes {bad} do not divide n_features={N_FEATURES}: "
-                                          f"use type: categorical with choices from {_PATCH_SIZES}")
+    if name == "patch_size" and (bad := [v for v in range(low, high + 1, step or 1) if N_FEATURES % v]):
+        raise c.fail(_join(k, "low"), f"patch sizes {bad} do not divide n_features={N_FEATURES}: "
+                                      f"use type: categorical with choices from {_PATCH_SIZES}")
     return Param(name=name, type=ptype, low=low, high=high, log=log, step=step, when=when)
 
 
@@ -403,10 +395,7 @@ def _check_ranges(c: _Checker, data: dict[str, Any], train: dict[str, Any],
         raise c.fail(_join(section, bad) if bad else "train", one_line(exc)) from None
     for name, p in params.items():
         for suffix, value in p.candidates():
-            try:
-                _build_configs({**data, **train, name: value})
-            except (TypeError, ValueError, KeyError) as exc:
-                raise c.fail(f"params.{name}.{suffix}", one_line(exc)) from None
+            c.build(f"params.{name}.{suffix}", {**data, **train, name: value})
 
 
 # The knobs that size a run's memory, and which of a searched knob's values makes the largest run.
@@ -493,6 +482,7 @@ def _check_enqueue(c: _Checker, entries: Any, space: Space) -> tuple[dict[str, A
         return ()
     if not isinstance(entries, list):
         raise c.fail("enqueue", f"expected a list of parameter mappings, got {shorten(entries)}")
+    fixed = {**space.data, **space.train}
     for i, entry in enumerate(entries):
         k = _join("enqueue", i)
         entry = c.mapping(entry, k)
@@ -501,8 +491,7 @@ def _check_enqueue(c: _Checker, entries: Any, space: Space) -> tuple[dict[str, A
         for name, value in entry.items():
             kk = _join(k, name)
             if name not in space.params:
-                hint = " (it is fixed: search it to vary it per trial)" if name in {
-                    **space.data, **space.train} else ""
+                hint = " (it is fixed: search it to vary it per trial)" if name in fixed else ""
                 raise c.fail(kk, f"{shorten(name)} is not a searched parameter{hint}")
             if not space.params[name].contains(value):
                 raise c.fail(kk, f"{shorten(value)} is outside params.{name} "
@@ -512,12 +501,8 @@ def _check_enqueue(c: _Checker, entries: Any, space: Space) -> tuple[dict[str, A
         for name in entry:
             p = space.params[name]
             if name not in active and all(kn in entry or kn not in space.params for kn in p.when):
-                known = {**space.data, **space.train, **entry}
-                holds = ", ".join(f"{kn}={shorten(known.get(kn))}" for kn in p.when)
+                holds = ", ".join(f"{kn}={shorten(entry.get(kn, fixed.get(kn)))}" for kn in p.when)
                 raise c.fail(_join(k, name), f"{name} is not sampled when {holds}")
-        try:
-            space.build({n: v for n, v in entry.items() if n in active})
-        except (TypeError, ValueError, KeyError) as exc:
-            raise c.fail(k, one_line(exc)) from None
+        c.build(k, fixed | {n: v for n, v in entry.items() if n in active})
     return tuple(dict(entry) for entry in entries)
 
