@@ -1,12 +1,11 @@
-"""The figures of a study, drawn here and written by ``sweep.report`` (the one writer of a study's files):
-the report's curves, the study's plots and among them the loss landscape from the curvature probes.
-
-The best trial is the first colour (red) and drawn last; grey is every trial not in the legend; metric
-values are labelled with ``.6g``."""
+"""The figures of a study, written by ``sweep.report``: the report's curves, the study's plots and among
+them the loss landscape from the curvature probes. The best trial is the first colour (red) and drawn
+last; grey is every trial not in the legend; metric values are labelled with ``.6g``."""
 
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -39,6 +38,21 @@ def metric_name(study) -> str:
     return (study.metric_names or ["value"])[0]
 
 
+def ranked(records: Sequence[TrialRecord], *, minimize: bool = True) -> list[TrialRecord]:
+    """Completed trials by value (best first), then pruned by best validation loss, then the rest."""
+    sign = 1.0 if minimize else -1.0
+
+    def key(r: TrialRecord) -> tuple[int, float, int]:
+        if r.state == "COMPLETE" and r.value is not None and math.isfinite(r.value):
+            return 0, sign * r.value, r.number
+        if r.state == "PRUNED":
+            best = r.best_val_loss
+            return 1, best if best is not None else math.inf, r.number
+        return 2, math.inf, r.number
+
+    return sorted(records, key=key)
+
+
 # --- The report's figure of curves
 
 def _sort_key(value: Any) -> tuple[int, Any]:
@@ -69,7 +83,6 @@ def plot_curves(records: Sequence[TrialRecord], *, group_by: str = DEFAULT_GROUP
     from matplotlib.ticker import FuncFormatter
 
     from mixer.diagnosis import Thresholds
-    from sweep.report import ranked  # sweep.report imports this module
 
     order = ranked(records, minimize=minimize)
     best = [r for r in order if r.state == "COMPLETE" and r.value is not None][:top]
@@ -193,14 +206,11 @@ def study_figures(study, *, top: int = DEFAULT_TOP) -> dict[str, Any]:
     """Each of ``STUDY_PLOTS`` by name: a matplotlib Figure, or a string saying why it is left out. Optuna
     draws the history, parallel coordinates and importances (relabelled with the metric's name); the
     per-epoch curves are drawn here, since Optuna's legend lists every trial."""
-    import warnings
-
     import matplotlib
 
     matplotlib.use("Agg")  # headless: the sweep runs on servers and in CI
     import matplotlib.pyplot as plt
     import optuna.visualization.matplotlib as ovm
-    from optuna.study import StudyDirection
     from optuna.trial import TrialState
 
     from sweep.report import collect
@@ -238,7 +248,7 @@ def study_figures(study, *, top: int = DEFAULT_TOP) -> dict[str, Any]:
             figures[name] = fig
     try:  # in the report's own style, as curves.png
         figures.update(curvature_figures(collect(study), top=top,
-                                         minimize=study.direction == StudyDirection.MINIMIZE))
+                                         minimize=study.direction.name == "MINIMIZE"))
     except Exception as exc:  # noqa: BLE001 - as above: left out, saying why
         figures.update(dict.fromkeys(CURVATURE_PLOTS, one_line(exc)))
     return figures
@@ -253,8 +263,7 @@ def _best(study):
 
 def _relabel_history(ax, study):
     metric, best = metric_name(study), _best(study)
-    ax.set_title(f"{metric} per completed trial")
-    ax.set_xlabel("trial")
+    ax.set(title=f"{metric} per completed trial", xlabel="trial")
     handles, _ = ax.get_legend_handles_labels()
     labels = [f"{metric} of a completed trial", f"best {metric} so far"][: len(handles)]
     if best is not None:
@@ -300,8 +309,7 @@ def _parallel_coordinate(study, ovm, complete):
 def _relabel_importances(ax, metric: str, n_complete: int):
     ax.set_title("", loc="left")  # Optuna's title, replaced by the centred one
     ax.set_title(f"parameter importances for {metric} ({n_complete} completed trials)", fontsize=11)
-    ax.set_xlabel(f"importance for {metric}")
-    ax.set_ylabel("parameter")
+    ax.set(xlabel=f"importance for {metric}", ylabel="parameter")
     ax.get_legend().remove()  # one objective: the legend would only repeat the metric's name
     return ax.figure
 
@@ -311,14 +319,13 @@ def plot_intermediate_values(study, *, top: int = DEFAULT_TOP):
     trials in colour, a pruned one ending in an ×; the legend names the coloured trials, counts the rest."""
     from matplotlib.figure import Figure
     from matplotlib.lines import Line2D
-    from optuna.study import StudyDirection
     from optuna.trial import TrialState
 
     metric = metric_name(study)
     trials = [t for t in study.get_trials(deepcopy=False) if t.intermediate_values]
     complete = sorted((t for t in trials if t.state == TrialState.COMPLETE and t.value is not None
                        and math.isfinite(t.value)), key=lambda t: t.value,
-                      reverse=study.direction == StudyDirection.MAXIMIZE)[:top]
+                      reverse=study.direction.name == "MAXIMIZE")[:top]
     ranks = {t.number: i for i, t in enumerate(complete)}
     others = [t for t in trials if t.number not in ranks]
     fig = Figure(figsize=(7.5, 4.5), layout="constrained")
@@ -341,9 +348,8 @@ def plot_intermediate_values(study, *, top: int = DEFAULT_TOP):
                               + (f", × pruned ({n_pruned})" if n_pruned else "")))
     if handles:
         ax.legend(handles=handles, loc="upper right", fontsize=8, title=f"trial  {metric}", title_fontsize=8)
-    ax.set_title(f"{metric} per epoch of {len(trials)} trials ({len(complete)} best in colour)")
-    ax.set_xlabel("epoch")
-    ax.set_ylabel(metric)
+    ax.set(title=f"{metric} per epoch of {len(trials)} trials ({len(complete)} best in colour)",
+           xlabel="epoch", ylabel=metric)
     ax.xaxis.get_major_locator().set_params(integer=True)
     if _spans_decades(v for t in trials for v in t.intermediate_values.values()):
         ax.set_yscale("log", nonpositive="mask")
@@ -380,8 +386,6 @@ def plot_landscape(records: Sequence[TrialRecord], *, group_by: str = DEFAULT_GR
     without a probe are named in the title; with none at all, a note is returned instead."""
     from matplotlib.figure import Figure
     from matplotlib.lines import Line2D
-
-    from sweep.report import ranked
 
     order = ranked(records, minimize=minimize)
     placed = [(r, _last_probe(r)) for r in order if _last_probe(r) is not None]
@@ -426,21 +430,12 @@ def plot_landscape(records: Sequence[TrialRecord], *, group_by: str = DEFAULT_GR
     return fig
 
 
-def _ritz(probe: dict[str, Any]):
-    from mixer.curvature import Ritz
-
-    empty = np.zeros(0)
-    return Ritz(values=np.asarray(probe["values"]), weights=np.asarray(probe["weights"]), residuals=empty,
-                vector_min=empty, vector_max=empty)
-
-
 def plot_spectral_density(records: Sequence[TrialRecord], *, top: int = DEFAULT_TOP, minimize: bool = True):
     """The Hessian's eigenvalue density (SLQ, ``mixer.curvature.spectral_density``) at the first and last
     probe of the ``top`` best completed probed trials; a Ritz value is a Gaussian of 2 % of the radius."""
     from matplotlib.figure import Figure
 
-    from mixer.curvature import spectral_density
-    from sweep.report import ranked
+    from mixer.curvature import Ritz, spectral_density
 
     best = [r for r in ranked(records, minimize=minimize) if r.state == "COMPLETE" and r.probes][:top]
     if not best:
@@ -457,7 +452,9 @@ def plot_spectral_density(records: Sequence[TrialRecord], *, top: int = DEFAULT_
         sigma = 0.02 * (max(abs(v) for v in values) or 1.0)
         grid = np.linspace(min(values) - 4 * sigma, max(values) + 4 * sigma, 400)
         shares = {int(h["epoch"]): h.get("neg_curvature_share") for h in r.history}
-        densities = [spectral_density(_ritz(p), grid, sigma=sigma) for p in shown]
+        empty = np.zeros(0)  # a probe stores only the nodes and weights, all the density reads
+        ritz = [Ritz(np.asarray(p["values"]), np.asarray(p["weights"]), empty, empty, empty) for p in shown]
+        densities = [spectral_density(q, grid, sigma=sigma) for q in ritz]
         # The extreme Ritz values carry tiny quadrature weights (the start vector barely meets their
         # eigenvectors): a floor far below the peak shows them, and a tick under each marks it.
         floor = 1e-9 * max(float(d.max()) for d in densities)
@@ -486,8 +483,6 @@ def plot_loss_slices(records: Sequence[TrialRecord], *, minimize: bool = True):
     gradient at the last probe of the best and the most plateau-like trial with slices; dotted: the second
     order model along v_min (slope from the two innermost points, curvature λ_min), bent down at a saddle."""
     from matplotlib.figure import Figure
-
-    from sweep.report import ranked
 
     order = [r for r in ranked(records, minimize=minimize) if r.slices]
     if not order:

@@ -310,8 +310,7 @@ def _tracking_uri(uri: str | None) -> Iterator[None]:
 
     from sweep.tracking import resolve_uri
 
-    saved_uri = tracking_utils._tracking_uri
-    saved_env = os.environ.get("MLFLOW_TRACKING_URI")
+    saved_uri, saved_env = tracking_utils._tracking_uri, os.environ.get("MLFLOW_TRACKING_URI")
     mlflow.set_tracking_uri(resolve_uri(uri))
     try:
         yield
@@ -351,11 +350,11 @@ def _on_run(run_id: str | None, *, study_name: str) -> Iterator[str]:
 
 def _example_frame(data_config: Any) -> pd.DataFrame:
     """A few raw rows (the feature columns, with the training frame's dtypes) for the input example."""
-    from mixer.data import read_csv, synthetic_frame
+    from mixer.data import IGNORED, LABEL, read_csv, synthetic_frame
 
     frame = (read_csv(data_config.train_csv).head(EXAMPLE_ROWS) if data_config.source == "csv"
              else synthetic_frame(EXAMPLE_ROWS, data_config.seed))
-    return frame.drop(columns=["id", "label", "attack_cat"], errors="ignore").reset_index(drop=True)
+    return frame.drop(columns=[LABEL, *IGNORED], errors="ignore").reset_index(drop=True)
 
 
 def model_signature(example: pd.DataFrame, output: pd.DataFrame) -> Any:

@@ -23,6 +23,7 @@ from functools import partial
 from operator import methodcaller
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote, urlparse
 
 import pandas as pd
 
@@ -38,6 +39,7 @@ from sweep.plots import (
     metric_name,
     plot_curves,
     plot_intermediate_values,
+    ranked,
     study_figures,
 )
 from sweep.study import open_storage
@@ -87,8 +89,7 @@ class TrialRecord:
 
     @property
     def best_val_loss(self) -> float | None:
-        values = [v for v in self.curve("val_loss")[1] if math.isfinite(v)]
-        return min(values) if values else None
+        return min((v for v in self.curve("val_loss")[1] if math.isfinite(v)), default=None)
 
 
 # --- Reading the study
@@ -163,21 +164,6 @@ def collect(study, *, mlflow_client=None) -> list[TrialRecord]:
             history_source=source, plateau=attrs.get("plateau"), probes=list(attrs.get("probes") or []),
             slices=attrs.get("slices")))
     return records
-
-
-def ranked(records: Sequence[TrialRecord], *, minimize: bool = True) -> list[TrialRecord]:
-    """Completed trials by value (best first), then pruned by best validation loss, then the rest."""
-    sign = 1.0 if minimize else -1.0
-
-    def key(r: TrialRecord) -> tuple[int, float, int]:
-        if r.state == "COMPLETE" and r.value is not None and math.isfinite(r.value):
-            return 0, sign * r.value, r.number
-        if r.state == "PRUNED":
-            best = r.best_val_loss
-            return 1, best if best is not None else math.inf, r.number
-        return 2, math.inf, r.number
-
-    return sorted(records, key=key)
 
 
 # --- The table
@@ -263,35 +249,28 @@ def write_figures(figures: dict[str, Any], folder: Path) -> list[Path]:
 
 # --- MLflow
 
-def _no_local_store(uri: str) -> str | None:
-    """Why the local store ``uri`` names does not exist, or None: the report reads a store, never
-    creates one (opening a missing one would)."""
-    from urllib.parse import unquote, urlparse
-
-    if uri.startswith("sqlite:///"):
-        path = Path(uri.removeprefix("sqlite:///"))
-        return None if path.is_file() else f"no MLflow database at {path}"
-    if uri.startswith("file:") or "://" not in uri:
-        path = Path(unquote(urlparse(uri).path)) if uri.startswith("file:") else Path(uri)
-        return None if path.is_dir() else f"no MLflow store at {path}"
-    return None
-
-
 def _mlflow_client(uri: str):
-    """An MlflowClient for ``uri`` and None, or None and why not."""
+    """An MlflowClient for ``uri`` and None, or None and why not. The report reads a store, never
+    creates one: a local store that does not exist is not opened (opening it would create it)."""
     try:
         from mlflow import MlflowClient
 
         from sweep.tracking import TrackingUnavailable, check_reachable
     except ImportError:
         return None, "mlflow is not installed"
-    why = _no_local_store(uri)
-    if why is None:
-        try:
-            check_reachable(uri, timeout=5.0)
-        except TrackingUnavailable as exc:
-            why = str(exc)
-    return (None, why) if why else (MlflowClient(tracking_uri=uri), None)
+    if uri.startswith("sqlite:///"):
+        path = Path(uri.removeprefix("sqlite:///"))
+        if not path.is_file():
+            return None, f"no MLflow database at {path}"
+    elif uri.startswith("file:") or "://" not in uri:
+        path = Path(unquote(urlparse(uri).path)) if uri.startswith("file:") else Path(uri)
+        if not path.is_dir():
+            return None, f"no MLflow store at {path}"
+    try:
+        check_reachable(uri, timeout=5.0)
+    except TrackingUnavailable as exc:
+        return None, str(exc)
+    return MlflowClient(tracking_uri=uri), None
 
 
 # --- CLI
@@ -353,11 +332,10 @@ def _report(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else Path("runs") / args.study / "report"
     table = trials_table(records, group_by=args.group_by, minimize=minimize)
     csv_path, md_path, png_path = out / "trials.csv", out / "trials.md", out / "curves.png"
-    n = len(records)
     counts = pd.Series([r.state.lower() for r in records]).value_counts()
     summary = ", ".join(f"{v} {k}" for k, v in counts.items())
     shown = min(args.top, int(counts.get("complete", 0)))
-    title = (f"study {args.study}: {n} trials ({summary}); top {shown} "
+    title = (f"study {args.study}: {len(records)} trials ({summary}); top {shown} "
              f"by {metric_name(study)} ({'lowest' if minimize else 'highest'}) in colour")
     fig = plot_curves(records, group_by=args.group_by, top=args.top, minimize=minimize, title=title)
     landscape = curvature_figures(records, group_by=args.group_by, top=args.top, minimize=minimize)
@@ -369,7 +347,7 @@ def _report(args: argparse.Namespace) -> int:
         extra = write_figures(landscape, out)
     except OSError as exc:
         raise ReportWriteError(f"cannot write the report in {out}: {exc.strerror or exc}") from exc
-    print(f"wrote {png_path}, {md_path}, {csv_path} ({n} trials: {summary})")
+    print(f"wrote {png_path}, {md_path}, {csv_path} ({len(records)} trials: {summary})")
     print(f"wrote {', '.join(p.name for p in extra)} in {out} (the loss landscape, from the probes)")
     for source, message in (("mlflow", "curves of trial(s) {} read from MLflow"),
                             ("none", "no curves for trial(s) {} (no history in Optuna or MLflow)")):
