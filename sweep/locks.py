@@ -1,9 +1,6 @@
-"""The one lock that every process working on a study shares, through the study's own storage.
-
-``study_lock(storage, study_name, purpose)``: purposes never block each other. A journal gets an
-``flock`` on ``<journal>.<purpose>.lock``, PostgreSQL a session advisory lock (it goes with its
-connection: after a database restart ``acquire`` reconnects, retrying as ``sweep.storage`` does),
-anything else a lock within this process. ``file_lock(path)``: the same ``flock`` for another file."""
+"""The one lock that every process working on a study shares, through the study's own storage (which
+kind for which storage: docs/architecture.md, "The study budget"). ``study_lock``: purposes never block
+each other. ``file_lock(path)``: the ``flock`` a journal gets, on any other file."""
 
 from __future__ import annotations
 

@@ -114,9 +114,7 @@ class Progress:
         return handler
 
     def close(self) -> None:
-        if self.tty and self._line_shown:
-            print(file=self.stream, flush=True)
-            self._line_shown = False
+        self._clear(end="\n")
 
     def _absorb(self, trials: list[Any], *, announce: bool) -> None:
         from optuna.trial import TrialState
@@ -161,9 +159,10 @@ class Progress:
         return (f"{self.study}: {self.done}/{total} trials · {counts} · best {self.metric} {best} · "
                 f"{_fmt_time(time.monotonic() - self.started)}")
 
-    def _clear(self) -> None:
+    def _clear(self, end: str = "\r\x1b[K") -> None:
         if self.tty and self._line_shown:
-            self.stream.write("\r\x1b[K")
+            self.stream.write(end)
+            self.stream.flush()
             self._line_shown = False
 
     def _draw(self) -> None:

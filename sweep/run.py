@@ -61,12 +61,12 @@ def build_parser() -> argparse.ArgumentParser:
                "storage; 130 interrupted (the running trials are re-run when the command is run again).",
     )
     p.add_argument("space", help="search-space YAML file (e.g. search_spaces/default.yaml)")
-    p.add_argument("--n-trials", type=_positive_int, metavar="N",
+    p.add_argument("--n-trials", type=_bounded(int, 1), metavar="N",
                    help="the study's total number of trials (overrides budget.n_trials); trials "
                         "already in the study count, so a resumed study only runs the missing ones")
-    p.add_argument("--timeout", type=_positive_float, metavar="S",
+    p.add_argument("--timeout", type=_bounded(float, 0, strict=True), metavar="S",
                    help="start no new trial after S seconds of this command (overrides budget.timeout)")
-    p.add_argument("--workers", type=_positive_int, default=1, metavar="K",
+    p.add_argument("--workers", type=_bounded(int, 1), default=1, metavar="K",
                    help="worker processes on this machine sharing the study, each with cores/K BLAS "
                         "threads (default 1: train in this process)")
     p.add_argument("--storage", metavar="URL",
@@ -79,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "else the local store that `mlflow ui` opens)")
     p.add_argument("--out", default="runs", metavar="DIR",
                    help="output folder; the study's files go to DIR/<study>/ (default: runs)")
-    p.add_argument("--seed", type=_nonnegative_int, metavar="S",
+    p.add_argument("--seed", type=_bounded(int, 0), metavar="S",
                    help="study seed (overrides the file's `seed`): trial seeds and the sampler's seed "
                         "derive from it")
     p.add_argument("--train-csv", metavar="CSV",
@@ -104,10 +104,6 @@ def _bounded(kind: type, low: float, *, strict: bool = False) -> Any:
 
     parse.__name__ = kind.__name__  # argparse names it in "invalid int value: 'x'"
     return parse
-
-
-_positive_int, _nonnegative_int = _bounded(int, 1), _bounded(int, 0)
-_positive_float = _bounded(float, 0, strict=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -453,10 +449,9 @@ def _check_or_record_study(study: Any, created: bool, settings: _Settings) -> No
             study.set_user_attr(key, value)
         return
     attrs = study.user_attrs
-    if study.direction.name.lower() != space.direction:
-        raise UsageError(f"study {settings.study_name!r} exists with direction "
-                         f"{study.direction.name.lower()}, the space says {space.direction}: "
-                         f"pass --study-name to start a new study")
+    if (direction := study.direction.name.lower()) != space.direction:
+        raise UsageError(f"study {settings.study_name!r} exists with direction {direction}, the space says "
+                         f"{space.direction}: pass --study-name to start a new study")
     for key, value in mine.items():
         if key in attrs and attrs[key] != value:
             raise UsageError(f"study {settings.study_name!r} was created with {key}={attrs[key]!r}, "
@@ -478,14 +473,13 @@ def _report(study: Any, settings: _Settings) -> int:
         print(f"no trial completed ({len(trials)} trials); see {out / 'trials.csv'}", file=sys.stderr)
         return 1
     best = study.best_trial
-    data, train = split_flat(best.user_attrs["config"])
-    doc = dump_run_config(data, train, int(best.user_attrs["seed"]))
-    header = (f"# Best trial {best.number} of study {settings.study_name}: "
-              f"{settings.space.metric} {format_value(best.value)}\n"
-              f"# Train it again: python -m mixer.train {out / 'best_config.yaml'}\n")
-    text = header + yaml.safe_dump(doc, sort_keys=False)
+    doc = dump_run_config(*split_flat(best.user_attrs["config"]), int(best.user_attrs["seed"]))
+    score = f"{settings.space.metric} {format_value(best.value)}"
+    text = (f"# Best trial {best.number} of study {settings.study_name}: {score}\n"
+            f"# Train it again: python -m mixer.train {out / 'best_config.yaml'}\n"
+            + yaml.safe_dump(doc, sort_keys=False))
     atomic_write(out / "best_config.yaml", lambda fh: fh.write(text), mode="w")
-    print(f"best trial {best.number}: {settings.space.metric} {format_value(best.value)}")
+    print(f"best trial {best.number}: {score}")
     for name, value in best.params.items():
         print(f"  {name}: {value:.6g}" if isinstance(value, float) else f"  {name}: {value}")
     print(f"wrote {out / 'best_config.yaml'} and {out / 'trials.csv'}")

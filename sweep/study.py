@@ -126,15 +126,11 @@ def open_study(storage: Any, name: str, *, direction: str, sampler: Any, pruner:
     import optuna
     import sqlalchemy.exc
 
-    last: Exception | None = None
+    last: KeyError | None = None
     for attempt in range(8):
-        try:
+        with contextlib.suppress(optuna.exceptions.DuplicatedStudyError, sqlalchemy.exc.IntegrityError):
             return optuna.create_study(storage=storage, study_name=name, direction=direction,
                                        sampler=sampler, pruner=pruner), True
-        except optuna.exceptions.DuplicatedStudyError:
-            pass
-        except sqlalchemy.exc.IntegrityError as exc:
-            last = exc
         try:
             return optuna.load_study(study_name=name, storage=storage, sampler=sampler, pruner=pruner), False
         except KeyError as exc:  # created by someone else, not yet visible: try again

@@ -144,6 +144,4 @@ def worker_main(settings: Any, worker_of: str) -> int:
         undelivered = tracker.close() if tracker is not None else 0
         (settings.out_dir / "workers" / socket.gethostname() / f"worker-{index}.json").write_text(
             json.dumps({"undelivered": undelivered, "tracking_errors": objective.tracking_errors}))
-    if code == 0 and (undelivered or objective.tracking_errors):
-        code = 1
-    return code
+    return 1 if code == 0 and (undelivered or objective.tracking_errors) else code
