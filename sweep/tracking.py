@@ -155,8 +155,7 @@ class _Run:
 
 @dataclasses.dataclass(eq=False)
 class _Write:
-    """One queued write: create | batch | params_once | barrier, or an ``MlflowClient`` method's name
-    (its ``args``)."""
+    """One queued write: create, batch, params_once, barrier, or an ``MlflowClient`` method (``args``)."""
 
     kind: str
     run: _Run | None
@@ -438,7 +437,10 @@ class Tracker(contextlib.AbstractContextManager):
 
     def _parent_of(self, study: optuna.Study) -> Any:
         """The live run of this store that the study's attributes name, or None."""
-        experiment_id, run_id = (study.user_attrs.get(a) for a in (EXPERIMENT_ATTR, PARENT_RUN_ATTR))
+        # One read: the creator writes the experiment, then the run, so a snapshot never has the run
+        # without its experiment (two reads could, and MLflow refuses experiment id None for good).
+        attrs = study.user_attrs
+        experiment_id, run_id = attrs.get(EXPERIMENT_ATTR), attrs.get(PARENT_RUN_ATTR)
         runs = run_id and self._client.search_runs([experiment_id], f"attributes.run_id = '{run_id}'")
         return runs[0] if runs else None
 
@@ -482,10 +484,9 @@ class Tracker(contextlib.AbstractContextManager):
         return self._sender.wait(barrier.done, self.close_timeout if timeout is None else timeout)
 
     def finish_study(self, study: optuna.Study, out_dir: str | Path) -> dict[str, Any]:
-        """Summarise the study on its parent run and mark it FINISHED: counts and best value as metrics, the
-        best trial as tags and as params (for *Compare*; params cannot change: they keep the first summary's
-        best), the files ``sweep.report.write_study_files`` writes into ``out_dir`` as artifacts. Returns
-        the counts, ``best_value`` (None without a completed trial) and ``files``."""
+        """Summarise the study on its parent run (docs/architecture.md, "What a study leaves in MLflow"),
+        with the files ``sweep.report.write_study_files`` writes into ``out_dir``, and mark it FINISHED.
+        Returns the counts, ``best_value`` (None without a completed trial) and ``files``."""
         from sweep.report import write_study_files  # sweep.report imports this module
 
         if self.parent_run_id is None or self._study_name != study.study_name:
