@@ -1,8 +1,6 @@
-"""The model's process runtime: shards of a batch on a small thread pool, and process tuning.
-
-BLAS stays single-threaded; shards (``bounds``) run on threads and the caller sums their results.
-The thread count is a ceiling (``MIXER_NUM_THREADS``, else ``available_cpus()``); for each kind of
-work (a ``key``) the first calls alternate one thread and the ceiling, timed, and keep the faster."""
+"""The model's process runtime: shards of a batch on a small thread pool, and process tuning. For
+each kind of work (a ``key``) the first calls time one thread against the ceiling and keep the
+faster (docs/architecture.md, "Threads")."""
 
 from __future__ import annotations
 
@@ -70,7 +68,7 @@ def available_cpus() -> int:
 
 
 def get_num_threads() -> int:
-    """Threads the model runs shards on (see the module docstring)."""
+    """The ceiling of threads the model runs shards on: ``MIXER_NUM_THREADS``, else ``available_cpus()``."""
     global _num_threads
     if _num_threads is None:
         _num_threads = _default_threads()
@@ -107,7 +105,7 @@ def fastest(timings: dict[int, list[float]]) -> int:
 
 def _threads_for(key: tuple | None, ceiling: int) -> tuple[int, bool]:
     """(threads to use for this call, whether to time it): the chosen count, or the next probe."""
-    if key is None or not _adaptive:
+    if key is None or not _adaptive or ceiling <= 1:
         return ceiling, False
     chosen = _chosen.get(key)  # once chosen, no lock on this per-batch path (a dict read is atomic)
     if chosen is not None:
@@ -127,8 +125,7 @@ def _record(key: tuple, threads: int, seconds: float) -> None:
             return
         timings[threads].append(seconds)
         if all(len(t) >= PROBES for t in timings.values()):
-            _chosen[key] = fastest(timings)
-            del _timings[key]
+            _chosen[key] = fastest(_timings.pop(key))
 
 
 def _after_fork_in_child() -> None:
@@ -164,10 +161,7 @@ def parallel_map(fn: Callable[[_T], _R], items: Sequence[_T], key: tuple | None 
     tune_process()
     n = len(items)
     ceiling = min(get_num_threads(), n)
-    if ceiling <= 1:
-        return [fn(item) for item in items]
-    if key is not None:
-        key = (*key, n, ceiling)
+    key = None if key is None else (*key, n, ceiling)
     threads, timed = _threads_for(key, ceiling)
     started = time.perf_counter()
     results = _run(fn, items, threads)

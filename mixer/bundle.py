@@ -22,6 +22,7 @@ import pandas as pd
 
 from mixer.config import MixerConfig
 from mixer.data import Pipeline
+from mixer.model import param_shapes, predict_logits
 
 FORMAT = "mixer-bundle/1"
 _PARAM, _META = "param/", "__bundle__"
@@ -74,8 +75,6 @@ class ModelBundle:
 
     def check(self, *, source: str = "bundle") -> None:
         """Raise BundleError naming the first mismatch of the config, pipeline and parameters."""
-        from mixer.model import param_shapes
-
         if self.config.n_features != len(self.pipeline.feature_names):
             raise BundleError(f"{source}: config has n_features={self.config.n_features} but the pipeline "
                               f"produces {len(self.pipeline.feature_names)} features")
@@ -86,9 +85,8 @@ class ModelBundle:
             if tuple(self.params[key].shape) != tuple(shape):
                 raise BundleError(f"{source}: parameter {key!r} has shape {tuple(self.params[key].shape)}, "
                                   f"the config needs {tuple(shape)}")
-        for key in self.params:
-            if key not in expected:
-                raise BundleError(f"{source}: unexpected parameter {key!r} for this config")
+        if unexpected := [key for key in self.params if key not in expected]:
+            raise BundleError(f"{source}: unexpected parameter {unexpected[0]!r} for this config")
 
     def save(self, path: str | Path) -> Path:
         """Write the bundle to ``path`` atomically (temporary file, then rename)."""
@@ -157,8 +155,6 @@ class ModelBundle:
 
     def proba(self, x: np.ndarray) -> np.ndarray:
         """P(label = 1) for rows ``x`` already transformed by ``self.pipeline``, float64 (rows,)."""
-        from mixer.model import predict_logits
-
         x = np.asarray(x, dtype=next(iter(self.params.values())).dtype)
         logits = np.empty(len(x), dtype=np.float64)
         for start in range(0, len(x), PREDICT_BATCH):

@@ -1,9 +1,7 @@
-"""UNSW-NB15 data: the CSV schema, loading and validation, categorical encoding, scaling.
-
-Raw rows (a CSV or ``synthetic_frame``) are split (stratified, seeded), a ``Pipeline`` is fitted on
-the training split only, and every split goes through it into a ``Dataset``. Bad input raises
-``DataError`` naming the source, the column and the row: "data row N" is 1-based and counts data
-rows only, so in a CSV it sits on line N + 1 (both are given); in a frame it is the position."""
+"""UNSW-NB15 data: the CSV schema, loading and validation, categorical encoding, scaling (the data
+path: docs/architecture.md). Bad input raises ``DataError`` naming the source, the column and the
+row: "data row N" is 1-based and counts data rows only, so in a CSV it sits on line N + 1 (both are
+given); in a frame it is the position."""
 
 from __future__ import annotations
 
@@ -69,15 +67,12 @@ def _check_columns(frame: pd.DataFrame, source: str, *, strict: bool) -> list[st
     """The feature columns of ``frame`` in its own order; DataError on a duplicate or missing one, and
     with ``strict`` on an unknown one (a CSV's is the wrong file; a frame's may be the caller's own)."""
     columns = [str(c) for c in frame.columns]
-    dup = sorted({c for c in columns if columns.count(c) > 1})
-    if dup:
+    if dup := sorted({c for c in columns if columns.count(c) > 1}):
         raise DataError(f"{source}: duplicate column {dup[0]!r}")
-    missing = [c for c in FEATURE_NAMES if c not in columns]
-    if missing:
+    if missing := [c for c in FEATURE_NAMES if c not in columns]:
         raise DataError(f"{source}: missing feature column(s) {', '.join(map(repr, missing))}")
     if strict:
-        unknown = [c for c in columns if c not in FEATURE_NAMES and c != LABEL and c not in IGNORED]
-        if unknown:
+        if unknown := [c for c in columns if c not in FEATURE_NAMES and c != LABEL and c not in IGNORED]:
             raise DataError(f"{source}: unexpected column {unknown[0]!r} (not a UNSW-NB15 column)")
     return [c for c in columns if c in FEATURE_NAMES]
 
@@ -231,8 +226,7 @@ class Pipeline:
     def _encode(self, frame: pd.DataFrame, source: str) -> np.ndarray:
         """Raw rows -> float64 (rows, n_features) before scaling; categories as codes."""
         present = {str(c) for c in frame.columns}
-        missing = [c for c in self.feature_names if c not in present]
-        if missing:
+        if missing := [c for c in self.feature_names if c not in present]:
             raise DataError(f"{source}: missing feature column(s) {', '.join(map(repr, missing))}")
         out = np.empty((len(frame), len(self.feature_names)), dtype=np.float64)
         for j, name in enumerate(self.feature_names):
@@ -382,8 +376,7 @@ def stratified_split(y: np.ndarray, *, val_fraction: float, seed: int,
     rng = np.random.default_rng([seed, stream])
     train, val = [], []
     for cls in np.unique(y):
-        rows = np.flatnonzero(y == cls)
-        rows = rows[rng.permutation(len(rows))]
+        rows = rng.permutation(np.flatnonzero(y == cls))
         n_val = math.floor(len(rows) * val_fraction + 0.5)
         n_val = min(max(n_val, 1), len(rows) - 1) if len(rows) >= 2 else 0
         val.append(rows[:n_val])

@@ -145,10 +145,8 @@ def main(argv: list[str] | None = None) -> int:
     metrics = score_inputs(args, evaluate_frame)
     if metrics is None:
         return 2
-    if args.json:
-        print(json.dumps({"model": str(args.model), "data": str(args.data), **metrics.as_dict()}))
-    else:
-        print(format_report(metrics, model=str(args.model), data=str(args.data)))
+    print(json.dumps({"model": str(args.model), "data": str(args.data), **metrics.as_dict()}) if args.json
+          else format_report(metrics, model=str(args.model), data=str(args.data)))
     return 0
 
 

@@ -15,10 +15,6 @@ __all__ = ["synthetic_frame"]
 # Rare protocol names (each a small share of the rows), as in the real sample's long tail.
 _RARE_PROTOS = ("sctp", "any", "gre", "rsvp", "pim", "swipe", "ipip", "mobile", "sun-nd", "visa", "ggp",
                 "igmp", "ipv6", "ipv6-frag", "isis", "etherip", "l2tp", "egp", "idrp", "ipcomp")
-_TCP_SERVICES = ("-", "http", "smtp", "ftp", "ftp-data", "pop3", "ssh", "ssl", "irc")
-_TCP_SERVICE_P = (0.42, 0.26, 0.09, 0.07, 0.08, 0.04, 0.03, 0.008, 0.002)
-_UDP_SERVICES = ("-", "dhcp", "snmp", "radius")
-_UDP_SERVICE_P = (0.94, 0.03, 0.02, 0.01)
 
 
 def _pick(rng: np.random.Generator, choices: tuple, p: tuple[float, ...] | np.ndarray, n: int) -> np.ndarray:
@@ -44,9 +40,10 @@ def synthetic_frame(n_rows: int, seed: int) -> pd.DataFrame:
     proto[other] = _pick(rng, ("unas", "arp", "ospf") + _RARE_PROTOS,
                          (0.55, 0.15, 0.08) + (0.011,) * len(_RARE_PROTOS), int(other.sum()))
     service = np.full(n, "-", dtype=object)
-    service[tcp] = _pick(rng, _TCP_SERVICES, _TCP_SERVICE_P, int(tcp.sum()))
+    service[tcp] = _pick(rng, ("-", "http", "smtp", "ftp", "ftp-data", "pop3", "ssh", "ssl", "irc"),
+                         (0.42, 0.26, 0.09, 0.07, 0.08, 0.04, 0.03, 0.008, 0.002), int(tcp.sum()))
     service[dns] = "dns"
-    service[udp] = _pick(rng, _UDP_SERVICES, _UDP_SERVICE_P, int(udp.sum()))
+    service[udp] = _pick(rng, ("-", "dhcp", "snmp", "radius"), (0.94, 0.03, 0.02, 0.01), int(udp.sum()))
     state = np.empty(n, dtype=object)
     state[tcp] = _pick(rng, ("FIN", "CON", "REQ", "ACC", "CLO"), (0.84, 0.12, 0.03, 0.006, 0.004),
                        int(tcp.sum()))

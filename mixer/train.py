@@ -16,7 +16,7 @@ import numpy as np
 
 from mixer.bundle import ModelBundle
 from mixer.config import ConfigError, TrainConfig, load_run_config
-from mixer.curvature import Curvature
+from mixer.curvature import Curvature, escape_test, extreme_eigenvalues
 from mixer.data import DataError, Dataset, load
 from mixer.evaluate import EXIT_BROKEN_PIPE, prog_name, quiet_broken_pipe
 from mixer.metrics import bce_with_logits, classification_metrics
@@ -85,8 +85,6 @@ def probe_size(config: TrainConfig, n_train: int) -> int:
 def _probe(params: dict[str, np.ndarray], batch: tuple[np.ndarray, np.ndarray], config: TrainConfig,
            seed: int, warm: Curvature | None) -> tuple[Curvature, dict[str, float]]:
     """One curvature probe and its EpochMetrics fields, with the escape test at clear negative curvature."""
-    from mixer.curvature import escape_test, extreme_eigenvalues
-
     started = time.perf_counter()
     c = extreme_eigenvalues(params, *batch, config.model, iters=config.curvature_iters, seed=seed, dtype=None,
                             tol=config.curvature_tol, warm=warm, share_eps=config.curvature_share_eps)
