@@ -26,6 +26,7 @@ DTYPES = ("float32", "float64")
 
 # Upper bounds far past any useful run, so that a typo (`epochs: 100000000000`) fails before a study
 # starts instead of running forever or dying of MemoryError in every trial.
+MAX_FEATURES = 100_000  # columns of a row (UNSW-NB15 has 42): the patch_size message lists their divisors
 MAX_DIM = 4096  # channels per token (the notebook's model has 198)
 MAX_DEPTH = 256  # blocks (the shipped spaces search up to 12)
 MAX_EXPANSION = 16.0  # an MLP's hidden width over its input width (defaults 4 and 0.5)
@@ -94,6 +95,7 @@ class MixerConfig:
 
     def __post_init__(self) -> None:
         _check_types(self)
+        _check_max(self, MAX_FEATURES, "n_features")
         _check_max(self, MAX_DIM, "dim")
         _check_max(self, MAX_DEPTH, "depth")
         _check_max(self, MAX_EXPANSION, "token_expansion", "channel_expansion")

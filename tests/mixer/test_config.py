@@ -26,6 +26,12 @@ def test_patch_size_that_does_not_divide_features_names_the_valid_sizes():
         MixerConfig(n_features=42, patch_size=4)
 
 
+def test_a_huge_n_features_is_refused_before_its_divisors_are_listed():
+    # 10**12 + 1 is not divisible by 3: listing its divisors in the patch_size message would not end.
+    with pytest.raises(ValueError, match=r"n_features must be <= 100,000, got n_features=1000000000001"):
+        MixerConfig(n_features=10**12 + 1, patch_size=3)
+
+
 def test_divisors_of_42():
     assert divisors(42) == [1, 2, 3, 6, 7, 14, 21, 42]
 
