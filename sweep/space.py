@@ -385,8 +385,7 @@ def _check_when(c: _Checker, when: Any, k: str) -> dict[str, tuple[Any, ...]]:
     return out
 
 
-def _check_ranges(c: _Checker, data: dict[str, Any], train: dict[str, Any],
-                  params: dict[str, Param]) -> None:
+def _check_ranges(c: _Checker, data: dict[str, Any], train: dict[str, Any], params: dict[str, Param]) -> None:
     try:
         _build_configs({**data, **train})
     except (TypeError, ValueError, KeyError) as exc:
@@ -404,8 +403,7 @@ _LARGEST = {"dim": max, "depth": max, "batch_size": max, "token_expansion": max,
             "dtype": lambda values: "float64" if "float64" in values else values[0]}
 
 
-def _check_memory(c: _Checker, data: dict[str, Any], train: dict[str, Any],
-                  params: dict[str, Param]) -> None:
+def _check_memory(c: _Checker, data: dict[str, Any], train: dict[str, Any], params: dict[str, Param]) -> None:
     """The largest model the space can sample must fit in the machine's memory (mixer.config)."""
     largest, keys = {}, []
     for name, pick in _LARGEST.items():
